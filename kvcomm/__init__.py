@@ -1,0 +1,1 @@
+"""KV communication between agents: KV caches, RoPE moves, segments, anchors, blending, stores."""

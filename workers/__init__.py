@@ -1,0 +1,1 @@
+"""kvmesh's inference engine: model, tokenizer, KV caches, prefix cache, scheduler, speculation."""

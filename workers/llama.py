@@ -1,0 +1,126 @@
+"""A Llama-family decoder forward in plain PyTorch (RMSNorm, RoPE, GQA attention, SwiGLU)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from kvmesh.kvcomm.kv_cache import KVCache
+from kvmesh.kvcomm.rope import RopeTable, rotate
+
+from .forward_batch import ForwardBatch, SequenceChunk
+from .linear import Linear, WeightFormat, make_linear
+from .model_config import ModelConfig
+from .model_files import ModelLoadError
+
+
+class _Layer:
+    def __init__(self, weights: dict[str, torch.Tensor], prefix: str, fmt: WeightFormat, device: torch.device):
+        def take(name: str) -> torch.Tensor:
+            key = f"{prefix}.{name}"
+            if key not in weights:
+                raise ModelLoadError(f"the checkpoint lacks {key}")
+            return weights[key]
+
+        attn, mlp = "self_attn", "mlp"
+        qkv = torch.cat([take(f"{attn}.{p}_proj.weight") for p in "qkv"])
+        self.qkv: Linear = make_linear(qkv, fmt, device)  # [N, d] -> [N, q + 2 kv]
+        self.o: Linear = make_linear(take(f"{attn}.o_proj.weight"), fmt, device)
+        gate_up = torch.cat([take(f"{mlp}.gate_proj.weight"), take(f"{mlp}.up_proj.weight")])
+        self.gate_up: Linear = make_linear(gate_up, fmt, device)  # [N, d] -> [N, 2 ffn]
+        self.down: Linear = make_linear(take(f"{mlp}.down_proj.weight"), fmt, device)
+        self.attn_norm = take("input_layernorm.weight").to(device)
+        self.mlp_norm = take("post_attention_layernorm.weight").to(device)
+
+
+class LlamaModel:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        weight_format: WeightFormat = "fp32",
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.weight_format = weight_format
+        embed = weights.get("model.embed_tokens.weight")
+        if embed is None or embed.shape != (config.vocab_size, config.hidden_size):
+            raise ModelLoadError(
+                f"embedding weight missing or not [{config.vocab_size}, {config.hidden_size}]"
+            )
+        self.embed = embed.to(device=self.device, dtype=dtype)  # [V, d]
+        head = embed if config.tie_word_embeddings else weights.get("lm_head.weight")
+        if head is None:
+            raise ModelLoadError("the checkpoint lacks lm_head.weight and does not tie it to the embeddings")
+        self.lm_head: Linear = make_linear(head, weight_format, self.device)
+        self.final_norm = weights["model.norm.weight"].to(device=self.device, dtype=dtype)
+        self.layers = [
+            _Layer(weights, f"model.layers.{i}", weight_format, self.device) for i in range(config.num_layers)
+        ]
+        self.rope = RopeTable(config.rope, config.max_context, dtype, self.device)
+
+    def new_cache(self, capacity: int = 64) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device,
+                       capacity=capacity)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """Run the batch's new tokens, append their KV to each chunk's cache; logits [M, V] for logit_rows."""
+        c = self.config
+        if int(batch.positions.max()) >= c.max_context or int(batch.positions.min()) < 0:
+            raise ValueError(f"positions must lie in [0, {c.max_context}) (the model's context)")
+        for chunk in batch.chunks:
+            chunk.cache.reserve(chunk.num_tokens)
+        token_ids = batch.token_ids.to(self.device)
+        h = self.embed[token_ids]  # [N, d]
+        cos, sin = self.rope.lookup(batch.positions.to(self.device))  # [N, D] each
+        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+        for index, layer in enumerate(self.layers):
+            x = F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
+            qkv = layer.qkv(x)  # [N, q + 2 kv]
+            q = qkv[:, : c.q_size].view(-1, c.num_heads, c.head_dim)  # [N, Hq, D]
+            k = qkv[:, c.q_size : c.q_size + c.kv_size].view(-1, c.num_kv_heads, c.head_dim)  # [N, Hkv, D]
+            v = qkv[:, c.q_size + c.kv_size :].view(-1, c.num_kv_heads, c.head_dim)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            attn = self._attention(index, batch.chunks, q, k, v)  # [N, Hq * D]
+            h = h + layer.o(attn)
+            x = F.rms_norm(h, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)  # [N, ffn] each
+            h = h + layer.down(F.silu(gate) * up)
+        for chunk in batch.chunks:
+            chunk.cache.length += chunk.num_tokens
+        if batch.logit_rows is None:
+            return None
+        last = F.rms_norm(h[batch.logit_rows.to(self.device)], (c.hidden_size,), self.final_norm, c.rms_norm_eps)
+        return self.lm_head(last).float()  # [M, V]
+
+    def _attention(
+        self, layer: int, chunks: list[SequenceChunk], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Each chunk attends over its own cache plus its new tokens. q [N, Hq, D], k/v [N, Hkv, D]."""
+        out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+        start = 0
+        for chunk in chunks:
+            n, past = chunk.num_tokens, chunk.cache.length
+            end = start + n
+            chunk.cache.write(layer, past, k[start:end].transpose(0, 1), v[start:end].transpose(0, 1))
+            keys, values = chunk.cache.layer(layer, past + n)  # [Hkv, S, D]
+            query = q[start:end].transpose(0, 1)  # [Hq, n, D]
+            mask, causal = chunk.attn_mask, False
+            if mask is None and n > 1:
+                if past == 0:
+                    causal = True
+                else:  # new token i sits at slot past + i and sees slots <= past + i
+                    mask = torch.arange(past + n, device=q.device)[None, :] <= (
+                        past + torch.arange(n, device=q.device)[:, None]
+                    )
+            o = F.scaled_dot_product_attention(
+                query[None], keys[None], values[None], attn_mask=mask, is_causal=causal, enable_gqa=True
+            )  # [1, Hq, n, D]
+            out[start:end] = o[0].transpose(0, 1).reshape(n, -1)
+            start = end
+        return out
