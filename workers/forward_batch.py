@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from kvmesh.kvcomm.kv_cache import KVCache
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+
 from kvmesh.kvcomm.rope import RopeSpec
 
 from .model_config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
@@ -45,8 +47,8 @@ def read_gguf(path: Path) -> RawModel:
     fields = _Fields(reader, path)
     config = _config(fields, path)
     weights = dict(_weights(reader, config))
-    if "lm_head.weight" not in weights and not config.tie_word_embeddings:
-        raise ModelLoadError(f"{path} has no output.weight and does not tie it to the embeddings")
+    # llama.cpp writes output.weight only for an untied head; without it the head is the embedding.
+    config = dataclasses.replace(config, tie_word_embeddings="lm_head.weight" not in weights)
     tokenizer = Tokenizer.from_bpe(
         tokens=fields.get("tokenizer.ggml.tokens"),
         merges=fields.get("tokenizer.ggml.merges"),

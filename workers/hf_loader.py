@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import torch
-from kvmesh.kvcomm.rope import RopeSpec
 from safetensors.torch import load_file
+
+from kvmesh.kvcomm.rope import RopeSpec
 
 from .model_config import ModelConfig, UnsupportedModelError
 from .model_files import ModelLoadError, RawModel
@@ -39,13 +40,16 @@ def _config(raw: dict, directory: Path) -> ModelConfig:
         )
     heads = raw["num_attention_heads"]
     head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
-    scaling = raw.get("rope_scaling") or {}
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
-        raise UnsupportedModelError(f"{directory}: rope_scaling {scaling} is not supported (only 'llama3')")
+    # transformers < 5 writes rope_theta / rope_scaling at the top level; transformers >= 5 nests both
+    # in rope_parameters ({"rope_type": ..., "rope_theta": ..., "factor": ...}).
+    scaling = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("llama3", "default"):
+        raise UnsupportedModelError(f"{directory}: rope scaling {scaling} is not supported (only 'llama3')")
     rope = RopeSpec(
         head_dim=head_dim,
-        theta=float(raw.get("rope_theta", 10000.0)),
-        scaling_factor=scaling.get("factor") if scaling.get("rope_type") == "llama3" else None,
+        theta=float(scaling.get("rope_theta", raw.get("rope_theta", 10000.0))),
+        scaling_factor=scaling.get("factor") if rope_type == "llama3" else None,
         low_freq_factor=scaling.get("low_freq_factor", 1.0),
         high_freq_factor=scaling.get("high_freq_factor", 4.0),
         original_max_position=scaling.get("original_max_position_embeddings", 8192),

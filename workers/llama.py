@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.kvcomm.rope import RopeTable, rotate
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from kvmesh.kvcomm.rope import RopeSpec
 from safetensors.torch import load_file, save_file
+
+from kvmesh.kvcomm.rope import RopeSpec
 
 from .model_config import ModelConfig
 from .tokenizer import Tokenizer

@@ -103,7 +103,7 @@ class Tokenizer:
         if self._template is None:
             raise ValueError("this model has no chat template; pass a raw prompt instead of chat messages")
         for message in messages:
-            if set(message) < {"role", "content"}:
+            if not {"role", "content"} <= set(message):
                 raise ValueError(f"chat messages need 'role' and 'content' keys, got {sorted(message)}")
         bos = self.decode([self.bos_token_id]) if self.bos_token_id is not None else ""
         eos = self.decode([self.eos_token_ids[0]])

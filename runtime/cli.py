@@ -1,0 +1,96 @@
+"""The `kvmesh` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from kvmesh.workers.linear import WEIGHT_FORMATS
+from kvmesh.workers.model_config import UnsupportedModelError
+from kvmesh.workers.model_files import ModelLoadError
+from kvmesh.workers.sampling import InvalidRequestError
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="'smollm2' (bundled), a .gguf file or an HF directory")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--weights", choices=WEIGHT_FORMATS, default=None, help="weight format (default: fp32 on CPU, bf16 on CUDA)"
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from kvmesh.workers.engine import Engine
+    from kvmesh.workers.sampling import SamplingParams
+
+    started = time.perf_counter()
+    engine = Engine.load(args.model, device=args.device, weight_format=args.weights)
+    loaded = time.perf_counter() - started
+    sampling = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    prompt = engine.chat_prompt(args.prompt, system=args.system)
+    for event in engine.stream(prompt, sampling):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        if event.finished and event.stats is not None:
+            stats = event.stats
+            rate = f"{stats.decode_tok_s:.1f} tok/s" if stats.decode_tok_s else "n/a"
+            print(
+                f"\n[{engine.model.config.name}: load {loaded:.1f}s, {stats.prompt_tokens} prompt tokens, "
+                f"TTFT {stats.ttft_s:.2f}s, {stats.output_tokens} tokens at {rate}, finish: {event.finish_reason}]",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvmesh", description="Multi-agent LLM pipelines with shared KV caches.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="stream a chat reply from the engine")
+    generate.add_argument("prompt", help="the user message")
+    generate.add_argument("--system", default=None, help="system message (default: the model's own)")
+    generate.add_argument("--max-tokens", type=int, default=256)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_model_options(generate)
+    generate.set_defaults(handler=_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks (write JSON)")
+    bench_kinds = bench.add_subparsers(dest="bench", required=True)
+    engine_bench = bench_kinds.add_parser("engine", help="engine speed against its physical floors")
+    engine_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    engine_bench.add_argument("--quick", action="store_true", help="short lengths, for smoke tests")
+    _add_model_options(engine_bench)
+    engine_bench.set_defaults(handler=_bench_engine)
+    return parser
+
+
+def _bench_engine(args: argparse.Namespace) -> int:
+    from kvmesh.bench.engine_bench import run_engine_bench
+
+    return run_engine_bench(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ModelLoadError, UnsupportedModelError, InvalidRequestError) as exc:  # these say what to do
+        print(f"kvmesh: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The inference engine: requests in, tokens out, one batched forward per `step()`.
+
+Lifecycle of a request: `add_request` validates it and queues it; the scheduler admits it (loading
+whatever prefix of its prompt the prefix cache holds), prefills the rest in chunks beside running
+decodes, then decodes one token per step until EOS, a stop string, max_tokens or the context ends.
+On finish its KV goes into the prefix cache for later requests. Not thread-safe: one thread drives it
+(see EngineLoop for concurrent callers).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from .forward_batch import ForwardBatch, SequenceChunk
+from .linear import WeightFormat
+from .llama import LlamaModel
+from .model_files import DEFAULT_MODEL, load_raw_model
+from .prefix_cache import PrefixCache, PrefixCacheConfig
+from .sampling import InvalidRequestError, SamplingParams, make_generator, sample
+from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from .sequence import RequestStats, Sequence, Status
+from .text_stream import TextStream
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    prefix_cache: PrefixCacheConfig | None = field(default_factory=PrefixCacheConfig)  # None disables it
+
+
+@dataclass
+class TokenEvent:
+    """One streamed step of a request: a token (and the text it completes), or its end."""
+
+    request_id: str
+    token_id: int | None
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled"
+    stats: RequestStats | None = None
+
+
+@dataclass
+class Completion:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    stats: RequestStats
+
+
+class Engine:
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.scheduler = Scheduler(self.config.scheduler)
+        self.prefix_cache = PrefixCache(self.config.prefix_cache) if self.config.prefix_cache else None
+        self._ids = itertools.count()
+        self._pending_events: list[TokenEvent] = []
+
+    @classmethod
+    def load(
+        cls,
+        model: str = DEFAULT_MODEL,
+        *,
+        device: str | None = None,
+        weight_format: WeightFormat | None = None,
+        config: EngineConfig | None = None,
+    ) -> Engine:
+        """Load a model ('smollm2', a .gguf file or an HF directory): fp32 on CPU, bf16 on CUDA."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        on_gpu = torch.device(device).type == "cuda"
+        raw = load_raw_model(model)
+        llama = LlamaModel(
+            raw.config,
+            raw.weights,
+            device=device,
+            dtype=torch.bfloat16 if on_gpu else torch.float32,
+            weight_format=weight_format or ("bf16" if on_gpu else "fp32"),
+        )
+        return cls(llama, raw.tokenizer, config)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def chat_prompt(self, user: str, system: str | None = None) -> list[int]:
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": user}
+        ]
+        return self.tokenizer.encode(self.tokenizer.render_chat(messages))
+
+    def add_request(
+        self, prompt_ids: Seq[int], sampling: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        sampling = sampling or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        context = self.model.config.max_context
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty: give at least one token (or a non-empty text)")
+        if len(prompt) >= context:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt)} tokens but the model's context is {context}: "
+                "shorten the prompt so at least one token can be generated"
+            )
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab}), got {min(prompt)}..{max(prompt)}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if self.scheduler.find(request_id) is not None:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(
+            request_id=request_id,
+            prompt_ids=prompt,
+            sampling=sampling,
+            cache=self.model.new_cache(capacity=len(prompt) + min(sampling.max_tokens, 256)),
+            text=TextStream(self.tokenizer, sampling.stop),
+            generator=make_generator(sampling),
+            max_tokens=min(sampling.max_tokens, context - len(prompt)),
+        )
+        seq.stats.prompt_tokens = len(prompt)
+        self.scheduler.add(seq)
+        return request_id
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request; its end is reported by the next `step()`. False if it is not known."""
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return False
+        self._finish(seq, "cancelled")
+        self._pending_events.append(self._end_event(seq, ""))
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending_events)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        """One forward over the scheduled chunks; returns the tokens and endings it produced."""
+        events, self._pending_events = self._pending_events, []
+        chunks = self.scheduler.schedule(self._admit)
+        if not chunks:
+            return events
+        logits = self.model.forward(self._forward_batch(chunks))  # [M, V], one row per completing chunk
+        now = time.perf_counter()
+        row = 0
+        for chunk in chunks:
+            seq = chunk.seq
+            if not chunk.completes_prompt:
+                seq.num_computed += chunk.num_tokens
+                continue
+            seq.num_computed += chunk.num_tokens
+            token = sample(logits[row], seq.sampling, seq.generator)
+            row += 1
+            events.append(self._append_token(seq, token, now))
+        return events
+
+    def stream(self, prompt_ids: Seq[int], sampling: SamplingParams | None = None) -> Iterator[TokenEvent]:
+        """Run one request to its end (other queued requests advance too), yielding its events."""
+        request_id = self.add_request(prompt_ids, sampling)
+        while True:
+            for event in self.step():
+                if event.request_id == request_id:
+                    yield event
+                    if event.finished:
+                        return
+
+    def generate(self, prompts: Seq[Seq[int]], sampling: SamplingParams | None = None) -> list[Completion]:
+        """Run several requests together (continuously batched) and return their completions in order."""
+        ids = [self.add_request(prompt, sampling) for prompt in prompts]
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        texts: dict[str, list[str]] = {i: [] for i in ids}
+        done: dict[str, Completion] = {}
+        while len(done) < len(ids):
+            for event in self.step():
+                if event.request_id not in tokens:
+                    continue
+                if event.token_id is not None:
+                    tokens[event.request_id].append(event.token_id)
+                texts[event.request_id].append(event.text)
+                if event.finished:
+                    done[event.request_id] = Completion(
+                        event.request_id,
+                        tokens[event.request_id],
+                        "".join(texts[event.request_id]),
+                        event.finish_reason or "",
+                        event.stats or RequestStats(),
+                    )
+        return [done[i] for i in ids]
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _admit(self, seq: Sequence) -> None:
+        if self.prefix_cache is None:
+            return
+        # the last prompt token is always computed: its logits give the first output token
+        match = self.prefix_cache.match(seq.prompt_ids, max_tokens=len(seq.prompt_ids) - 1)
+        self.prefix_cache.load(match, seq.cache)
+        seq.prefix_match = match
+        seq.num_computed = match.num_tokens
+        seq.stats.prefix_hit_tokens = match.num_tokens
+
+    def _forward_batch(self, chunks: list[ScheduledChunk]) -> ForwardBatch:
+        ids: list[int] = []
+        positions: list[int] = []
+        logit_rows: list[int] = []
+        for chunk in chunks:
+            start = chunk.seq.num_computed
+            ids.extend(chunk.seq.all_ids[start : start + chunk.num_tokens])
+            positions.extend(range(start, start + chunk.num_tokens))
+            if chunk.completes_prompt:
+                logit_rows.append(len(ids) - 1)
+        return ForwardBatch(
+            token_ids=torch.tensor(ids),
+            positions=torch.tensor(positions),
+            chunks=[SequenceChunk(c.seq.cache, c.num_tokens) for c in chunks],
+            logit_rows=torch.tensor(logit_rows) if logit_rows else None,
+        )
+
+    def _append_token(self, seq: Sequence, token: int, now: float) -> TokenEvent:
+        seq.output_ids.append(token)
+        seq.stats.output_tokens += 1
+        if seq.stats.first_token_s is None:
+            seq.stats.first_token_s = now
+        eos = token in self.tokenizer.eos_token_ids and not seq.sampling.ignore_eos
+        piece, stopped = ("", False) if eos else seq.text.push(token)
+        if eos or stopped:
+            self._finish(seq, "stop")
+        elif len(seq.output_ids) >= seq.max_tokens:
+            self._finish(seq, "length")
+        if seq.status is Status.FINISHED:
+            return self._end_event(seq, piece + seq.text.flush(), token)
+        return TokenEvent(seq.request_id, token, piece)
+
+    def _end_event(self, seq: Sequence, text: str, token: int | None = None) -> TokenEvent:
+        return TokenEvent(seq.request_id, token, text, True, seq.finish_reason, seq.stats)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.stats.finish_s = time.perf_counter()
+        self.scheduler.remove(seq)
+        if self.prefix_cache is not None:
+            if seq.num_computed:
+                self.prefix_cache.insert(seq.all_ids[: seq.num_computed], seq.cache)
+            if seq.prefix_match is not None:
+                self.prefix_cache.release(seq.prefix_match)
+        seq.cache = self.model.new_cache(capacity=1)  # free the KV now, not when the caller drops the seq

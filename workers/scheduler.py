@@ -1,0 +1,82 @@
+"""Continuous batching: which tokens of which requests go into the next forward.
+
+Every step runs the pending token of each decoding request plus, within a token budget, the next
+prompt chunk of requests still prefilling. A long prompt is thus spread over several steps and never
+stalls the decodes running beside it; new requests join as soon as there is room.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_running: int = 16  # requests holding KV and taking part in steps
+    max_batch_tokens: int = 256  # tokens per forward: one per decode, the rest for prompt chunks
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {self.max_running}")
+        if self.max_batch_tokens < self.max_running:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_running ({self.max_running}) "
+                "so that every running request can decode in each step"
+            )
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        """True when this chunk reaches the last known token, so its logits yield the next token."""
+        return self.num_tokens == self.seq.num_pending
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self, admit: Callable[[Sequence], None]) -> list[ScheduledChunk]:
+        """The next step's chunks. `admit` prepares a waiting request's KV (e.g. from the prefix cache)."""
+        chunks = [ScheduledChunk(seq, seq.num_pending) for seq in self.running if not seq.in_prefill]
+        budget = self.config.max_batch_tokens - sum(c.num_tokens for c in chunks)
+        for seq in self.running:
+            if seq.in_prefill and budget > 0:
+                chunks.append(ScheduledChunk(seq, min(seq.num_pending, budget)))
+                budget -= chunks[-1].num_tokens
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+            seq = self.waiting.popleft()
+            admit(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, min(seq.num_pending, budget)))
+            budget -= chunks[-1].num_tokens
+        return chunks
+
+    def remove(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in (*self.running, *self.waiting):
+            if seq.request_id == request_id:
+                return seq
+        return None
