@@ -72,7 +72,7 @@ def load_raw_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, cache_dir: Path
 
         return read_hf_dir(path)
     entry = (cache_dir or default_cache_dir()) / f"{_file_digest(path)}-v{_CACHE_FORMAT}"
-    if (entry / "weights.safetensors").is_file():
+    if entry.is_dir():
         try:
             return _read_cache(entry)
         except Exception:  # a damaged cache entry is rebuilt, never trusted

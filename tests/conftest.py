@@ -1,0 +1,32 @@
+"""Shared fixtures: the real SmolLM2-135M (loaded once per session) and a seeded tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_model import random_llama_weights, tiny_config
+
+from kvmesh.workers.llama import LlamaModel
+from kvmesh.workers.model_files import RawModel, load_raw_model
+
+
+@pytest.fixture(scope="session")
+def raw_model() -> RawModel:
+    """SmolLM2-135M through our GGUF loader (from the user's weight cache after the first run)."""
+    return load_raw_model()
+
+
+@pytest.fixture(scope="session")
+def model(raw_model: RawModel) -> LlamaModel:
+    return LlamaModel(raw_model.config, raw_model.weights)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(raw_model: RawModel):
+    return raw_model.tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> LlamaModel:
+    """2 layers, hidden 64, 4 query heads over 2 KV heads (GQA), head_dim 16, vocab 256, untied head."""
+    config = tiny_config()
+    return LlamaModel(config, random_llama_weights(config, seed=0))
