@@ -1,0 +1,706 @@
+"""`kvmesh bench engine`: the engine's prefill and decode speed beside its physical floors and transformers.
+
+One run measures everything side by side, because this 2-core machine is shared and noisy: the ratios
+inside a run (ours / floor, ours / transformers, int4 / fp32, batch 8 / batch 1) are what to trust, the
+absolute figures less so. Results go to a table on stdout and, with --json, to a JSON file; progress
+lines go to stderr.
+
+Sections: machine floors; prefill at several lengths; decode at several contexts; batch-8 decode (one
+ForwardBatch of 8 sequences, and the same through Engine.step); other weight formats (speed and logits
+distance from fp32); transformers on the same GGUF; the issue's targets, each marked pass or miss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kvmesh.kvcomm.kv_cache import KVCache
+from kvmesh.workers.engine import Engine, EngineConfig
+from kvmesh.workers.forward_batch import ForwardBatch, SequenceChunk
+from kvmesh.workers.linear import Linear, WeightFormat
+from kvmesh.workers.llama import LlamaModel
+from kvmesh.workers.model_files import RawModel, load_raw_model, resolve_model_path
+from kvmesh.workers.sampling import SamplingParams
+
+from . import floors
+
+Json = dict[str, Any]
+
+# The issue's targets: decode <= 50 ms/token at 512, prefill >= 80% of the matmul rate,
+# decode >= 1.5x transformers, batch-8 aggregate >= 4x batch 1.
+TARGET_DECODE_MS = 50.0
+TARGET_PREFILL_EFFICIENCY = 0.8
+TARGET_VS_TRANSFORMERS = 1.5
+TARGET_BATCH_SPEEDUP = 4.0
+
+# Real text for the logits comparison: quantization error shows on natural tokens, not random ids.
+_TEXT = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lantern and a small "
+    "notebook in which he recorded the weather, the ships that passed, and the colour of the sea. Over forty "
+    "years the notebooks filled three shelves. When the light was automated, the harbour museum asked for "
+    "them, and a historian spent a winter reading every page. She found storms that no official record "
+    "mentioned, a whale that visited the bay each spring, and, in the margins, sketches of birds drawn with "
+    "great care. Her book about the keeper became a quiet success, read mostly by people who live near the "
+    "coast and know how long a winter night can be."
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to measure and how often; FULL for the real run, QUICK for the CI smoke test (< 60 s)."""
+
+    prefill_runs: dict[int, int]  # prompt length -> timed runs (median); the longest also seeds decode
+    decode_contexts: tuple[int, ...]  # must include main_context and batch_context
+    decode_tokens: int  # timed single-token forwards per measurement (median)
+    main_context: int  # the context the targets are stated at
+    batch_size: int
+    batch_context: int
+    batch_steps: int
+    batch_prefill: bool  # prefill the batch's prompts in one forward (and time it), or copy one context
+    engine_batch: bool  # also time batch decode through Engine.step (scheduler + sampling included)
+    formats: tuple[WeightFormat, ...]
+    format_prompt_tokens: int
+    format_rounds: int  # interleaved fp32 / format decode measurements
+    transformers_rounds: int  # 0 skips transformers
+    transformers_new_tokens: int
+    floor_sizes: floors.FloorSizes
+
+
+FULL = Plan(
+    prefill_runs={128: 3, 512: 3, 2048: 2},
+    decode_contexts=(512, 2048),
+    decode_tokens=16,
+    main_context=512,
+    batch_size=8,
+    batch_context=512,
+    batch_steps=12,
+    batch_prefill=True,
+    engine_batch=True,
+    formats=("bf16", "int8", "int4"),
+    format_prompt_tokens=128,
+    format_rounds=2,
+    transformers_rounds=3,
+    transformers_new_tokens=32,
+    floor_sizes=floors.FloorSizes(),
+)
+QUICK = Plan(
+    prefill_runs={64: 1, 128: 1},
+    decode_contexts=(128,),
+    decode_tokens=4,
+    main_context=128,
+    batch_size=8,
+    batch_context=128,
+    batch_steps=3,
+    batch_prefill=False,
+    engine_batch=False,
+    formats=("int8",),  # the cheapest quantized format to build and run; int4's kernel is slower
+    format_prompt_tokens=16,
+    format_rounds=1,
+    transformers_rounds=0,
+    transformers_new_tokens=0,
+    floor_sizes=floors.QUICK_SIZES,
+)
+
+_STARTED = time.perf_counter()
+
+
+def _log(message: str) -> None:
+    print(f"[{time.perf_counter() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _random_ids(count: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (count,), generator=torch.Generator().manual_seed(seed))
+
+
+# -- setup ------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    raw: RawModel
+    model: LlamaModel
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _build(raw: RawModel, device: torch.device, dtype: torch.dtype, fmt: WeightFormat) -> LlamaModel:
+    return LlamaModel(raw.config, raw.weights, device=device, dtype=dtype, weight_format=fmt)
+
+
+def _setup(args: argparse.Namespace) -> Setup:
+    # The same defaults as Engine.load: fp32 on CPU, bf16 on CUDA.
+    device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    fmt: WeightFormat = getattr(args, "weights", None) or ("bf16" if on_gpu else "fp32")
+    _log(f"loading {args.model} ({fmt} weights on {device})")
+    raw = load_raw_model(args.model)
+    return Setup(raw, _build(raw, device, dtype, fmt), device, dtype)
+
+
+def _machine_info(device: torch.device) -> Json:
+    cpu_model = platform.processor()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu_model = names[0] if names else cpu_model
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "loadavg_start": os.getloadavg()[0],
+        # OpenMP settings change how 2 threads behave when other processes share the cores
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS") if k in os.environ},
+    }
+
+
+# -- the model's forwards ---------------------------------------------------------------------------
+def _prefill(model: LlamaModel, ids: torch.Tensor, spare: int) -> tuple[float, KVCache]:
+    """Seconds for one prefill into a fresh cache (last token's logits), and the cache it filled."""
+    cache = model.new_cache(capacity=ids.numel() + spare)
+    start = time.perf_counter()
+    model.forward(ForwardBatch.single(cache, ids))
+    floors.sync(model.device)
+    return time.perf_counter() - start, cache
+
+
+def _decode_ms(model: LlamaModel, cache: KVCache, context: int, tokens: int) -> float:
+    """Median ms of single-token forwards after `context` cached tokens (the cache is cut back first)."""
+    cache.truncate(context)
+    ids = _random_ids(tokens + 1, model.config.vocab_size, seed=context)
+    times = []
+    for i, token in enumerate(ids.tolist()):
+        start = time.perf_counter()
+        model.forward(ForwardBatch.single(cache, [token]))
+        floors.sync(model.device)
+        if i:  # the first step after a prefill or a model switch is a warm-up
+            times.append(time.perf_counter() - start)
+    cache.truncate(context)
+    return 1000 * statistics.median(times)
+
+
+def _batch_decode_step(model: LlamaModel, caches: list[KVCache], token: int) -> float:
+    """Seconds for one forward in which every cache's sequence decodes one token."""
+    n = len(caches)
+    batch = ForwardBatch(
+        token_ids=torch.full((n,), token),
+        positions=torch.tensor([c.length for c in caches]),
+        chunks=[SequenceChunk(c, 1) for c in caches],
+        logit_rows=torch.arange(n),
+    )
+    start = time.perf_counter()
+    model.forward(batch)
+    floors.sync(model.device)
+    return time.perf_counter() - start
+
+
+# -- sections ---------------------------------------------------------------------------------------
+def bench_floors(setup: Setup, plan: Plan) -> Json:
+    _log("floors: matmul rate, copy bandwidth, GEMV rate")
+    found = floors.measure_floors(setup.device, setup.dtype, plan.floor_sizes)
+    config = setup.model.config
+    weight_bytes = floors.decode_weight_bytes(setup.model)
+    result: Json = found.as_dict()
+    result.update(
+        weight_bytes_per_token=weight_bytes,
+        decode_ms=1000 * weight_bytes / (found.bandwidth_gbs * 1e9),
+        decode_read_ms=1000 * weight_bytes / (found.read_gbs * 1e9),
+        decode_gemv_ms=1000 * weight_bytes / (found.gemv_gbs * 1e9),
+        decode_flops_per_token={str(c): floors.decode_flops(config, c) for c in plan.decode_contexts},
+        prefill_flops_per_token={str(n): floors.prefill_flops(config, n) / n for n in plan.prefill_runs},
+        prefill_tok_s={
+            str(n): found.matmul_gflops * 1e9 * n / floors.prefill_flops(config, n) for n in plan.prefill_runs
+        },
+    )
+    _log(f"  mm {found.matmul_gflops:.0f} GFLOP/s, copy {found.bandwidth_gbs:.1f} GB/s, read {found.read_gbs:.1f} "
+         f"GB/s, GEMV {found.gemv_gbs:.1f} GB/s; decode floor {result['decode_ms']:.1f} ms")
+    return result
+
+
+def bench_prefill(setup: Setup, plan: Plan, floor: Json) -> tuple[Json, KVCache]:
+    """Prefill tok/s per length; returns the longest prompt's cache so decode can reuse it."""
+    model, vocab = setup.model, setup.model.config.vocab_size
+    _prefill(model, _random_ids(32, vocab, seed=0), spare=0)  # warm-up: first-call allocations
+    tok_s: dict[str, float] = {}
+    gflops: dict[str, float] = {}
+    cache: KVCache | None = None
+    for length, runs in sorted(plan.prefill_runs.items()):
+        times = []
+        for run in range(runs):
+            _log(f"prefill {length} tokens, run {run + 1}/{runs}")
+            seconds, cache = _prefill(model, _random_ids(length, vocab, seed=length + run), spare=64)
+            times.append(seconds)
+        seconds = statistics.median(times)
+        tok_s[str(length)] = length / seconds
+        gflops[str(length)] = floors.prefill_flops(model.config, length) / seconds / 1e9
+        _log(f"  {tok_s[str(length)]:.0f} tok/s ({gflops[str(length)]:.0f} GFLOP/s)")
+    assert cache is not None
+    return {
+        "prefill_tok_s": tok_s,
+        "prefill_gflops": gflops,
+        "prefill_efficiency": {n: g / floor["matmul_gflops"] for n, g in gflops.items()},  # the target's measure
+        "prefill_efficiency_vs_linear": {n: g / floor["linear_gflops"] for n, g in gflops.items()},
+    }, cache
+
+
+def bench_decode(setup: Setup, plan: Plan, longest: KVCache) -> tuple[Json, dict[int, KVCache]]:
+    """ms/token at each context; returns a cache per context for the later side-by-side sections."""
+    model, vocab = setup.model, setup.model.config.vocab_size
+    caches: dict[int, KVCache] = {}
+    result: dict[str, float] = {}
+    for context in plan.decode_contexts:
+        if context <= longest.length:
+            caches[context] = longest.slice(0, context)
+            caches[context].reserve(64)  # room for the decode and batch-1 steps that later sections run
+        else:
+            _log(f"decode @{context}: prefilling the context")
+            caches[context] = _prefill(model, _random_ids(context, vocab, seed=7), spare=64)[1]
+        _log(f"decode @{context}: {plan.decode_tokens} single-token forwards")
+        result[str(context)] = _decode_ms(model, caches[context], context, plan.decode_tokens)
+        _log(f"  {result[str(context)]:.1f} ms/token")
+    return {"decode_ms_per_token": result}, caches
+
+
+def _batch_prefill(model: LlamaModel, n: int, context: int, spare: int) -> tuple[float, list[KVCache]]:
+    """Seconds for N prompts of `context` tokens prefilled together in one ForwardBatch, and their caches."""
+    ids = [_random_ids(context, model.config.vocab_size, seed=100 + i) for i in range(n)]
+    caches = [model.new_cache(capacity=context + spare) for _ in range(n)]
+    batch = ForwardBatch(
+        token_ids=torch.cat(ids),
+        positions=torch.arange(context).repeat(n),
+        chunks=[SequenceChunk(c, context) for c in caches],
+        logit_rows=torch.arange(1, n + 1) * context - 1,
+    )
+    start = time.perf_counter()
+    model.forward(batch)
+    floors.sync(model.device)
+    return time.perf_counter() - start, caches
+
+
+def bench_batch(setup: Setup, plan: Plan, single: KVCache) -> Json:
+    """Batch-N decode in one ForwardBatch, interleaved step by step with batch-1 decode at the same context."""
+    model, n, context = setup.model, plan.batch_size, plan.batch_context
+    result: Json = {"batch_size": n, "batch_context": context}
+    if plan.batch_prefill:
+        _log(f"batch {n}: prefilling {n} x {context} tokens in one ForwardBatch")
+        prefill_s, caches = _batch_prefill(model, n, context, spare=plan.batch_steps + 8)
+        result["batch8_prefill_tok_s"] = n * context / prefill_s
+    else:  # a step's cost does not depend on the KV values, so copies of one context will do
+        caches = [single.slice(0, context) for _ in range(n)]
+    _log(f"batch {n}: {plan.batch_steps} decode steps, each beside a batch-1 step")
+    _batch_decode_step(model, caches, token=1)  # warm-up for the N-row shapes
+    single.truncate(context)
+    batch_times, single_times = [], []
+    for step in range(plan.batch_steps):
+        batch_times.append(_batch_decode_step(model, caches, token=step + 2))
+        single_times.append(_batch_decode_step(model, [single], token=step + 2))
+    single.truncate(context)
+    batch_s, single_s = statistics.median(batch_times), statistics.median(single_times)
+    _log(f"  batch {n}: {1000 * batch_s:.0f} ms/step, batch 1: {1000 * single_s:.0f} ms/step")
+    return result | {
+        "batch8_tok_s": n / batch_s,
+        "batch1_tok_s": 1 / single_s,
+        "batch8_speedup": single_s * n / batch_s,
+        "batch8_step_ms": 1000 * batch_s,
+        "batch1_step_ms": 1000 * single_s,
+    }
+
+
+def bench_engine_batch(setup: Setup, plan: Plan) -> Json:
+    """Batch-N decode through Engine.step: the model's forward plus scheduling, batch assembly and sampling.
+
+    Steps are timed only once every request is past its (chunked) prefill, so each timed step is a pure
+    decode step of all N requests.
+    """
+    model, n, context = setup.model, plan.batch_size, plan.batch_context
+    engine = Engine(model, setup.raw.tokenizer, EngineConfig(prefix_cache=None))  # no reuse between prompts
+    # The first request starts decoding while the others still prefill in chunks: it must keep going
+    # through all of their prefill steps and then `batch_steps` more, or no step has all N decoding.
+    prefill_steps = -(-n * context // engine.config.scheduler.max_batch_tokens) + 2
+    sampling = SamplingParams(max_tokens=prefill_steps + plan.batch_steps, ignore_eos=True)
+    ids = [engine.add_request(_random_ids(context, model.config.vocab_size, seed=200 + i).tolist(), sampling)
+           for i in range(n)]
+    _log(f"engine batch {n}: {n} requests of {context} prompt tokens, {sampling.max_tokens} tokens each")
+    started: set[str] = set()
+    times: list[float] = []
+    while engine.has_work():
+        start = time.perf_counter()
+        events = engine.step()
+        elapsed = time.perf_counter() - start
+        tokens = [e for e in events if e.token_id is not None]
+        if len(started) == n and len(tokens) == n:
+            times.append(elapsed)
+        started.update(e.request_id for e in tokens)
+    step_s = statistics.median(times)
+    _log(f"  {1000 * step_s:.0f} ms/step over {len(times)} steps of {len(ids)} requests")
+    return {"batch8_engine_tok_s": n / step_s, "batch8_engine_step_ms": 1000 * step_s}
+
+
+def _logits_distance(reference: torch.Tensor, other: torch.Tensor) -> Json:
+    """reference/other [T, V] logits of the same prompt: max |diff|, argmax agreement, mean KL(ref || other)."""
+    log_p, log_q = F.log_softmax(reference.double(), -1), F.log_softmax(other.double(), -1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # KL(p || q) per position
+    return {
+        "max_abs_logit_diff": float((reference - other).abs().max()),
+        "argmax_agreement": float((reference.argmax(-1) == other.argmax(-1)).float().mean()),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+    }
+
+
+def _all_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+    logits = model.forward(ForwardBatch.single(model.new_cache(capacity=len(ids)), ids, all_logits=True))
+    assert logits is not None
+    return logits.float().cpu()
+
+
+def _linear_gbs(linear: Linear, in_features: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Weight bytes per second one linear layer reads for a single row: the format's kernel alone.
+
+    Its weights (a few MB) stay in cache across repeats, so this is the kernel's own rate, not DRAM's.
+    """
+    x = torch.randn(1, in_features, device=device, dtype=dtype)
+    seconds = floors.median_seconds(lambda: linear(x), device, repeats=20, warmup=3)
+    return floors.tensor_bytes(linear) / seconds / 1e9
+
+
+def _format_entry(setup: Setup, plan: Plan, fmt: WeightFormat, reference: LlamaModel, cache: KVCache,
+                  reference_logits: torch.Tensor, prompt: list[int], bandwidth_gbs: float) -> Json:
+    _log(f"weight format {fmt}: building, then logits of a {len(prompt)}-token prompt")
+    start = time.perf_counter()
+    model = _build(setup.raw, setup.device, setup.dtype, fmt)
+    entry: Json = {"build_s": time.perf_counter() - start, "weight_bytes": floors.decode_weight_bytes(model)}
+    entry["floor_decode_ms"] = 1000 * entry["weight_bytes"] / (bandwidth_gbs * 1e9)
+    entry["gate_up_gemv_gbs"] = _linear_gbs(model.layers[0].gate_up, model.config.hidden_size, setup.device,
+                                            setup.dtype)
+    entry.update(_logits_distance(reference_logits, _all_logits(model, prompt)))
+    ours, theirs = [], []
+    for _ in range(plan.format_rounds):  # interleaved, so both see the same machine load
+        _log(f"weight format {fmt}: decode @{plan.main_context} beside fp32")
+        ours.append(_decode_ms(model, cache, plan.main_context, plan.decode_tokens))
+        theirs.append(_decode_ms(reference, cache, plan.main_context, plan.decode_tokens))
+    entry["decode_ms"], entry["fp32_decode_ms"] = statistics.median(ours), statistics.median(theirs)
+    entry["speedup_vs_fp32"] = entry["fp32_decode_ms"] / entry["decode_ms"]
+    _log(f"  {fmt}: {entry['decode_ms']:.1f} ms/token (fp32 {entry['fp32_decode_ms']:.1f}), "
+         f"max |dlogit| {entry['max_abs_logit_diff']:.3f}, argmax agree {entry['argmax_agreement']:.1%}")
+    return entry
+
+
+def bench_formats(setup: Setup, plan: Plan, cache: KVCache, bandwidth_gbs: float) -> Json:
+    """Each other weight format: decode @main_context beside fp32, and its logits' distance from fp32.
+
+    The fp32-built cache serves every format: the cache dtype does not depend on the weight format, and
+    KV values do not change a step's cost. Each format's model is built once and freed after.
+    """
+    usable = [f for f in plan.formats if f != "fp32" and (setup.device.type == "cpu" or f == "bf16")]
+    skipped = sorted(set(plan.formats) - set(usable) - {"fp32"})
+    reference = setup.model
+    if reference.weight_format != "fp32":  # the reference is always fp32, whatever format the run uses
+        reference = _build(setup.raw, setup.device, setup.dtype, "fp32")
+    prompt = setup.raw.tokenizer.encode(_TEXT)[: plan.format_prompt_tokens]
+    reference_logits = _all_logits(reference, prompt)
+    result: Json = {"fp32": {
+        "weight_bytes": floors.decode_weight_bytes(reference),
+        "gate_up_gemv_gbs": _linear_gbs(reference.layers[0].gate_up, reference.config.hidden_size, setup.device,
+                                        setup.dtype),
+    }}
+    for fmt in usable:
+        result[fmt] = _format_entry(setup, plan, fmt, reference, cache, reference_logits, prompt, bandwidth_gbs)
+        gc.collect()  # the format's model is gone with its entry's frame; free its memory before the next
+    if skipped:
+        result["skipped"] = f"{', '.join(skipped)}: implemented for CPU only"
+    return result
+
+
+# -- transformers -----------------------------------------------------------------------------------
+def _load_transformers(model_spec: str, device: torch.device, dtype: torch.dtype) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the hub; set before the import
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    path = resolve_model_path(model_spec)
+    if path.is_dir():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    else:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    return hf.to(device).eval()
+
+
+def _pad_id(eos: int | list[int] | None) -> int:
+    """generate wants a pad id even for one unpadded sequence (else it warns); any EOS id will do."""
+    if isinstance(eos, list):
+        return eos[0] if eos else 0
+    return 0 if eos is None else eos
+
+
+def _hf_generate_s(hf: Any, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds for greedy generate of exactly `new_tokens` (min = max, so EOS cannot end it early)."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=_pad_id(hf.config.eos_token_id),
+        )
+    floors.sync(ids.device)
+    return time.perf_counter() - start
+
+
+def _engine_decode_ms(setup: Setup, ids: torch.Tensor, new_tokens: int) -> float:
+    """ms/token of one request's decode phase through Engine.generate (sampling and bookkeeping included)."""
+    engine = Engine(setup.model, setup.raw.tokenizer, EngineConfig(prefix_cache=None))
+    sampling = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    rate = engine.generate([ids.tolist()], sampling)[0].stats.decode_tok_s
+    assert rate is not None, "a decode of two or more tokens has a rate"
+    return 1000 / rate
+
+
+def _transformers_round(hf: Any, setup: Setup, plan: Plan, ids: torch.Tensor, cache: KVCache) -> dict[str, float]:
+    """One round of transformers and ours, each measure right beside its counterpart."""
+    context, new = ids.numel(), plan.transformers_new_tokens
+    hf_ids = ids[None].to(setup.device)
+    hf_prefill = _hf_generate_s(hf, hf_ids, 1)
+    return {
+        "ours_prefill_s": _prefill(setup.model, ids, spare=0)[0],
+        "transformers_prefill_s": hf_prefill,
+        "ours_decode_ms": _decode_ms(setup.model, cache, context, plan.decode_tokens),
+        "ours_engine_decode_ms": _engine_decode_ms(setup, ids, new),
+        "transformers_decode_ms": 1000 * (_hf_generate_s(hf, hf_ids, new) - hf_prefill) / (new - 1),
+    }
+
+
+def bench_transformers(args: argparse.Namespace, setup: Setup, plan: Plan, cache: KVCache) -> Json:
+    """transformers' decode ms/token and prefill tok/s at main_context, interleaved round by round with ours.
+
+    generate(1 token) is prefill only; generate(N) adds N - 1 decode steps; their difference / (N - 1) is
+    transformers' decode ms/token with its generation loop included. Ours is given both as the bare model
+    forward (the headline figure) and through Engine.generate, the like-for-like user path.
+    """
+    if plan.transformers_rounds == 0:
+        return {"skipped": "--quick: transformers takes ~35 s to load"}
+    _log("transformers: loading the same model (~35 s)")
+    start = time.perf_counter()
+    hf = _load_transformers(args.model, setup.device, setup.dtype)
+    load_s = time.perf_counter() - start
+    ids = _random_ids(plan.main_context, setup.model.config.vocab_size, seed=300)
+    _hf_generate_s(hf, ids[None].to(setup.device), 1)  # warm-up
+    rounds = []
+    for round_ in range(plan.transformers_rounds):
+        _log(f"transformers round {round_ + 1}/{plan.transformers_rounds}: prefill and a "
+             f"{plan.transformers_new_tokens}-token generate, ours beside")
+        rounds.append(_transformers_round(hf, setup, plan, ids, cache))
+    del hf
+    gc.collect()
+    m = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    _log(f"  decode: ours {m['ours_decode_ms']:.1f} ms (engine {m['ours_engine_decode_ms']:.1f}), "
+         f"transformers {m['transformers_decode_ms']:.1f} ms/token")
+    return {
+        "context": plan.main_context,
+        "new_tokens": plan.transformers_new_tokens,
+        "rounds": len(rounds),
+        "load_s": load_s,
+        **{k: v for k, v in m.items() if k.endswith("_ms")},
+        "decode_speedup": m["transformers_decode_ms"] / m["ours_decode_ms"],
+        "engine_decode_speedup": m["transformers_decode_ms"] / m["ours_engine_decode_ms"],
+        "ours_prefill_tok_s": plan.main_context / m["ours_prefill_s"],
+        "transformers_prefill_tok_s": plan.main_context / m["transformers_prefill_s"],
+        "prefill_speedup": m["transformers_prefill_s"] / m["ours_prefill_s"],
+    }
+
+
+# -- targets and the table --------------------------------------------------------------------------
+def _target(value: float | None, target: float, at_least: bool, note: str) -> Json:
+    passed = None if value is None else (value >= target if at_least else value <= target)
+    return {"value": value, "target": target, "direction": ">=" if at_least else "<=", "pass": passed, "note": note}
+
+
+def evaluate_targets(results: Json, plan: Plan) -> Json:
+    main, batch = str(plan.main_context), results["batch_context"]
+    vs_hf = results["vs_transformers"]
+    return {
+        "decode_ms": _target(results["decode_ms_per_token"].get(main), TARGET_DECODE_MS, False,
+                             f"ms/token @{main}, batch 1"),
+        "prefill_efficiency": _target(results["prefill_efficiency"].get(main), TARGET_PREFILL_EFFICIENCY, True,
+                                      f"prefill GFLOP/s @{main} / torch.mm GFLOP/s"),
+        "decode_vs_transformers": _target(vs_hf.get("decode_speedup"), TARGET_VS_TRANSFORMERS, True,
+                                          vs_hf.get("skipped", f"transformers ms/token / ours @{main}")),
+        "batch8_speedup": _target(results["batch8_speedup"], TARGET_BATCH_SPEEDUP, True,
+                                  f"batch-{plan.batch_size} aggregate tok/s / batch-1 tok/s @{batch}"),
+    }
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+Row = tuple[str, str, str, str]  # measure, ours, floor or peer, ratio
+
+
+def _floor_rows(fl: Json) -> list[Row]:
+    return [
+        ("torch.mm GFLOP/s", _fmt(fl["matmul_gflops"], ".0f"), f"linear {fl['linear_gflops']:.0f}", ""),
+        ("copy GB/s (read + write)", _fmt(fl["bandwidth_gbs"]),
+         f"read {fl['read_gbs']:.1f}, GEMV {fl['gemv_gbs']:.1f}", ""),
+        ("weights per decode token MB", _fmt(fl["weight_bytes_per_token"] / 1e6, ".0f"),
+         f"floor {fl['decode_ms']:.1f} ms at copy, {fl['decode_read_ms']:.1f} at read, "
+         f"{fl['decode_gemv_ms']:.1f} at GEMV rate", ""),
+    ]
+
+
+def _speed_rows(results: Json) -> list[Row]:
+    fl, rows = results["floor"], []
+    for n, tok_s in results["prefill_tok_s"].items():
+        rows.append((f"prefill {n} tok/s", _fmt(tok_s, ".0f"), f"floor {fl['prefill_tok_s'][n]:.0f}",
+                     f"{results['prefill_efficiency'][n]:.0%} of mm, "
+                     f"{results['prefill_efficiency_vs_linear'][n]:.0%} of linear"))
+    for c, ms in results["decode_ms_per_token"].items():
+        rows.append((f"decode @{c} ms/token", _fmt(ms), f"floor {fl['decode_ms']:.1f}, GEMV {fl['decode_gemv_ms']:.1f}",
+                     f"{ms / fl['decode_ms']:.1f}x floor, {ms / fl['decode_gemv_ms']:.1f}x GEMV"))
+    n, context = results["batch_size"], str(results["batch_context"])
+    rows.append((f"batch-{n} decode @{context} tok/s", _fmt(results["batch8_tok_s"]),
+                 f"batch 1: {results['batch1_tok_s']:.1f}", f"{results['batch8_speedup']:.2f}x"))
+    if "batch8_engine_tok_s" in results:
+        rows.append(("  same through Engine.step", _fmt(results["batch8_engine_tok_s"]), "",
+                     f"{results['batch8_engine_tok_s'] / results['batch8_tok_s']:.0%} of model-only"))
+    if "batch8_prefill_tok_s" in results:
+        rows.append((f"batch-{n} prefill @{context} tok/s", _fmt(results["batch8_prefill_tok_s"], ".0f"),
+                     f"batch 1: {_fmt(results['prefill_tok_s'].get(context), '.0f')}", ""))
+    return rows
+
+
+def _transformers_rows(vs: Json) -> list[Row]:
+    if "decode_speedup" not in vs:
+        return [("vs transformers", "-", vs.get("skipped", ""), "")]
+    return [
+        (f"vs transformers decode @{vs['context']} ms", _fmt(vs["ours_decode_ms"]),
+         f"transformers {vs['transformers_decode_ms']:.1f}", f"{vs['decode_speedup']:.2f}x faster"),
+        ("  ours through Engine.generate", _fmt(vs["ours_engine_decode_ms"]), "",
+         f"{vs['engine_decode_speedup']:.2f}x faster"),
+        (f"vs transformers prefill @{vs['context']} tok/s", _fmt(vs["ours_prefill_tok_s"], ".0f"),
+         f"transformers {vs['transformers_prefill_tok_s']:.0f}", f"{vs['prefill_speedup']:.2f}x"),
+    ]
+
+
+def _format_rows(formats: Json) -> list[Row]:
+    rows = []
+    for fmt, entry in formats.items():
+        if fmt in ("fp32", "skipped"):
+            continue
+        rows.append((f"{fmt} decode ms/token", _fmt(entry["decode_ms"]),
+                     f"fp32 {entry['fp32_decode_ms']:.1f}, floor {entry['floor_decode_ms']:.1f}",
+                     f"{entry['speedup_vs_fp32']:.2f}x fp32"))
+        rows.append((f"{fmt} gate_up kernel GB/s (cache-hot)", _fmt(entry["gate_up_gemv_gbs"]),
+                     f"fp32 {formats['fp32']['gate_up_gemv_gbs']:.1f}", ""))
+        rows.append((f"{fmt} logits vs fp32", f"max {entry['max_abs_logit_diff']:.3f}",
+                     f"argmax {entry['argmax_agreement']:.1%}", f"KL {entry['kl_mean']:.2e}"))
+    return rows
+
+
+def print_table(results: Json) -> None:
+    rows: list[Row] = [
+        ("measure", "ours", "floor / peer", "ratio"),
+        *_floor_rows(results["floor"]),
+        *_speed_rows(results),
+        *_format_rows(results["weight_formats"]),
+        *_transformers_rows(results["vs_transformers"]),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for i, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    busy = {name: load for name, load in results["machine"]["others_cpu"].items() if load and load > 0.1}
+    if busy:
+        print("\nWARNING: other processes were busy during " + ", ".join(f"{k} ({v:.0%} of the CPUs)" for k, v in
+              busy.items()) + ": with 2 threads on 2 cores their figures can be several times too slow")
+    print("\ntargets:")
+    for name, t in results["targets"].items():
+        status = {True: "PASS", False: "MISS", None: "n/a"}[t["pass"]]
+        print(f"  {status:4}  {name}: {_fmt(t['value'], '.2f')} (target {t['direction']} {t['target']}) "
+              f"- {t['note']}")
+
+
+# -- entry point ------------------------------------------------------------------------------------
+class _Sections:
+    """Runs the sections in order; records each one's failure (if optional) and the others' CPU load during it."""
+
+    def __init__(self, results: Json) -> None:
+        self.results = results
+        self.monitor = floors.CpuMonitor()
+        self.others_cpu: dict[str, float | None] = {}
+
+    def run(self, name: str, fn: Callable[[], Any], *, optional: bool = False) -> Any:
+        self.monitor.lap()
+        try:
+            return fn()
+        except Exception as exc:
+            if not optional:
+                raise
+            _log(f"{name} failed: {type(exc).__name__}: {exc}")  # one broken part costs no others
+            self.results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+            return None
+        finally:
+            load = self.others_cpu[name] = self.monitor.lap()
+            if load is not None and load > 0.1:
+                _log(f"  note: other processes used {load:.0%} of the CPUs during {name}: its figures are suspect")
+
+
+def run_engine_bench(args: argparse.Namespace) -> int:
+    global _STARTED
+    _STARTED = time.perf_counter()  # progress lines count from the start of this run
+    plan = QUICK if args.quick else FULL
+    setup = _setup(args)
+    config = setup.model.config
+    results: Json = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "quick": bool(args.quick),
+        "machine": _machine_info(setup.device),
+        "model": {"name": config.name, "weight_format": setup.model.weight_format, "dtype": str(setup.dtype),
+                  "layer_params": floors.layer_params(config), "vocab_size": config.vocab_size},
+    }
+    sections = _Sections(results)
+    results["floor"] = sections.run("floors", lambda: bench_floors(setup, plan))
+    prefill, longest = sections.run("prefill", lambda: bench_prefill(setup, plan, results["floor"]))
+    results.update(prefill)
+    decode, caches = sections.run("decode", lambda: bench_decode(setup, plan, longest))
+    results.update(decode)
+    cache = caches[plan.main_context]
+    results.update(sections.run("batch", lambda: bench_batch(setup, plan, caches[plan.batch_context])))
+    if plan.engine_batch:
+        results.update(sections.run("engine_batch", lambda: bench_engine_batch(setup, plan), optional=True) or {})
+    bandwidth = results["floor"]["bandwidth_gbs"]
+    results["weight_formats"] = sections.run(
+        "weight_formats", lambda: bench_formats(setup, plan, cache, bandwidth), optional=True) or {}
+    results["vs_transformers"] = sections.run(
+        "vs_transformers", lambda: bench_transformers(args, setup, plan, cache), optional=True
+    ) or {"skipped": "failed: see errors"}
+    results["targets"] = evaluate_targets(results, plan)
+    results["machine"].update(loadavg_end=os.getloadavg()[0], others_cpu=sections.others_cpu)
+    results["elapsed_s"] = time.perf_counter() - _STARTED
+    print_table(results)
+    sys.stdout.flush()  # the table before the last progress line, when both go to one terminal or file
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(results, indent=2))
+        _log(f"wrote {args.json_path}")
+    return 0
