@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.workers.engine import Engine, EngineConfig
 from kvmesh.workers.forward_batch import ForwardBatch, SequenceChunk
+from kvmesh.workers.kv_slots import KVSlots
 from kvmesh.workers.linear import Linear, WeightFormat
 from kvmesh.workers.llama import LlamaModel
 from kvmesh.workers.model_files import RawModel, load_raw_model, resolve_model_path
@@ -278,10 +279,18 @@ def bench_decode(setup: Setup, plan: Plan, longest: KVCache) -> tuple[Json, dict
     return {"decode_ms_per_token": result}, caches
 
 
+def _slot_caches(model: LlamaModel, n: int, capacity: int) -> list[KVCache]:
+    """N empty caches in one KVSlots buffer: the layout the engine decodes batches in."""
+    c = model.config
+    slots = KVSlots(num_layers=c.num_layers, num_slots=n, num_kv_heads=c.num_kv_heads, capacity=capacity,
+                    head_dim=c.head_dim, dtype=model.dtype, device=model.device)
+    return [cache for cache in (slots.acquire() for _ in range(n)) if cache is not None]
+
+
 def _batch_prefill(model: LlamaModel, n: int, context: int, spare: int) -> tuple[float, list[KVCache]]:
     """Seconds for N prompts of `context` tokens prefilled together in one ForwardBatch, and their caches."""
     ids = [_random_ids(context, model.config.vocab_size, seed=100 + i) for i in range(n)]
-    caches = [model.new_cache(capacity=context + spare) for _ in range(n)]
+    caches = _slot_caches(model, n, context + spare)
     batch = ForwardBatch(
         token_ids=torch.cat(ids),
         positions=torch.arange(context).repeat(n),
@@ -303,7 +312,9 @@ def bench_batch(setup: Setup, plan: Plan, single: KVCache) -> Json:
         prefill_s, caches = _batch_prefill(model, n, context, spare=plan.batch_steps + 8)
         result["batch8_prefill_tok_s"] = n * context / prefill_s
     else:  # a step's cost does not depend on the KV values, so copies of one context will do
-        caches = [single.slice(0, context) for _ in range(n)]
+        caches = _slot_caches(model, n, context + plan.batch_steps + 8)
+        for cache in caches:
+            cache.append(single.slice(0, context))
     _log(f"batch {n}: {plan.batch_steps} decode steps, each beside a batch-1 step")
     _batch_decode_step(model, caches, token=1)  # warm-up for the N-row shapes
     single.truncate(context)

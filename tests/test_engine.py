@@ -10,6 +10,7 @@ import torch
 from kvmesh.workers.engine import Engine, EngineConfig
 from kvmesh.workers.engine_loop import EngineLoop
 from kvmesh.workers.forward_batch import ForwardBatch
+from kvmesh.workers.kv_slots import SlotKVCache
 from kvmesh.workers.prefix_cache import PrefixCache, PrefixCacheConfig
 from kvmesh.workers.sampling import InvalidRequestError, SamplingParams
 from kvmesh.workers.scheduler import SchedulerConfig
@@ -67,6 +68,17 @@ def test_batch_gives_the_same_greedy_tokens_as_each_alone(model, tokenizer, prom
         again = engine.generate(prompts, GREEDY)
         assert [c.token_ids for c in again] == alone
         assert all(c.stats.prefix_hit_tokens >= 16 for c in again)
+
+
+def test_running_requests_decode_from_shared_kv_slots(model, tokenizer, prompts):
+    engine = make_engine(model, tokenizer)
+    for prompt in prompts:
+        engine.add_request(prompt, GREEDY)
+    engine.step()
+    caches = [seq.cache for seq in engine.scheduler.running]
+    assert len(caches) == len(prompts)
+    assert all(isinstance(c, SlotKVCache) and c.slots is engine.kv_slots for c in caches)
+    assert sorted(c.index for c in caches) == list(range(len(prompts)))
 
 
 def test_prefix_cache_hit_gives_dense_logits(model, tokenizer):

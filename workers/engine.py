@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .forward_batch import ForwardBatch, SequenceChunk
+from .kv_slots import KVSlots, SlotKVCache
 from .linear import WeightFormat
 from .llama import LlamaModel
 from .model_files import DEFAULT_MODEL, load_raw_model
@@ -33,6 +34,13 @@ from .tokenizer import Tokenizer
 class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     prefix_cache: PrefixCacheConfig | None = field(default_factory=PrefixCacheConfig)  # None disables it
+    # tokens per KV slot (one slot per running request); None: the model's context on CPU, where the
+    # buffer is only reserved address space, and at most 4096 on GPUs, where it is allocated memory
+    kv_slot_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_slot_tokens is not None and self.kv_slot_tokens < 1:
+            raise ValueError(f"kv_slot_tokens must be >= 1 or None, got {self.kv_slot_tokens}")
 
 
 @dataclass
@@ -63,6 +71,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.scheduler = Scheduler(self.config.scheduler)
         self.prefix_cache = PrefixCache(self.config.prefix_cache) if self.config.prefix_cache else None
+        self.kv_slots = self._make_slots()
         self._ids = itertools.count()
         self._pending_events: list[TokenEvent] = []
 
@@ -118,7 +127,7 @@ class Engine:
             request_id=request_id,
             prompt_ids=prompt,
             sampling=sampling,
-            cache=self.model.new_cache(capacity=len(prompt) + min(sampling.max_tokens, 256)),
+            cache=self.model.new_cache(capacity=1),  # a slot is taken at admission, not while queued
             text=TextStream(self.tokenizer, sampling.stop),
             generator=make_generator(sampling),
             max_tokens=min(sampling.max_tokens, context - len(prompt)),
@@ -194,7 +203,24 @@ class Engine:
         return [done[i] for i in ids]
 
     # -- internals ------------------------------------------------------------------------------------
+    def _make_slots(self) -> KVSlots:
+        c, model = self.model.config, self.model
+        tokens = self.config.kv_slot_tokens or (
+            c.max_context if model.device.type == "cpu" else min(c.max_context, 4096)
+        )
+        return KVSlots(
+            num_layers=c.num_layers,
+            num_slots=self.config.scheduler.max_running,
+            num_kv_heads=c.num_kv_heads,
+            capacity=tokens,
+            head_dim=c.head_dim,
+            dtype=model.dtype,
+            device=model.device,
+        )
+
     def _admit(self, seq: Sequence) -> None:
+        slot = self.kv_slots.acquire()  # (not `or`: an empty cache is falsy)
+        seq.cache = slot if slot is not None else self.model.new_cache(capacity=len(seq.prompt_ids) + 64)
         if self.prefix_cache is None:
             return
         # the last prompt token is always computed: its logits give the first output token
@@ -249,4 +275,6 @@ class Engine:
                 self.prefix_cache.insert(seq.all_ids[: seq.num_computed], seq.cache)
             if seq.prefix_match is not None:
                 self.prefix_cache.release(seq.prefix_match)
+        if isinstance(seq.cache, SlotKVCache):
+            seq.cache.free_slot()
         seq.cache = self.model.new_cache(capacity=1)  # free the KV now, not when the caller drops the seq

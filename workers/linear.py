@@ -1,10 +1,12 @@
 """Linear layers in the weight formats the engine offers.
 
-`fp32`/`bf16`: the dense weight pre-transposed to [in, out] (a GEMV streams it row-contiguously, which
-measured ~25% faster on this CPU than x @ W.T). `int8`: per-output-channel symmetric int8 through
-PyTorch's weight-only int8 kernel. `int4`: group-wise asymmetric 4-bit (group 32) through PyTorch's
-int4pack kernel; for a Q4_1 GGUF this reproduces the file's own 4-bit values, since Q4_1 blocks are
-exactly min/max 4-bit groups of 32.
+`fp32`/`bf16`: dense weights. On CPU they are packed once into oneDNN's blocked layout: for the
+2–32-row products of batched decode and speculation this measured 1.3–1.4x faster than MKL's sgemm, and
+equal for one row (bench/NOTES.md). On CUDA a plain [out, in] weight through cuBLAS.
+`int8`: per-output-channel symmetric int8 through PyTorch's weight-only int8 kernel.
+`int4`: group-wise asymmetric 4-bit (group 32) through PyTorch's int4pack kernel; for a Q4_1 GGUF this
+reproduces the file's own 4-bit values, since Q4_1 blocks are exactly min/max 4-bit groups of 32.
+On this CPU both quantized kernels are compute-bound and slower than fp32 (bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -28,10 +30,24 @@ class Linear(Protocol):
 class DenseLinear:
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:  # weight [out, in]
         self.out_features = weight.shape[0]
-        self.weight_t = weight.t().to(dtype).contiguous()  # [in, out]
+        self.weight = weight.to(dtype).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.mm(x.to(self.weight_t.dtype), self.weight_t).to(x.dtype)
+        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+
+
+class OneDnnLinear:
+    """CPU dense linear through oneDNN with the weight pre-packed (fp32, or bf16 on CPUs that have it)."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:  # weight [out, in]
+        self.out_features = weight.shape[0]
+        self.dtype = dtype
+        self.packed = weight.to(dtype).contiguous().to_mkldnn()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # the op inductor uses for packed weights: dense activations in and out, no layout conversions
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, None, "none", [], "")
+        return y.to(x.dtype)
 
 
 class Int8Linear:
@@ -68,10 +84,11 @@ class Int4Linear:
 
 def make_linear(weight: torch.Tensor, fmt: WeightFormat, device: torch.device) -> Linear:
     """weight [out, in] in fp32 -> a linear layer in the requested format on `device`."""
-    if fmt == "fp32":
-        return DenseLinear(weight.to(device), torch.float32)
-    if fmt == "bf16":
-        return DenseLinear(weight.to(device), torch.bfloat16)
+    if fmt in ("fp32", "bf16"):
+        dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+        if device.type == "cpu" and torch.backends.mkldnn.is_available():
+            return OneDnnLinear(weight, dtype)
+        return DenseLinear(weight.to(device), dtype)
     if device.type != "cpu":
         raise ValueError(f"weight format {fmt!r} is implemented for CPU; on {device.type} use fp32 or bf16")
     if fmt == "int8":

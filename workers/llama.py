@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.kvcomm.rope import RopeTable, rotate
 
-from .forward_batch import ForwardBatch, SequenceChunk
+from .attention import DecodeGroup, attend
+from .forward_batch import ForwardBatch
 from .linear import Linear, WeightFormat, make_linear
 from .model_config import ModelConfig
 from .model_files import ModelLoadError
@@ -76,6 +77,7 @@ class LlamaModel:
             raise ValueError(f"positions must lie in [0, {c.max_context}) (the model's context)")
         for chunk in batch.chunks:
             chunk.cache.reserve(chunk.num_tokens)
+        group, rest = DecodeGroup.plan(batch.chunks)
         token_ids = batch.token_ids.to(self.device)
         h = self.embed[token_ids]  # [N, d]
         cos, sin = self.rope.lookup(batch.positions.to(self.device))  # [N, D] each
@@ -87,7 +89,7 @@ class LlamaModel:
             k = qkv[:, c.q_size : c.q_size + c.kv_size].view(-1, c.num_kv_heads, c.head_dim)  # [N, Hkv, D]
             v = qkv[:, c.q_size + c.kv_size :].view(-1, c.num_kv_heads, c.head_dim)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            attn = self._attention(index, batch.chunks, q, k, v)  # [N, Hq * D]
+            attn = attend(index, batch.chunks, group, rest, q, k, v)  # [N, Hq * D]
             h = h + layer.o(attn)
             x = F.rms_norm(h, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)  # [N, ffn] each
@@ -98,30 +100,3 @@ class LlamaModel:
             return None
         last = F.rms_norm(h[batch.logit_rows.to(self.device)], (c.hidden_size,), self.final_norm, c.rms_norm_eps)
         return self.lm_head(last).float()  # [M, V]
-
-    def _attention(
-        self, layer: int, chunks: list[SequenceChunk], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
-        """Each chunk attends over its own cache plus its new tokens. q [N, Hq, D], k/v [N, Hkv, D]."""
-        out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
-        start = 0
-        for chunk in chunks:
-            n, past = chunk.num_tokens, chunk.cache.length
-            end = start + n
-            chunk.cache.write(layer, past, k[start:end].transpose(0, 1), v[start:end].transpose(0, 1))
-            keys, values = chunk.cache.layer(layer, past + n)  # [Hkv, S, D]
-            query = q[start:end].transpose(0, 1)  # [Hq, n, D]
-            mask, causal = chunk.attn_mask, False
-            if mask is None and n > 1:
-                if past == 0:
-                    causal = True
-                else:  # new token i sits at slot past + i and sees slots <= past + i
-                    mask = torch.arange(past + n, device=q.device)[None, :] <= (
-                        past + torch.arange(n, device=q.device)[:, None]
-                    )
-            o = F.scaled_dot_product_attention(
-                query[None], keys[None], values[None], attn_mask=mask, is_causal=causal, enable_gqa=True
-            )  # [1, Hq, n, D]
-            out[start:end] = o[0].transpose(0, 1).reshape(n, -1)
-            start = end
-        return out

@@ -1,0 +1,82 @@
+"""One preallocated KV buffer shared by all running sequences, one slot each.
+
+Keys and values are [layers, slots, kv_heads, capacity, head_dim]; a running sequence's KVCache is a
+view of its slot. Because every slot lives in one tensor, a batched decode step writes the new keys of
+all sequences with one indexed copy per layer and attends for all of them in one SDPA call (see
+LlamaModel), instead of one small call per sequence. The buffer starts zeroed, because the batched
+call reads (masked) positions past a sequence's length and a NaN there would poison its row; on CPU
+it is zeroed by calloc, whose fresh pages materialize only where tokens are written, so a large
+capacity costs address space, not memory.
+A sequence that outgrows its slot moves to a buffer of its own and simply leaves the batched path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvmesh.kvcomm.kv_cache import KVCache
+
+
+class SlotKVCache(KVCache):
+    """A KVCache that is a view of a slot in KVSlots (until it outgrows it)."""
+
+    def __init__(self, slots: KVSlots, index: int) -> None:  # a view: no allocation, no super().__init__
+        self.keys = slots.keys[:, index]  # [L, H, capacity, D]
+        self.values = slots.values[:, index]
+        self.length = 0
+        self.slots: KVSlots | None = slots
+        self.index = index
+
+    def reserve(self, extra: int) -> None:
+        if self.length + extra > self.capacity:
+            self.free_slot()  # KVCache.reserve now copies into a private, growable buffer
+        super().reserve(extra)
+
+    def free_slot(self) -> None:
+        """Give the slot back (the view must not be written after this)."""
+        if self.slots is not None:
+            self.slots.release(self.index)
+            self.slots = None
+
+
+class KVSlots:
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_layers, num_slots, num_kv_heads, capacity, head_dim)
+        self.keys = _zeros(shape, dtype, device)
+        self.values = _zeros(shape, dtype, device)
+        self._free = list(range(num_slots))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def acquire(self) -> SlotKVCache | None:
+        """The lowest free slot (keeps the used range compact for batched attention), or None if all are taken."""
+        if not self._free:
+            return None
+        self._free.sort()
+        return SlotKVCache(self, self._free.pop(0))
+
+    def release(self, index: int) -> None:
+        if index in self._free:
+            raise RuntimeError(f"KV slot {index} released twice")
+        self._free.append(index)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # numpy's zeros is calloc: the kernel hands out zero pages lazily (torch.zeros would touch them all)
+    bits = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.float16}[dtype]
+    return torch.from_numpy(np.zeros(shape, dtype=bits)).view(dtype)
