@@ -24,16 +24,16 @@ def _generate(args: argparse.Namespace) -> int:
     from kvmesh.workers.engine import Engine
     from kvmesh.workers.sampling import SamplingParams
 
-    started = time.perf_counter()
-    engine = Engine.load(args.model, device=args.device, weight_format=args.weights)
-    loaded = time.perf_counter() - started
-    sampling = SamplingParams(
+    sampling = SamplingParams(  # validated before the model loads: a typo should not cost a load
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
         stop=tuple(args.stop),
     )
+    started = time.perf_counter()
+    engine = Engine.load(args.model, device=args.device, weight_format=args.weights)
+    loaded = time.perf_counter() - started
     prompt = engine.chat_prompt(args.prompt, system=args.system)
     for event in engine.stream(prompt, sampling):
         sys.stdout.write(event.text)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Tests share 2 cores with Ray, servers and subprocesses: spinning OpenMP threads would starve them
+# (a 6 s benchmark took 71 s beside a busy process). Must be set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 from tiny_model import random_llama_weights, tiny_config
 
