@@ -1,1 +1,31 @@
-"""kvmesh agents."""
+"""The user's API: agents, prompt templates, tools and pipelines. Pure Python, no Ray or gRPC here."""
+
+from .agent import Agent
+from .errors import PipelineError
+from .local import run_locally
+from .parts import Prompt, SegmentPart, TextPart
+from .pipeline import Phase, Pipeline
+from .run_state import RunResult, RunState
+from .tool import Tool, ToolError, tool
+from .topologies import chain, debate, fan_out_in, fully_connected, self_refine
+
+__all__ = [
+    "Agent",
+    "Phase",
+    "Pipeline",
+    "PipelineError",
+    "Prompt",
+    "RunResult",
+    "RunState",
+    "SegmentPart",
+    "TextPart",
+    "Tool",
+    "ToolError",
+    "chain",
+    "debate",
+    "fan_out_in",
+    "fully_connected",
+    "run_locally",
+    "self_refine",
+    "tool",
+]

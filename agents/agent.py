@@ -1,0 +1,51 @@
+"""An agent: a named role whose prompt template is filled from the query, other agents and tools."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import PipelineError
+from .template import QUERY, Placeholder, Template
+
+ReuseMode = Literal["auto", "dense", "prefix", "kvcomm", "blend"]
+REUSE_MODES: tuple[str, ...] = ("auto", "dense", "prefix", "kvcomm", "blend")
+# each_round: in every round; first: in the first round only (its output stays readable in later
+# rounds); last: once, after the rounds end (e.g. a judge or summarizer).
+RunsIn = Literal["each_round", "first", "last"]
+RUNS_IN: tuple[str, ...] = ("each_round", "first", "last")
+
+
+@dataclass(frozen=True)
+class Agent:
+    name: str
+    template: str = "{query}"
+    system: str | None = None  # None: the model's default system prompt
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    reuse: ReuseMode = "auto"
+    runs: RunsIn = "each_round"
+    placeholders: tuple[Placeholder, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier() or self.name == QUERY:
+            raise PipelineError(
+                f"agent name {self.name!r} must be a Python identifier other than 'query' (templates write {{name}})"
+            )
+        if self.max_tokens < 1:
+            raise PipelineError(f"agent {self.name!r}: max_tokens must be >= 1, got {self.max_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise PipelineError(f"agent {self.name!r}: temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PipelineError(f"agent {self.name!r}: top_p must be in (0, 1], got {self.top_p}")
+        if self.reuse not in REUSE_MODES:
+            raise PipelineError(f"agent {self.name!r}: reuse={self.reuse!r}; choose one of {', '.join(REUSE_MODES)}")
+        if self.runs not in RUNS_IN:
+            raise PipelineError(f"agent {self.name!r}: runs={self.runs!r}; choose one of {', '.join(RUNS_IN)}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "placeholders", tuple(Template(self.template).placeholders()))
