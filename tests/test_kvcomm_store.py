@@ -1,0 +1,106 @@
+"""Anchor pools and segment KVs: eviction rules, bytes, and the Redis store shared by two workers."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from kvmesh.kvcomm import embedded_redis
+from kvmesh.kvcomm.anchor import Anchor
+from kvmesh.kvcomm.embedded_redis import EmbeddedRedis
+from kvmesh.kvcomm.kv_cache import KVCache
+from kvmesh.kvcomm.redis_store import RedisStore
+from kvmesh.kvcomm.store import MemoryStore, PoolConfig, StoredSegment, StoreUnavailable
+
+
+def kv(tokens: int, fill: float, layers: int = 3) -> KVCache:
+    return KVCache.from_tensors(torch.full((layers, 1, tokens, 4), fill), torch.full((layers, 1, tokens, 4), -fill))
+
+
+def anchor(name: str, created: float, tokens: int = 5) -> Anchor:
+    return Anchor(name, kv(tokens, created, layers=1), kv(tokens, created), kv(2, created), created)
+
+
+def fill(store, slot: str, names: list[str]) -> None:
+    for i, name in enumerate(names):
+        store.add_anchor(slot, anchor(name, float(i + 1)))
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    if shutil.which("redis-server") is None:
+        pytest.fail(embedded_redis.INSTALL_HINT)  # the set-up installs it: its absence is a broken machine
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_store(request, redis_url):
+    prefix = f"t{request.node.name}"
+
+    def make(config: PoolConfig) -> MemoryStore | RedisStore:
+        if request.param == "memory":
+            return MemoryStore(config)
+        return RedisStore(redis_url, config, prefix=prefix)
+
+    return make
+
+
+def test_a_full_slot_evicts_the_least_used_of_its_oldest(make_store):
+    store = make_store(PoolConfig(max_anchors=3, window=2))
+    fill(store, "s", ["a", "b", "c"])
+    store.mark_used("s", ["a"])
+    store.add_anchor("s", anchor("d", 4.0))  # oldest two: a (used once), b (never) -> b goes
+    assert [a.anchor_id for a in store.anchors("s")] == ["a", "c", "d"]
+    store.mark_used("s", ["c", "c"])
+    store.add_anchor("s", anchor("e", 5.0))  # oldest two: a (1), c (2) -> a goes
+    assert [a.anchor_id for a in store.anchors("s")] == ["c", "d", "e"]
+    assert [a.anchor_id for a in store.anchors("other")] == []
+
+
+def test_the_byte_budget_holds_across_slots(make_store):
+    one = anchor("x", 0.0).nbytes()
+    store = make_store(PoolConfig(max_anchors=10, window=1, budget_bytes=3 * one))
+    fill(store, "s1", ["a", "b"])
+    fill(store, "s2", ["c", "d"])
+    assert store.anchor_bytes <= 3 * one
+    remaining = [a.anchor_id for slot in ("s1", "s2") for a in store.anchors(slot)]
+    assert len(remaining) == 3 and "d" in remaining
+
+
+def test_anchors_and_segments_round_trip_with_their_tensors(make_store):
+    store = make_store(PoolConfig())
+    original = anchor("a", 1.5)
+    store.add_anchor("s", original)
+    loaded = store.anchors("s")[0]
+    assert loaded.anchor_id == "a" and loaded.created == 1.5
+    torch.testing.assert_close(loaded.delta.keys[:, :, :5], original.delta.keys[:, :, :5])
+    assert loaded.next_text is not None and loaded.next_text.length == 2
+    store.put_segment("seg", StoredSegment([5, 6, 7], kv(3, 2.0)))
+    segment = store.get_segment("seg")
+    assert segment is not None and segment.token_ids == [5, 6, 7] and segment.kv.length == 3
+    assert store.get_segment("missing") is None
+
+
+def test_two_workers_share_one_pool_through_redis(redis_url):
+    first, second = RedisStore(redis_url, prefix="shared"), RedisStore(redis_url, prefix="shared")
+    first.add_anchor("slot", anchor("from-first", 1.0))
+    assert [a.anchor_id for a in second.anchors("slot")] == ["from-first"]
+    second.mark_used("slot", ["from-first"])
+    assert first.uses("slot") == {"from-first": 1}
+
+
+def test_a_lost_redis_is_reported_as_unavailable():
+    with EmbeddedRedis() as server:
+        store = RedisStore(server.url, prefix="gone")
+        store.add_anchor("s", anchor("a", 1.0))
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        store.anchors("s")
+
+
+def test_a_missing_redis_server_names_the_install_step(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="apt-get install -y redis-server"):
+        EmbeddedRedis()
