@@ -16,10 +16,14 @@ class Message(_message.Message):
         OUTPUT: _ClassVar[Message.Kind]
         TOKEN: _ClassVar[Message.Kind]
         ERROR: _ClassVar[Message.Kind]
+        RETRY: _ClassVar[Message.Kind]
+        CANCEL: _ClassVar[Message.Kind]
     START: Message.Kind
     OUTPUT: Message.Kind
     TOKEN: Message.Kind
     ERROR: Message.Kind
+    RETRY: Message.Kind
+    CANCEL: Message.Kind
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]

@@ -61,7 +61,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., agent: _Optional[str] = ..., system: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[PromptPart, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., reuse: _Optional[str] = ..., workflow: _Optional[str] = ...) -> None: ...
 
 class CallStats(_message.Message):
-    __slots__ = ("prompt_tokens", "cached_tokens", "reused_tokens", "recomputed_tokens", "output_tokens", "ttft_s", "decode_tok_s", "drafted_tokens", "accepted_tokens", "reuse_mode", "model", "worker")
+    __slots__ = ("prompt_tokens", "cached_tokens", "reused_tokens", "recomputed_tokens", "output_tokens", "ttft_s", "decode_tok_s", "drafted_tokens", "accepted_tokens", "reuse_mode", "model", "worker", "wall_s", "attempts")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REUSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,8 @@ class CallStats(_message.Message):
     REUSE_MODE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    WALL_S_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     cached_tokens: int
     reused_tokens: int
@@ -86,7 +88,9 @@ class CallStats(_message.Message):
     reuse_mode: str
     model: str
     worker: str
-    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., reused_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., reuse_mode: _Optional[str] = ..., model: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
+    wall_s: float
+    attempts: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., reused_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., reuse_mode: _Optional[str] = ..., model: _Optional[str] = ..., worker: _Optional[str] = ..., wall_s: _Optional[float] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("text", "token_ids", "finished", "finish_reason", "stats")
