@@ -12,13 +12,17 @@ Semantics (checked when the pipeline is built):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from .agent import Agent
 from .errors import PipelineError
 from .template import QUERY, Placeholder
 from .tool import Tool
+
+if TYPE_CHECKING:
+    from .run_state import RunResult
 
 StopCondition = Callable[[Mapping[str, str]], bool]
 
@@ -62,6 +66,25 @@ class Pipeline:
             self.order(phase)  # raises on a same-phase cycle
         self._check_reachable()
         self.outputs = self._outputs(outputs)
+
+    # -- running -------------------------------------------------------------------------------------
+    def run(self, query: str, **options: Any) -> RunResult:
+        """Run on the registered executor (`import kvmesh`: Ray actors and workers) and return the result."""
+        from .executor import get_executor
+
+        return get_executor().run(self, query, **options)
+
+    def stream(self, query: str, **options: Any) -> Iterator[Any]:
+        """Run on the registered executor, yielding events (tokens, agents done) and finally the result."""
+        from .executor import get_executor
+
+        return get_executor().stream(self, query, **options)
+
+    def with_agent_options(self, **changes: Any) -> Pipeline:
+        """A copy whose every agent has these fields changed, e.g. `max_tokens=16` for a quick try."""
+        agents = [replace(agent, **changes) for agent in self.agents.values()]
+        loop = {"until": self.until, "max_iters": self.rounds} if self.until else {"rounds": self.rounds}
+        return Pipeline(self.name, agents, tools=list(self.tools.values()), outputs=self.outputs, **loop)
 
     # -- the graph ---------------------------------------------------------------------------------
     def sources(self, agent: Agent) -> list[Placeholder]:
