@@ -1,0 +1,101 @@
+"""RuntimeConfig: how the runtime's gRPC servers bind and secure themselves, deadlines and actor sizes.
+
+Defaults come from the environment where one is named (KVMESH_HOST, KVMESH_TOKEN, KVMESH_TLS_CERT,
+KVMESH_TLS_KEY, KVMESH_TLS_CA, KVMESH_MAX_MESSAGE_MB), so a cluster can be configured without code.
+The config is pickled into every actor: all servers of a session share one token and one TLS setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class ConfigError(ValueError):
+    """A runtime setting that cannot work; the message names the setting and the fix."""
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def _env_mb(name: str, default_mb: int) -> int:
+    raw = _env(name)
+    try:
+        return int(float(raw) * (1 << 20)) if raw else default_mb << 20
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of megabytes") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    # gRPC: every server binds `host` on a free port and registers the address it can be reached at
+    host: str = field(default_factory=lambda: _env("KVMESH_HOST") or "127.0.0.1")
+    token: str | None = field(default_factory=lambda: _env("KVMESH_TOKEN"), repr=False)  # required off loopback
+    tls_cert: str | None = field(default_factory=lambda: _env("KVMESH_TLS_CERT"))  # server cert (PEM)
+    tls_key: str | None = field(default_factory=lambda: _env("KVMESH_TLS_KEY"))  # its private key (PEM)
+    tls_ca: str | None = field(default_factory=lambda: _env("KVMESH_TLS_CA"))  # what clients trust (PEM)
+    tls_server_name: str | None = None  # the name clients expect in the cert, if not the address's host
+    max_message_bytes: int = field(default_factory=lambda: _env_mb("KVMESH_MAX_MESSAGE_MB", 16))
+    call_deadline_s: float = 30.0  # every unary call (messages between agents and the driver, stats)
+    generate_deadline_s: float = 600.0  # one LLM call, queueing included
+    server_threads: int = 16  # handler threads per server (handlers never block on long work)
+    # actors: Ray's CPU accounting only packs them; a CPU worker's torch uses the cores it finds
+    agent_num_cpus: float = 0.0
+    worker_num_cpus: float = 0.5
+    worker_num_gpus: float = 0.0
+    startup_timeout_s: float = 180.0  # an actor up and serving (a worker loads its model first)
+    worker_restart_timeout_s: float = 120.0  # how long an agent waits for Ray to restart a crashed worker
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("RuntimeConfig.host is empty; use 127.0.0.1 (default) or an interface address")
+        if not is_loopback(self.host) and not self.token:
+            raise ConfigError(
+                f"binding gRPC servers to {self.host!r} (not loopback) requires a shared token: "
+                "set KVMESH_TOKEN (or RuntimeConfig.token) on every node; add TLS with KVMESH_TLS_CERT/KEY/CA"
+            )
+        if self.token is not None and (not self.token.isprintable() or not self.token.strip()):
+            raise ConfigError("RuntimeConfig.token must be non-empty printable text (it travels in gRPC metadata)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("TLS needs both a certificate and its key (KVMESH_TLS_CERT and KVMESH_TLS_KEY)")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"RuntimeConfig.{name}: {path!r} is not a file (PEM expected)")
+        if self.tls_cert and not self.tls_ca:
+            raise ConfigError("with TLS on, clients need the CA that signed the servers' cert: set KVMESH_TLS_CA")
+        if self.max_message_bytes < 1024:
+            raise ConfigError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        for name in ("call_deadline_s", "generate_deadline_s", "startup_timeout_s", "worker_restart_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"RuntimeConfig.{name} must be a positive number of seconds, got {value!r}")
+        if self.server_threads < 2:
+            raise ConfigError(f"server_threads must be >= 2, got {self.server_threads}")
+        for name in ("agent_num_cpus", "worker_num_cpus", "worker_num_gpus"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"RuntimeConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def read(self, name: str) -> bytes | None:
+        """The bytes of a TLS file setting ('tls_cert', 'tls_key', 'tls_ca'), or None when unset."""
+        path = getattr(self, name)
+        return Path(path).read_bytes() if path else None

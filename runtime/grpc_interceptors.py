@@ -1,0 +1,105 @@
+"""What happens on every gRPC call, on both ends: metadata, the token check, deadlines, size limits.
+
+Server side, ServerCallInterceptor reads each call's metadata once and refuses a call without the
+session's token (UNAUTHENTICATED) — health checks excepted, so that probes need no secret. Client side,
+ClientCallInterceptor attaches the session's metadata, gives every call a deadline when the caller set
+none, and refuses to send a message over the size limit with an error naming the setting.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from .call_metadata import incoming, outgoing
+from .config import RuntimeConfig
+from .errors import MessageTooLargeError
+
+# health probes (kubelet, grpc_health_probe) carry no secrets; what they reveal is harmless
+UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
+
+Behavior = Callable[..., Any]
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior]) -> grpc.RpcMethodHandler:
+    """The same handler with its behavior (request, context) -> response(s) replaced by wrap(behavior)."""
+    if handler.request_streaming and handler.response_streaming:
+        behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        behavior, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    else:
+        behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+    return make(
+        wrap(behavior),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class ServerCallInterceptor(grpc.ServerInterceptor):
+    def __init__(self, config: RuntimeConfig) -> None:
+        self._token = config.token
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        if handler is None or self._token is None or handler_call_details.method in UNAUTHENTICATED_METHODS:
+            return handler
+        call = incoming(handler_call_details.invocation_metadata)
+        if call.token is not None and hmac.compare_digest(call.token.encode(), self._token.encode()):
+            return handler
+        reason = "no token" if call.token is None else "a wrong token"
+        message = (
+            f"{handler_call_details.method} refused: the call carries {reason}; this kvmesh server requires the "
+            "session's shared token (KVMESH_TOKEN) as metadata 'authorization: Bearer <token>'"
+        )
+
+        def deny(_behavior: Behavior) -> Behavior:
+            def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+            return refuse
+
+        return wrap_handler(handler, deny)
+
+
+_DETAIL_FIELDS = ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", _DETAIL_FIELDS), grpc.ClientCallDetails):
+    pass
+
+
+class ClientCallInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, config: RuntimeConfig) -> None:
+        self._config = config
+        self._metadata = outgoing(config)
+
+    def _details(self, details: grpc.ClientCallDetails, default_timeout: float) -> _CallDetails:
+        return _CallDetails(
+            details.method,
+            details.timeout if details.timeout is not None else default_timeout,
+            (*(details.metadata or ()), *self._metadata),
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
+
+    def _check_size(self, details: grpc.ClientCallDetails, request: Any) -> None:
+        size = request.ByteSize()
+        if size > self._config.max_message_bytes:
+            method = details.method.decode() if isinstance(details.method, bytes) else details.method
+            raise MessageTooLargeError(f"call {method}", size, self._config.max_message_bytes)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        self._check_size(client_call_details, request)
+        return continuation(self._details(client_call_details, self._config.call_deadline_s), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        self._check_size(client_call_details, request)
+        return continuation(self._details(client_call_details, self._config.generate_deadline_s), request)
