@@ -1,0 +1,70 @@
+"""A worker as a Ray actor: loads the engine, serves WorkerService over gRPC, registers its address.
+
+Created with max_restarts (Ray restarts it after a crash, re-running __init__: a fresh engine, a new
+port, a new registration). Its Ray methods are for lifecycle only; LLM calls arrive over gRPC.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+from kvmesh.v1 import worker_pb2, worker_pb2_grpc
+from kvmesh.workers.engine import Engine
+from kvmesh.workers.engine_loop import EngineLoop
+from kvmesh.workers.sampling import SamplingParams
+
+from .config import RuntimeConfig
+from .grpc_server import start_server
+from .registry import NAMESPACE, registry_name
+from .worker_service import WorkerServicer
+
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+
+
+def model_label(spec: str) -> str:
+    """How CallStats name the model: the spec for a bundled one, the file or folder name for a path."""
+    return Path(spec).name if ("/" in spec or spec.endswith(".gguf")) else spec
+
+
+class WorkerActor:
+    def __init__(self, name: str, model: str, session_id: str, config: RuntimeConfig) -> None:
+        self.name = name
+        engine = Engine.load(model)
+        _warm_up(engine)
+        self.loop = EngineLoop(engine)
+        self._address = ""
+        servicer = WorkerServicer(self.loop, model_label(model), lambda: self._address)
+        self.server = start_server(
+            config,
+            {WORKER_SERVICE: lambda server: worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)},
+            name,
+        )
+        self._address = self.server.address
+        registry = ray.get_actor(registry_name(session_id), namespace=NAMESPACE)
+        handle = ray.get_runtime_context().current_actor
+        ray.get(registry.register_worker.remote(name, self._address, model_label(model), handle))
+
+    def ready(self) -> str:
+        """The worker's gRPC address; returns once __init__ is done (after a restart, the new one)."""
+        return self._address
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stop(self) -> None:
+        self.server.stop(grace_s=0.5)
+        self.loop.close()
+
+
+def _warm_up(engine: Engine) -> None:
+    """Two short calls before serving: the first calls after a load run several times slower (kernel
+    set-up per shape), which would otherwise land on the first agents' TTFT. The prefix cache is then
+    emptied, so no call reports hits it did not earn."""
+    prompt = engine.tokenizer.encode("Warm-up: count from one to twenty, then name the colours of a rainbow.")
+    for _ in range(2):
+        engine.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))
+    if engine.prefix_cache is not None:
+        engine.prefix_cache.clear()
