@@ -1,0 +1,204 @@
+"""One agent call, inside the agent's actor: render, route, generate (retrying once on a dead worker), deliver.
+
+`AgentRunner.run` is the agent's whole share of a phase and never raises: the outcome goes to the
+driver as OUTPUT (also sent to the same-phase agents that wait for it) or as ERROR naming the cause.
+A worker that dies mid-call is waited for (Ray restarts it) and the call is retried once, from scratch
+(the driver is told with RETRY, so streamed tokens can be discarded); a worker that stays dead fails
+the call with an error naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+import ray
+
+from kvmesh.agents import Agent, Prompt, SegmentPart, Tool, ToolError
+from kvmesh.agents.render import render
+from kvmesh.v1 import agent_pb2, agent_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+from .config import RuntimeConfig
+from .errors import CallFailed, RuntimeFailure, WorkerDiedError
+from .grpc_client import Channels, describe_rpc_error
+from .registry import Route
+from .wire import Kind, generate_request, message, output_segment_id, phase_of
+
+log = logging.getLogger(__name__)
+CallStats = worker_pb2.CallStats
+
+# what a worker's death looks like from the client side of a stream (connection gone mid-call)
+_Code = grpc.StatusCode
+_MAYBE_DEAD = (_Code.UNAVAILABLE, _Code.UNKNOWN, _Code.INTERNAL, _Code.CANCELLED)
+
+
+class Cancelled(Exception):
+    """The driver cancelled the run."""
+
+
+class RunCancel:
+    """Cancellation of one run inside an agent: a flag, and the LLM call in flight to cancel."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._call: grpc.Future | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def attach(self, call: grpc.Future | None) -> None:
+        with self._lock:
+            self._call = call
+        if call is not None and self.cancelled:
+            call.cancel()
+
+    def cancel(self) -> None:
+        self._event.set()
+        with self._lock:
+            if self._call is not None:
+                self._call.cancel()
+
+
+class AgentRunner:
+    def __init__(
+        self, agent: Agent, tools: Mapping[str, Tool], group: str, workflow: str, registry: Any, config: RuntimeConfig
+    ) -> None:
+        self.agent = agent
+        self.tools = dict(tools)
+        self.group = group  # the pipeline's agents are registered as "{group}/{name}"
+        self.workflow = workflow
+        self.registry = registry
+        self.config = config
+        self.channels = Channels(config)
+        self._peers: dict[str, str] = {}
+
+    def key(self, name: str) -> str:
+        return f"{self.group}/{name}"
+
+    # -- the call --------------------------------------------------------------------------------------
+    def run(self, start: agent_pb2.Message, upstream: Mapping[str, agent_pb2.Message], cancel: RunCancel) -> str | None:
+        """Serve one START whose awaited OUTPUTs have all arrived. Returns None on success, else the cause
+        (already sent to the driver as ERROR). The one place an agent's span would wrap its work."""
+        started = time.perf_counter()
+        try:
+            values = dict(start.inputs) | {name: upstream[name].text for name in start.wait_for}
+            prompt = render(self.agent, self.tools, values)  # tools run here, in the agent's process
+            text, stats = self._generate(start, prompt, cancel)
+            stats.wall_s = time.perf_counter() - started
+            self._deliver(start, text, stats)
+            return None
+        except Cancelled:
+            return "cancelled"
+        except Exception as exc:
+            cause = str(exc) if isinstance(exc, RuntimeFailure | ToolError) else f"{type(exc).__name__}: {exc}"
+            log.warning("agent %s failed: %s", self.agent.name, cause, exc_info=not isinstance(exc, RuntimeFailure))
+            if not cancel.cancelled:
+                self._to_driver(start, self._message(start, Kind.ERROR, text=cause))
+            return cause
+
+    def _generate(self, start: agent_pb2.Message, prompt: Prompt, cancel: RunCancel) -> tuple[str, CallStats]:
+        key = self.key(self.agent.name)
+        segment_ids = [p.segment_id for p in prompt.parts if isinstance(p, SegmentPart)]
+        for attempt in (1, 2):
+            route: Route | None = ray.get(self.registry.route.remote(key, segment_ids))
+            if route is None:
+                raise CallFailed("no workers are registered (all died, or none were started)")
+            request_id = f"{start.run_id}/{self.agent.name}/{start.phase}/{attempt}-{uuid.uuid4().hex[:8]}"
+            request = generate_request(self.agent, prompt, request_id, self.workflow, route.holders)
+            output_segment = None
+            try:
+                text, stats = self._stream(start, route, request, cancel)
+                output_segment = output_segment_id(self.agent.name, text)
+                stats.attempts = attempt
+                return text, stats
+            except grpc.RpcError as exc:
+                if cancel.cancelled:
+                    raise Cancelled from exc
+                if exc.code() not in _MAYBE_DEAD or attempt == 2 or not self._restarted(route):
+                    raise CallFailed(describe_rpc_error(exc, f"worker {route.worker!r} at {route.address}")) from exc
+                reason = f"worker {route.worker!r} failed ({exc.code().name}); Ray restarted it, retrying once"
+                log.warning("agent %s: %s", self.agent.name, reason)
+                self._to_driver(start, self._message(start, Kind.RETRY, text=reason))
+            finally:
+                self.registry.finished.remote(key, route.worker, output_segment)
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _stream(
+        self, start: agent_pb2.Message, route: Route, request: worker_pb2.GenerateRequest, cancel: RunCancel
+    ) -> tuple[str, CallStats]:
+        text: list[str] = []
+        stats: CallStats | None = None
+        call = worker_pb2_grpc.WorkerServiceStub(self.channels.get(route.address)).Generate(request)
+        cancel.attach(call)
+        try:
+            for chunk in call:
+                text.append(chunk.text)
+                if start.stream and chunk.text:
+                    self._to_driver(start, self._message(start, Kind.TOKEN, text=chunk.text))
+                if chunk.finished:
+                    stats = chunk.stats
+        finally:
+            cancel.attach(None)
+        if stats is None:
+            raise CallFailed(f"worker {route.worker!r} ended the stream without its final chunk")
+        return "".join(text), stats
+
+    def _restarted(self, route: Route) -> bool:
+        """After a failed call: wait for Ray to restart the worker. False if it is alive at the same address."""
+        entry = ray.get(self.registry.worker.remote(route.worker))
+        if entry is None:
+            raise WorkerDiedError(route.worker, "it is no longer registered")
+        timeout = self.config.worker_restart_timeout_s
+        try:
+            address = ray.get(entry.handle.ready.remote(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise WorkerDiedError(
+                route.worker, f"not back within {timeout:.0f} s (RuntimeConfig.worker_restart_timeout_s)"
+            ) from None
+        except ray.exceptions.RayActorError as exc:
+            self.registry.remove_worker.remote(route.worker)
+            raise WorkerDiedError(route.worker, _first_line(exc)) from None
+        if address == route.address:
+            return False
+        self.channels.drop(route.address)
+        return True
+
+    # -- messages --------------------------------------------------------------------------------------
+    def _message(self, start: agent_pb2.Message, kind: int, **fields: Any) -> agent_pb2.Message:
+        return message(kind, start.run_id, phase_of(start), self.agent.name, **fields)
+
+    def _deliver(self, start: agent_pb2.Message, text: str, stats: CallStats) -> None:
+        for name in start.deliver_to:
+            output = self._message(start, Kind.OUTPUT, target=name, text=text, stats=stats)
+            address = self._peer(name)
+            try:
+                agent_pb2_grpc.AgentServiceStub(self.channels.get(address)).Deliver(output)
+            except grpc.RpcError as exc:
+                raise CallFailed(describe_rpc_error(exc, f"delivering the output to agent {name!r}")) from exc
+        self._to_driver(start, self._message(start, Kind.OUTPUT, target="driver", text=text, stats=stats))
+
+    def _peer(self, name: str) -> str:
+        address = self._peers.get(name)
+        if address is None:
+            address = ray.get(self.registry.agent_address.remote(self.key(name)))
+            if address is None:
+                raise CallFailed(f"agent {name!r} is not registered")
+            self._peers[name] = address
+        return address
+
+    def _to_driver(self, start: agent_pb2.Message, msg: agent_pb2.Message) -> None:
+        try:
+            agent_pb2_grpc.AgentServiceStub(self.channels.get(start.driver)).Deliver(msg)
+        except grpc.RpcError as exc:  # the driver is gone or gave up on the run: nobody to tell
+            log.warning("agent %s: %s", self.agent.name, describe_rpc_error(exc, "the driver"))
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
