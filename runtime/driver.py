@@ -1,0 +1,219 @@
+"""Session: Ray, a registry, inference workers and agent actors, kept across runs.
+
+    with Session(workers=1) as session:          # Ray up, model loaded: once
+        result = session.run(pipeline, "query")  # agent actors start on a pipeline's first run
+        for event in session.stream(pipeline, "another query"): ...
+
+A session pays Ray's start and the model load once; each pipeline's agent actors start on its first
+run and stay until the pipeline object is garbage-collected, `release(pipeline)` or `close()`.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from kvmesh.agents import Pipeline
+from kvmesh.v1 import agent_pb2_grpc
+
+from . import portable
+from .agent_actor import AGENT_SERVICE, AgentActor
+from .cluster import ACTOR_ENV, ClusterInfo, connect
+from .config import RuntimeConfig
+from .driver_sink import DriverSink
+from .errors import AgentDiedError, RuntimeFailure
+from .events import RunFinished, StreamEvent
+from .grpc_client import Channels
+from .grpc_server import start_server
+from .registry import NAMESPACE, Registry, registry_name
+from .results import PipelineResult
+from .run_loop import RunSpec, drive
+from .worker_actor import WorkerActor
+
+
+@dataclass
+class AgentGroup:
+    """One pipeline's agent actors."""
+
+    group: str
+    handles: dict[str, Any]
+    addresses: dict[str, str]
+
+
+class Session:
+    def __init__(
+        self,
+        workers: int = 1,
+        model: str = "smollm2",
+        *,
+        address: str | None = None,
+        config: RuntimeConfig | None = None,
+    ) -> None:
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        self.config = config or RuntimeConfig()
+        self.model = model
+        self.cluster: ClusterInfo = connect(address)
+        self.id = uuid.uuid4().hex[:8]
+        self._lock = threading.Lock()
+        self._groups: weakref.WeakKeyDictionary[Pipeline, AgentGroup] = weakref.WeakKeyDictionary()
+        self._group_count = 0
+        self._closed = False
+        self.registry = (
+            ray.remote(Registry).options(name=registry_name(self.id), namespace=NAMESPACE, num_cpus=0).remote()
+        )
+        self.sink = DriverSink()
+        self._server = start_server(
+            self.config,
+            {AGENT_SERVICE: lambda server: agent_pb2_grpc.add_AgentServiceServicer_to_server(self.sink, server)},
+            "driver",
+        )
+        self.sink.address = self._server.address
+        self.channels = Channels(self.config)
+        # KV store seam: the Redis store (DESIGN §6) starts here, beside the workers, when KVCOMM lands.
+        self.workers: dict[str, Any] = {}
+        try:
+            self._start_workers(workers)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- runs ------------------------------------------------------------------------------------------
+    def run(self, pipeline: Pipeline, query: str, *, timeout_s: float | None = None) -> PipelineResult:
+        """Run to the end: the outputs, the history, and a record per agent call (see PipelineResult)."""
+        for event in self._drive(pipeline, query, stream=False, timeout_s=timeout_s):
+            if isinstance(event, RunFinished):
+                return event.result
+        raise AssertionError("a run always ends with RunFinished or an error")
+
+    def stream(self, pipeline: Pipeline, query: str, *, timeout_s: float | None = None) -> Iterator[StreamEvent]:
+        """Events as they happen: PhaseStarted, Token, Retried, AgentFinished, and last RunFinished."""
+        return self._drive(pipeline, query, stream=True, timeout_s=timeout_s)
+
+    def _drive(self, pipeline: Pipeline, query: str, stream: bool, timeout_s: float | None) -> Iterator[StreamEvent]:
+        if not isinstance(pipeline, Pipeline):
+            raise TypeError(f"expected a kvmesh Pipeline, got {type(pipeline).__name__}")
+        if not isinstance(query, str):
+            raise TypeError(f"the query must be a str, got {type(query).__name__}")
+        group = self._agents_for(pipeline)
+        spec = RunSpec(pipeline, query, group.addresses, self.sink.address, stream=stream, timeout_s=timeout_s)
+        try:
+            yield from drive(spec, self.sink, self.channels)
+        except AgentDiedError:
+            self.release(pipeline)  # an agent actor is gone: start fresh ones next run
+            raise
+        except KeyboardInterrupt:
+            self.release(pipeline)  # Ctrl-C: the run is cancelled (drive sent CANCEL); free its actors
+            raise
+
+    # -- actors ----------------------------------------------------------------------------------------
+    def _start_workers(self, count: int) -> None:
+        actor = ray.remote(WorkerActor)
+        for i in range(count):
+            name = f"worker-{i}"
+            self.workers[name] = actor.options(
+                name=f"kvmesh-{self.id}-{name}",
+                namespace=NAMESPACE,
+                num_cpus=self.config.worker_num_cpus,
+                num_gpus=self.config.worker_num_gpus,
+                max_restarts=1,  # a crashed worker comes back once (fresh engine, new port, registered again)
+                runtime_env={"env_vars": dict(ACTOR_ENV)},
+            ).remote(name, self.model, self.id, self.config)
+        self._wait_ready(self.workers, "worker", f"each asks for {self.config.worker_num_cpus} CPU")
+
+    def _agents_for(self, pipeline: Pipeline) -> AgentGroup:
+        with self._lock:
+            if self._closed:
+                raise RuntimeFailure("this session is closed")
+            group = self._groups.get(pipeline)
+            if group is not None:
+                return group
+            self._group_count += 1
+            group_id = f"{self.id}.{self._group_count}.{pipeline.name}"
+            handles = {}
+            actor = ray.remote(AgentActor)
+            for agent in pipeline.agents.values():
+                tools = {p.source: pipeline.tools[p.source] for p in agent.placeholders if p.source in pipeline.tools}
+                payload = portable.dumps((agent, tools), [t.fn for t in tools.values()])
+                handles[agent.name] = actor.options(
+                    name=f"kvmesh-{group_id}-{agent.name}",
+                    namespace=NAMESPACE,
+                    num_cpus=self.config.agent_num_cpus,
+                    runtime_env={"env_vars": dict(ACTOR_ENV)},
+                ).remote(payload, group_id, pipeline.name, self.id, self.config)
+            try:
+                addresses = self._wait_ready(handles, "agent", f"each asks for {self.config.agent_num_cpus} CPU")
+            except BaseException:
+                _kill(list(handles.values()))
+                raise
+            group = AgentGroup(group_id, handles, addresses)
+            self._groups[pipeline] = group
+            weakref.finalize(pipeline, _kill, list(handles.values()))
+            return group
+
+    def _wait_ready(self, handles: dict[str, Any], kind: str, sizing: str) -> dict[str, str]:
+        refs = {name: handle.ready.remote() for name, handle in handles.items()}
+        timeout = self.config.startup_timeout_s
+        try:
+            return dict(zip(refs, ray.get(list(refs.values()), timeout=timeout), strict=True))
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeFailure(
+                f"{kind} actors did not start within {timeout:.0f} s (RuntimeConfig.startup_timeout_s); the cluster "
+                f"has {self.cluster.num_cpus:g} CPUs and {sizing}"
+            ) from None
+        except ray.exceptions.RayActorError as exc:
+            raise RuntimeFailure(f"a {kind} actor failed to start: {_cause(exc)}") from None
+
+    def release(self, pipeline: Pipeline) -> None:
+        """Stop a pipeline's agent actors now (they also stop when the pipeline is garbage-collected)."""
+        with self._lock:
+            group = self._groups.pop(pipeline, None)
+        if group is not None:
+            self.registry.forget_agents.remote([f"{group.group}/{name}" for name in group.handles])
+            _kill(list(group.handles.values()))
+
+    def close(self) -> None:
+        """Stop every actor of the session and its driver server; Ray itself stays (see cluster.shutdown)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            groups = list(self._groups.values())
+            self._groups.clear()
+        for group in groups:
+            _kill(list(group.handles.values()))
+        _kill(list(self.workers.values()))
+        _kill([self.registry])
+        self._server.stop(grace_s=0)
+        self.channels.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _kill(handles: list[Any]) -> None:
+    if not ray.is_initialized():
+        return
+    for handle in handles:
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:  # already dead, or Ray is shutting down: nothing left to free
+            continue
+
+
+def _cause(exc: BaseException) -> str:
+    """The user-facing line of an actor's creation error (Ray wraps it in a long report)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line.split(":")[0]:
+            return line
+    return lines[-1] if lines else type(exc).__name__
