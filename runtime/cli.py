@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -49,6 +50,23 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_options(parser: argparse.ArgumentParser, max_tokens_default: int | None) -> None:
+    parser.add_argument("--workers", type=int, default=1, help="inference worker actors (default 1)")
+    parser.add_argument(
+        "--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS, else an embedded local one)"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=max_tokens_default,
+        help="cap every agent's max_tokens" + (f" (default {max_tokens_default})" if max_tokens_default else ""),
+    )
+    parser.add_argument("--model", default="smollm2", help="'smollm2' (bundled), a .gguf file or an HF directory")
+    parser.add_argument("--timeout", type=float, default=None, help="give up on the run after this many seconds")
+    parser.add_argument("--tokens", action="store_true", help="stream the agents' text as it decodes")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the result as JSON here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmesh", description="Multi-agent LLM pipelines with shared KV caches.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     _add_model_options(generate)
     generate.set_defaults(handler=_generate)
+
+    run = commands.add_parser("run", help="run a pipeline file (it defines `pipeline = kvmesh.Pipeline(...)`)")
+    run.add_argument("file", help="a Python file defining `pipeline`, e.g. examples/debate.py")
+    run.add_argument("--query", required=True, help="the user's input, {query} in templates")
+    _add_run_options(run, None)
+    run.set_defaults(handler=_run)
+
+    demo = commands.add_parser("demo", help="a bundled 4-agent pipeline on SmolLM2, with a table of per-agent figures")
+    demo.add_argument("--query", default=None, help="the question (default: the demo's own)")
+    _add_run_options(demo, None)
+    demo.set_defaults(handler=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks (write JSON)")
     bench_kinds = bench.add_subparsers(dest="bench", required=True)
@@ -80,16 +109,34 @@ def _bench_engine(args: argparse.Namespace) -> int:
     return run_engine_bench(args)
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .pipeline_runs import load_pipeline, run_pipeline
+
+    return run_pipeline(load_pipeline(args.file), args.query, args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DEMO_MAX_TOKENS, DEMO_QUERY, demo_pipeline
+    from .pipeline_runs import run_pipeline
+
+    max_tokens = args.max_tokens or int(os.environ.get("KVMESH_DEMO_MAX_TOKENS", DEMO_MAX_TOKENS))
+    args.max_tokens = None  # already applied
+    return run_pipeline(demo_pipeline(max_tokens), args.query or DEMO_QUERY, args, demo=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        print("\ninterrupted: the run was cancelled and its actors released", file=sys.stderr)
         return 130
-    except (ModelLoadError, UnsupportedModelError, InvalidRequestError) as exc:  # these say what to do
+    except (ModelLoadError, UnsupportedModelError, InvalidRequestError, ValueError) as exc:  # these say what to do
         print(f"kvmesh: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a run that failed: the message names the agent or worker and the cause
+        print(f"kvmesh: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
