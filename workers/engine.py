@@ -5,6 +5,10 @@ whatever prefix of its prompt the prefix cache holds), prefills the rest in chun
 decodes, then decodes one token per step until EOS, a stop string, max_tokens or the context ends.
 On finish its KV goes into the prefix cache for later requests. Not thread-safe: one thread drives it
 (see EngineLoop for concurrent callers).
+
+Speculation (EngineConfig.speculation, on by default): a decoding request may run its pending token plus
+a draft from the suffix trees (speculation.py) as one tree-masked chunk; the accepted path's tokens are
+then emitted one by one through the same stop logic as plain decoding, and its KV is cut back to them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from .prefix_cache import PrefixCache, PrefixCacheConfig
 from .sampling import InvalidRequestError, SamplingParams, make_generator, sample
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from .sequence import RequestStats, Sequence, Status
+from .speculation import SpeculationConfig, Speculator, tree_inputs, verify
+from .suffix_cache import Draft
 from .text_stream import TextStream
 from .tokenizer import Tokenizer
 
@@ -37,6 +43,9 @@ class EngineConfig:
     # tokens per KV slot (one slot per running request); None: the model's context on CPU, where the
     # buffer is only reserved address space, and at most 4096 on GPUs, where it is allocated memory
     kv_slot_tokens: int | None = None
+    # SuffixDecoding speculation; None disables it. On by default: it drafts only where its cost model
+    # expects a gain, so a request whose output repeats nothing runs (almost) as plain decoding
+    speculation: SpeculationConfig | None = field(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
         if self.kv_slot_tokens is not None and self.kv_slot_tokens < 1:
@@ -72,6 +81,7 @@ class Engine:
         self.scheduler = Scheduler(self.config.scheduler)
         self.prefix_cache = PrefixCache(self.config.prefix_cache) if self.config.prefix_cache else None
         self.kv_slots = self._make_slots()
+        self.speculator = Speculator(self.config.speculation) if self.config.speculation else None
         self._ids = itertools.count()
         self._pending_events: list[TokenEvent] = []
 
@@ -105,8 +115,13 @@ class Engine:
         return self.tokenizer.encode(self.tokenizer.render_chat(messages))
 
     def add_request(
-        self, prompt_ids: Seq[int], sampling: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt_ids: Seq[int],
+        sampling: SamplingParams | None = None,
+        request_id: str | None = None,
+        role: str | None = None,
     ) -> str:
+        """Queue a request; `role` (an agent role) picks the suffix tree its outputs share for speculation."""
         sampling = sampling or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         context = self.model.config.max_context
@@ -131,6 +146,7 @@ class Engine:
             text=TextStream(self.tokenizer, sampling.stop),
             generator=make_generator(sampling),
             max_tokens=min(sampling.max_tokens, context - len(prompt)),
+            role=role,
         )
         seq.stats.prompt_tokens = len(prompt)
         self.scheduler.add(seq)
@@ -155,23 +171,35 @@ class Engine:
         chunks = self.scheduler.schedule(self._admit)
         if not chunks:
             return events
-        logits = self.model.forward(self._forward_batch(chunks))  # [M, V], one row per completing chunk
+        drafts = self._propose(chunks)
+        batch = self._forward_batch(chunks, drafts)
+        started = time.perf_counter()
+        logits = self.model.forward(batch)  # [M, V]: a row per completing chunk, 1 + draft per verify
         now = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.observe_step(len(batch.token_ids), now - started)
         row = 0
         for chunk in chunks:
             seq = chunk.seq
-            if not chunk.completes_prompt:
-                seq.num_computed += chunk.num_tokens
+            draft = drafts.get(seq.request_id)
+            if draft is not None:
+                events.extend(self._accept(seq, draft, logits[row : row + 1 + len(draft)], now))
+                row += 1 + len(draft)
                 continue
+            completes = chunk.completes_prompt  # (before num_computed moves)
             seq.num_computed += chunk.num_tokens
+            if not completes:
+                continue
             token = sample(logits[row], seq.sampling, seq.generator)
             row += 1
             events.append(self._append_token(seq, token, now))
         return events
 
-    def stream(self, prompt_ids: Seq[int], sampling: SamplingParams | None = None) -> Iterator[TokenEvent]:
+    def stream(
+        self, prompt_ids: Seq[int], sampling: SamplingParams | None = None, role: str | None = None
+    ) -> Iterator[TokenEvent]:
         """Run one request to its end (other queued requests advance too), yielding its events."""
-        request_id = self.add_request(prompt_ids, sampling)
+        request_id = self.add_request(prompt_ids, sampling, role=role)
         while True:
             for event in self.step():
                 if event.request_id == request_id:
@@ -179,9 +207,11 @@ class Engine:
                     if event.finished:
                         return
 
-    def generate(self, prompts: Seq[Seq[int]], sampling: SamplingParams | None = None) -> list[Completion]:
+    def generate(
+        self, prompts: Seq[Seq[int]], sampling: SamplingParams | None = None, role: str | None = None
+    ) -> list[Completion]:
         """Run several requests together (continuously batched) and return their completions in order."""
-        ids = [self.add_request(prompt, sampling) for prompt in prompts]
+        ids = [self.add_request(prompt, sampling, role=role) for prompt in prompts]
         tokens: dict[str, list[int]] = {i: [] for i in ids}
         texts: dict[str, list[str]] = {i: [] for i in ids}
         done: dict[str, Completion] = {}
@@ -230,25 +260,71 @@ class Engine:
         seq.num_computed = match.num_tokens
         seq.stats.prefix_hit_tokens = match.num_tokens
 
-    def _forward_batch(self, chunks: list[ScheduledChunk]) -> ForwardBatch:
+    def _propose(self, chunks: list[ScheduledChunk]) -> dict[str, Draft]:
+        """Drafts for this step's decoding requests (empty without speculation or where it does not pay)."""
+        if self.speculator is None:
+            return {}
+        requests = [
+            (c.seq.request_id, c.seq.all_ids, c.seq.max_tokens - len(c.seq.output_ids) - 1)
+            for c in chunks
+            if not c.seq.in_prefill  # a decode: the pending token is the last sampled one
+        ]
+        rows = sum(c.num_tokens for c in chunks)
+        return self.speculator.propose(requests, rows, self.config.scheduler.max_batch_tokens - rows)
+
+    def _forward_batch(self, chunks: list[ScheduledChunk], drafts: dict[str, Draft]) -> ForwardBatch:
         ids: list[int] = []
         positions: list[int] = []
         logit_rows: list[int] = []
+        seq_chunks: list[SequenceChunk] = []
         for chunk in chunks:
-            start = chunk.seq.num_computed
-            ids.extend(chunk.seq.all_ids[start : start + chunk.num_tokens])
+            seq, start = chunk.seq, chunk.seq.num_computed
+            draft = drafts.get(seq.request_id)
+            if draft is not None:  # the pending token and the draft tree below it, all with logits
+                tree_positions, mask = tree_inputs(draft, start, self.model.device)
+                logit_rows.extend(range(len(ids), len(ids) + 1 + len(draft)))
+                ids.append(seq.all_ids[start])
+                ids.extend(draft.tokens)
+                positions.extend(tree_positions.tolist())
+                seq_chunks.append(SequenceChunk(seq.cache, 1 + len(draft), mask))
+                continue
+            ids.extend(seq.all_ids[start : start + chunk.num_tokens])
             positions.extend(range(start, start + chunk.num_tokens))
             if chunk.completes_prompt:
                 logit_rows.append(len(ids) - 1)
+            seq_chunks.append(SequenceChunk(seq.cache, chunk.num_tokens))
         return ForwardBatch(
             token_ids=torch.tensor(ids),
             positions=torch.tensor(positions),
-            chunks=[SequenceChunk(c.seq.cache, c.num_tokens) for c in chunks],
+            chunks=seq_chunks,
             logit_rows=torch.tensor(logit_rows) if logit_rows else None,
         )
 
+    def _accept(self, seq: Sequence, draft: Draft, logits: torch.Tensor, now: float) -> list[TokenEvent]:
+        """Verify a draft (logits [1 + n, V]), keep the accepted path's KV, emit its tokens in order."""
+        assert self.speculator is not None
+        path, tokens = verify(draft, logits, seq.sampling, seq.generator)
+        past = seq.num_computed  # the pending token's slot
+        if path == list(range(len(path))):  # the accepted nodes already sit right after it
+            seq.cache.truncate(past + 1 + len(path))
+        else:
+            seq.cache.keep(past + 1, [past + 1 + i for i in path])
+        self.speculator.verified(seq.request_id, draft, len(path))
+        seq.stats.verify_steps += 1
+        seq.stats.drafted_tokens += len(draft)
+        seq.stats.accepted_tokens += len(path)
+        events = []
+        for n, token in enumerate(tokens, 1):
+            seq.num_computed = past + 1 + min(n, len(path))  # tokens with KV once this one is appended
+            events.append(self._append_token(seq, token, now))
+            if seq.status is Status.FINISHED:
+                break
+        return events
+
     def _append_token(self, seq: Sequence, token: int, now: float) -> TokenEvent:
         seq.output_ids.append(token)
+        if self.speculator is not None:  # verified: it may go into the suffix trees
+            self.speculator.add_tokens(seq.request_id, seq.prompt_ids, seq.output_ids, 1, seq.role)
         seq.stats.output_tokens += 1
         if seq.stats.first_token_s is None:
             seq.stats.first_token_s = now
@@ -270,6 +346,8 @@ class Engine:
         seq.finish_reason = reason
         seq.stats.finish_s = time.perf_counter()
         self.scheduler.remove(seq)
+        if self.speculator is not None:
+            self.speculator.finish(seq.request_id)
         if self.prefix_cache is not None:
             if seq.num_computed:
                 self.prefix_cache.insert(seq.all_ids[: seq.num_computed], seq.cache)

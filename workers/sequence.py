@@ -27,6 +27,9 @@ class RequestStats:
     prompt_tokens: int = 0
     prefix_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     output_tokens: int = 0
+    drafted_tokens: int = 0  # speculative draft tokens verified
+    accepted_tokens: int = 0  # of those, accepted (each saved one decode step)
+    verify_steps: int = 0  # steps that verified a draft
     arrival_s: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     finish_s: float | None = None
@@ -48,6 +51,9 @@ class RequestStats:
             "prompt_tokens": self.prompt_tokens,
             "prefix_hit_tokens": self.prefix_hit_tokens,
             "output_tokens": self.output_tokens,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "verify_steps": self.verify_steps,
             "ttft_s": self.ttft_s,
             "decode_tok_s": self.decode_tok_s,
         }
@@ -68,6 +74,7 @@ class Sequence:
     finish_reason: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
     prefix_match: object | None = None  # the prefix-cache match pinned while the request runs
+    role: str | None = None  # the agent role, which selects a suffix tree for speculation
 
     @property
     def all_ids(self) -> list[int]:
