@@ -170,6 +170,10 @@ class Session:
         except ray.exceptions.RayActorError as exc:
             raise RuntimeFailure(f"a {kind} actor failed to start: {_cause(exc)}") from None
 
+    def agent_actors(self, pipeline: Pipeline) -> dict[str, Any]:
+        """The pipeline's agent actor handles by agent name (started if they are not yet)."""
+        return dict(self._agents_for(pipeline).handles)
+
     def release(self, pipeline: Pipeline) -> None:
         """Stop a pipeline's agent actors now (they also stop when the pipeline is garbage-collected)."""
         with self._lock:

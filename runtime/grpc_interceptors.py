@@ -75,7 +75,12 @@ class _CallDetails(collections.namedtuple("_CallDetails", _DETAIL_FIELDS), grpc.
     pass
 
 
-class ClientCallInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+class ClientCallInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     def __init__(self, config: RuntimeConfig) -> None:
         self._config = config
         self._metadata = outgoing(config)
@@ -103,3 +108,10 @@ class ClientCallInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamCl
     def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
         self._check_size(client_call_details, request)
         return continuation(self._details(client_call_details, self._config.generate_deadline_s), request)
+
+    # streamed requests (e.g. the reflection service): metadata and deadline; the server enforces the size
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details, self._config.call_deadline_s), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details, self._config.generate_deadline_s), request_iterator)

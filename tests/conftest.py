@@ -36,3 +36,27 @@ def tiny_model() -> LlamaModel:
     """2 layers, hidden 64, 4 query heads over 2 KV heads (GQA), head_dim 16, vocab 256, untied head."""
     config = tiny_config()
     return LlamaModel(config, random_llama_weights(config, seed=0))
+
+
+# -- the distributed runtime: one Ray cluster and one worker for the whole test session -------------------
+RUNTIME_TOKEN = "kvmesh-test-token"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """An embedded Ray cluster (started once; ~5 s), shut down after the last test."""
+    from kvmesh.runtime.cluster import connect, shutdown
+
+    info = connect()
+    yield info
+    shutdown()
+
+
+@pytest.fixture(scope="session")
+def runtime_session(ray_cluster):
+    """A Session with one SmolLM2 worker, its servers requiring a token (so every run exercises it)."""
+    from kvmesh.runtime import RuntimeConfig, Session
+
+    session = Session(workers=1, config=RuntimeConfig(token=RUNTIME_TOKEN))
+    yield session
+    session.close()

@@ -1,0 +1,102 @@
+"""`kvmesh run` and `kvmesh demo` as a user runs them: subprocesses, real Ray, real model, real output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kvmesh(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvmesh", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+        env=os.environ | env,
+    )
+
+
+def test_run_a_pipeline_file_on_an_existing_cluster_with_progress_and_json(ray_cluster, tmp_path):
+    out = tmp_path / "run.json"
+    result = kvmesh(
+        "run", "examples/rag_answerer.py", "--query", "How tall is the Eiffel Tower?", "--max-tokens", "8",
+        "--address", ray_cluster.address, "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Ray at {ray_cluster.address}" in result.stderr
+    assert "✓ answerer (round 0)" in result.stderr and "✓ checker (round 0)" in result.stderr
+    assert "TTFT s" in result.stdout and "cached" in result.stdout
+    report = json.loads(out.read_text())
+    assert set(report["outputs"]) == {"checker"} and report["outputs"]["checker"]
+    assert [c["agent"] for c in report["calls"]] == ["answerer", "checker"]
+    assert all(0 < c["output_tokens"] <= 8 and c["ttft_s"] > 0 for c in report["calls"])
+
+
+def test_demo_runs_four_agents_on_embedded_ray_and_prints_the_table(tmp_path):
+    out = tmp_path / "demo.json"
+    env = {"KVMESH_DEMO_MAX_TOKENS": "8", "RAY_ADDRESS": ""}  # its own embedded cluster
+    result = kvmesh("demo", "--json", str(out), **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "embedded local Ray" in result.stderr
+    table = result.stdout[result.stdout.index("TTFT s") :]
+    for agent in ("planner", "advocate", "critic", "judge"):
+        assert agent in table
+    report = json.loads(out.read_text())
+    calls = {c["agent"]: c for c in report["calls"]}
+    assert all(0 < c["output_tokens"] <= 8 for c in calls.values())
+    # all prompts open with the same system prompt and question: later agents find it in the prefix cache
+    assert calls["planner"]["cached_tokens"] == 0 and calls["judge"]["cached_tokens"] >= 32
+    assert "prefix cache" in result.stdout
+
+
+def test_a_bad_pipeline_file_is_refused_with_what_it_must_define(tmp_path):
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    result = kvmesh("run", str(empty), "--query", "hi")
+    assert result.returncode == 2 and "must define `pipeline`" in result.stderr and "Traceback" not in result.stderr
+    missing = kvmesh("run", "nope.py", "--query", "hi")
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+def test_ctrl_c_cancels_the_run_and_releases_its_actors(ray_cluster):
+    before = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvmesh", "run", "examples/debate.py", "--query", "Is tea better than coffee?",
+         "--address", ray_cluster.address],
+        cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith("round 0:"):
+                started.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert started.wait(120), "".join(lines)
+    time.sleep(0.5)  # the debaters are generating now
+    during = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)} - before
+    assert any(name.endswith("-pro") for name in during), during
+    process.send_signal(signal.SIGINT)
+    assert process.wait(60) == 130
+    time.sleep(0.5)
+    assert "interrupted: the run was cancelled" in "".join(lines)
+    after = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert not (after - before), f"actors left behind: {after - before}"
