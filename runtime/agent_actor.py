@@ -41,7 +41,3 @@ class AgentActor:
 
     def ready(self) -> str:
         return self._address
-
-    def stop(self) -> None:
-        self.server.stop(grace_s=0.5)
-        self.servicer.close()

@@ -113,7 +113,3 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 last_error=self._last_error,
                 address=self._address(),
             )
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self.runner.channels.close()

@@ -43,5 +43,3 @@ class RuntimeExecutor:
         self, pipeline: Pipeline, query: str, *, session: Session | None = None, timeout_s: float | None = None
     ) -> Iterator[StreamEvent]:
         return (session or default_session()).stream(pipeline, query, timeout_s=timeout_s)
-
-

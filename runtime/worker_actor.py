@@ -54,10 +54,6 @@ class WorkerActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def stop(self) -> None:
-        self.server.stop(grace_s=0.5)
-        self.loop.close()
-
 
 def _warm_up(engine: Engine) -> None:
     """Two short calls before serving: the first calls after a load run several times slower (kernel

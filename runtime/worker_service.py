@@ -34,6 +34,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     # -- Generate --------------------------------------------------------------------------------------
     def Generate(self, request: worker_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
+        """Chunks of text as the engine decodes, the last with CallStats. INVALID_ARGUMENT for a request the
+        engine cannot serve (bad sampling, prompt longer than the context). The one place a worker's
+        inference span would wrap an LLM call."""
         try:
             prompt = self._prompt(request)
             sampling = _sampling(request.sampling)

@@ -1,9 +1,11 @@
-"""The router: segments first, then the agent's previous worker, then the least loaded; load can overrule."""
+"""The router: segments first, then the agent's previous worker, then the least loaded; load can overrule.
+And the registry's bookkeeping that feeds it."""
 
 from __future__ import annotations
 
 import pytest
 
+from kvmesh.runtime.registry import Registry
 from kvmesh.runtime.router import WorkerLoad, choose_worker
 
 
@@ -47,3 +49,35 @@ def test_no_workers_or_a_bad_threshold_is_an_error():
         choose_worker([], [], None)
     with pytest.raises(ValueError, match="imbalance"):
         choose_worker(loads(w0=0), [], None, imbalance=0)
+
+
+# -- the registry's bookkeeping that feeds the router (a plain object here; a Ray actor in a session) ------
+def two_workers() -> Registry:
+    registry = Registry()
+    registry.register_worker("w0", "127.0.0.1:1000", "smollm2", None)
+    registry.register_worker("w1", "127.0.0.1:1001", "smollm2", None)
+    return registry
+
+
+def test_an_agent_returns_to_its_worker_and_a_reader_follows_the_segment_it_reads():
+    registry = two_workers()
+    registry.route("g/other", [])  # w0 is busy with another agent's call
+    first = registry.route("g/writer", ["query:abc"])
+    assert first.worker == "w1"
+    registry.finished("g/writer", "w1", "writer:123")
+    assert registry.route("g/writer", []).worker == "w1"  # its prefix is cached there
+    registry.finished("g/writer", "w1", "writer:456")
+    reader = registry.route("g/reader", ["query:abc", "writer:456"])
+    assert reader.worker == "w1" and reader.holders == {"writer:456": "127.0.0.1:1001"}
+
+
+def test_a_restarted_worker_holds_nothing_and_a_removed_one_gets_nothing():
+    registry = two_workers()
+    registry.route("g/writer", [])
+    registry.finished("g/writer", "w0", "writer:1")
+    registry.register_worker("w0", "127.0.0.1:2000", "smollm2", None)  # Ray restarted it: a new port
+    assert registry.route("g/reader", ["writer:1"]).holders == {}
+    assert registry.worker("w0").registrations == 2
+    registry.remove_worker("w0")
+    registry.remove_worker("w1")
+    assert registry.route("g/reader", []) is None
