@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, UnsupportedModelError, InvalidRequestError, ValueError) as exc:  # these say what to do
         print(f"kvmesh: error: {exc}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:  # e.g. no Ray cluster at --address
+        print(f"kvmesh: error: {exc}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:  # a run that failed: the message names the agent or worker and the cause
         print(f"kvmesh: error: {exc}", file=sys.stderr)
         return 1

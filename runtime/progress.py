@@ -27,10 +27,15 @@ class Progress:
 
     def follow(self, events: Iterable[StreamEvent]) -> PipelineResult:
         """Consume a run's events, showing them; returns the result."""
-        for event in events:
-            self.show(event)
-            if isinstance(event, RunFinished):
-                return event.result
+        try:
+            for event in events:
+                self.show(event)
+                if isinstance(event, RunFinished):
+                    return event.result
+        except BaseException:
+            if self.tty or self._speaker:  # end the status line or the streamed text before the error
+                self.out.write("\n")
+            raise
         raise RuntimeError("the run ended without a result")
 
     def show(self, event: StreamEvent) -> None:
