@@ -8,6 +8,7 @@ drops a run's buffers and stops its call in flight.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,6 +30,9 @@ _REMEMBER_CANCELLED = 1024  # cancelled run ids kept, so late messages of those 
 class _Inbox:
     start: agent_pb2.Message | None = None
     outputs: dict[str, agent_pb2.Message] = field(default_factory=dict)
+    # the START handler's context: the call runs in it on the pool thread, so whatever the server
+    # interceptor put in context for that call (the driver's trace context, once tracing lands) carries over
+    context: contextvars.Context | None = None
 
     def ready(self) -> bool:
         return self.start is not None and set(self.start.wait_for) <= set(self.outputs)
@@ -62,6 +66,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             inbox = self._inboxes.setdefault(key, _Inbox())
             if request.kind == Kind.START:
                 inbox.start = request
+                inbox.context = contextvars.copy_context()
             else:
                 inbox.outputs[request.source] = request
             if not inbox.ready():
@@ -70,7 +75,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             cancel, in_flight = self._runs.get(request.run_id, (RunCancel(), 0))
             self._runs[request.run_id] = (cancel, in_flight + 1)
             self._active += 1
-        self._pool.submit(self._call, inbox, cancel)
+        assert inbox.context is not None
+        self._pool.submit(inbox.context.run, self._call, inbox, cancel)
         return agent_pb2.Ack()
 
     def _call(self, inbox: _Inbox, cancel: RunCancel) -> None:
