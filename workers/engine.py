@@ -27,6 +27,7 @@ from .linear import WeightFormat
 from .llama import LlamaModel
 from .model_files import DEFAULT_MODEL, load_raw_model
 from .prefix_cache import PrefixCache, PrefixCacheConfig
+from .prompt_reuse import PromptReuse
 from .sampling import InvalidRequestError, SamplingParams, make_generator, sample
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from .sequence import RequestStats, Sequence, Status
@@ -120,8 +121,10 @@ class Engine:
         sampling: SamplingParams | None = None,
         request_id: str | None = None,
         role: str | None = None,
+        reuse: PromptReuse | None = None,
     ) -> str:
-        """Queue a request; `role` (an agent role) picks the suffix tree its outputs share for speculation."""
+        """Queue a request; `role` (an agent role) picks the suffix tree its outputs share for speculation;
+        `reuse` (from the reuse planner) splices precomputed KV into the prompt and sets hooks."""
         sampling = sampling or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         context = self.model.config.max_context
@@ -135,6 +138,8 @@ class Engine:
         vocab = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab}), got {min(prompt)}..{max(prompt)}")
+        if reuse is not None:
+            reuse.validate(len(prompt))
         request_id = request_id or f"req-{next(self._ids)}"
         if self.scheduler.find(request_id) is not None:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -147,6 +152,7 @@ class Engine:
             generator=make_generator(sampling),
             max_tokens=min(sampling.max_tokens, context - len(prompt)),
             role=role,
+            reuse=reuse or PromptReuse(),
         )
         seq.stats.prompt_tokens = len(prompt)
         self.scheduler.add(seq)
@@ -188,8 +194,11 @@ class Engine:
                 continue
             completes = chunk.completes_prompt  # (before num_computed moves)
             seq.num_computed += chunk.num_tokens
+            self._splice_if_due(seq)
             if not completes:
                 continue
+            if not seq.output_ids and seq.reuse.on_prefilled is not None:
+                seq.reuse.on_prefilled(seq.cache)  # the whole prompt's KV, before decoding appends to it
             token = sample(logits[row], seq.sampling, seq.generator)
             row += 1
             events.append(self._append_token(seq, token, now))
@@ -251,14 +260,25 @@ class Engine:
     def _admit(self, seq: Sequence) -> None:
         slot = self.kv_slots.acquire()  # (not `or`: an empty cache is falsy)
         seq.cache = slot if slot is not None else self.model.new_cache(capacity=len(seq.prompt_ids) + 64)
-        if self.prefix_cache is None:
+        if self.prefix_cache is not None and seq.reuse.use_prefix_cache:
+            # the last prompt token is always computed: its logits give the first output token; and the
+            # exact cache never serves past a splice point
+            limit = seq.reuse.splice_at if seq.reuse.splice_at is not None else len(seq.prompt_ids) - 1
+            match = self.prefix_cache.match(seq.prompt_ids, max_tokens=limit)
+            self.prefix_cache.load(match, seq.cache)
+            seq.prefix_match = match
+            seq.num_computed = match.num_tokens
+            seq.stats.prefix_hit_tokens = match.num_tokens
+        self._splice_if_due(seq)
+
+    def _splice_if_due(self, seq: Sequence) -> None:
+        """Append the planner's precomputed KV once the prompt before it is in the cache."""
+        if seq.num_computed != seq.reuse.splice_at or seq.reuse.splice_kv is None:
             return
-        # the last prompt token is always computed: its logits give the first output token
-        match = self.prefix_cache.match(seq.prompt_ids, max_tokens=len(seq.prompt_ids) - 1)
-        self.prefix_cache.load(match, seq.cache)
-        seq.prefix_match = match
-        seq.num_computed = match.num_tokens
-        seq.stats.prefix_hit_tokens = match.num_tokens
+        seq.cache.append(seq.reuse.splice_kv)
+        seq.num_computed += seq.reuse.splice_kv.length
+        seq.stats.reused_tokens = seq.reuse.splice_kv.length
+        seq.reuse.splice_kv = None  # done: free it, and never splice twice
 
     def _propose(self, chunks: list[ScheduledChunk]) -> dict[str, Draft]:
         """Drafts for this step's decoding requests (empty without speculation or where it does not pay)."""
@@ -348,9 +368,12 @@ class Engine:
         self.scheduler.remove(seq)
         if self.speculator is not None:
             self.speculator.finish(seq.request_id)
+        if seq.reuse.on_finished is not None and reason != "cancelled":
+            seq.reuse.on_finished(seq.cache, list(seq.output_ids))
         if self.prefix_cache is not None:
-            if seq.num_computed:
-                self.prefix_cache.insert(seq.all_ids[: seq.num_computed], seq.cache)
+            exact = seq.num_computed if seq.reuse.splice_at is None else min(seq.num_computed, seq.reuse.splice_at)
+            if exact:  # spliced KV is approximate: only what precedes it enters the exact cache
+                self.prefix_cache.insert(seq.all_ids[:exact], seq.cache)
             if seq.prefix_match is not None:
                 self.prefix_cache.release(seq.prefix_match)
         if isinstance(seq.cache, SlotKVCache):

@@ -58,14 +58,14 @@ class Scheduler:
         budget = self.config.max_batch_tokens - sum(c.num_tokens for c in chunks)
         for seq in self.running:
             if seq.in_prefill and budget > 0:
-                chunks.append(ScheduledChunk(seq, min(seq.num_pending, budget)))
+                chunks.append(ScheduledChunk(seq, min(seq.num_schedulable, budget)))
                 budget -= chunks[-1].num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.waiting.popleft()
             admit(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            chunks.append(ScheduledChunk(seq, min(seq.num_pending, budget)))
+            chunks.append(ScheduledChunk(seq, min(seq.num_schedulable, budget)))
             budget -= chunks[-1].num_tokens
         return chunks
 

@@ -10,6 +10,7 @@ import torch
 
 from kvmesh.kvcomm.kv_cache import KVCache
 
+from .prompt_reuse import PromptReuse
 from .sampling import SamplingParams
 from .text_stream import TextStream
 
@@ -26,6 +27,7 @@ class RequestStats:
 
     prompt_tokens: int = 0
     prefix_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    reused_tokens: int = 0  # prompt tokens whose KV was spliced in by the reuse planner (segments)
     output_tokens: int = 0
     drafted_tokens: int = 0  # speculative draft tokens verified
     accepted_tokens: int = 0  # of those, accepted (each saved one decode step)
@@ -50,6 +52,7 @@ class RequestStats:
         return {
             "prompt_tokens": self.prompt_tokens,
             "prefix_hit_tokens": self.prefix_hit_tokens,
+            "reused_tokens": self.reused_tokens,
             "output_tokens": self.output_tokens,
             "drafted_tokens": self.drafted_tokens,
             "accepted_tokens": self.accepted_tokens,
@@ -75,6 +78,14 @@ class Sequence:
     stats: RequestStats = field(default_factory=RequestStats)
     prefix_match: object | None = None  # the prefix-cache match pinned while the request runs
     role: str | None = None  # the agent role, which selects a suffix tree for speculation
+    reuse: PromptReuse = field(default_factory=PromptReuse)
+
+    @property
+    def num_schedulable(self) -> int:
+        """Pending tokens computable now: a prefill stops at a splice point until the splice is in."""
+        if self.reuse.splice_kv is not None and self.reuse.splice_at is not None:
+            return min(self.num_pending, self.reuse.splice_at - self.num_computed)
+        return self.num_pending
 
     @property
     def all_ids(self) -> list[int]:

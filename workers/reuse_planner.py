@@ -1,0 +1,226 @@
+"""The reuse planner: a prompt's parts in, an engine request out — token ids plus how to serve them.
+
+Modes (`reuse=` per call): `dense` (no reuse at all), `prefix` (exact prefix cache), `kvcomm` (prefix,
+then every segment's base KV corrected by its slot's anchors when the pool vouches for all of them,
+else a dense call whose real KV becomes new anchors), `auto` (the best available: today kvcomm).
+After every call the response is published as a segment (its KV from this decode, normalized), so a
+downstream agent's worker finds it. Anchor recording and publishing run on a background thread: the
+engine thread only copies the KV they need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from kvmesh.kvcomm.anchor_match import MatchConfig
+from kvmesh.kvcomm.kv_cache import KVCache
+from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, PromptSpan, assemble, mark_used, record
+from kvmesh.kvcomm.segment_id import segment_id
+from kvmesh.kvcomm.store import Store, StoredSegment, StoreUnavailable
+
+from .llama import LlamaModel
+from .prompt_reuse import PromptReuse
+from .segment_base import base_alone, base_from_decode
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+REUSE_MODES = ("auto", "dense", "prefix", "kvcomm")
+
+
+@dataclass(frozen=True)
+class PromptPiece:
+    text: str
+    segment_id: str | None = None  # None: literal template text
+    placeholder: str | None = None  # a segment's placeholder in the template (names its anchor slot)
+
+
+@dataclass
+class ReuseStats:
+    mode: str = "dense"  # what served the prompt: dense (no reuse), prefix (exact prefix cache + prefill), kvcomm
+    reused_tokens: int = 0  # prompt tokens whose KV came from segments and anchors
+    anchors_consulted: int = 0
+    preprocess_s: float = 0.0  # base KVs, matching and assembly, before the engine saw the request
+    reasons: dict[str, str] = field(default_factory=dict)  # why segments were not reused
+
+
+@dataclass
+class PlannedCall:
+    token_ids: list[int]
+    reuse: PromptReuse
+    stats: ReuseStats
+    layout: PromptLayout | None
+
+
+class ReusePlanner:
+    def __init__(
+        self, model: LlamaModel, tokenizer: Tokenizer, store: Store | None, config: MatchConfig | None = None
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.store = store
+        self.config = config or MatchConfig()
+        # the chat frame a query or tool output is prefilled behind (then dropped) for its base KV: the model's
+        # default one, so the segment is seen as message content, as it will be in real prompts
+        user_turn = tokenizer.render_chat([{"role": "user", "content": "\x00"}], add_generation_prompt=False)
+        self._user_header = tokenizer.encode(user_turn.split("\x00")[0])
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmesh-kvcomm")
+        self._pending: list[Future[None]] = []
+        self._warned = False
+
+    def plan(self, head: list[int], pieces: list[PromptPiece], tail: list[int], agent: str, mode: str) -> PlannedCall:
+        """head/tail: the chat frame's ids around the user message; pieces: the user message's parts."""
+        if mode not in REUSE_MODES:
+            raise ValueError(f"reuse mode {mode!r} is not one of {', '.join(REUSE_MODES)}")
+        started = time.perf_counter()
+        stats = ReuseStats(mode="dense" if mode == "dense" else "prefix")
+        reuse = PromptReuse(use_prefix_cache=mode != "dense")
+        ids, layout, segment_tokens, stored = self._layout(head, pieces, tail, agent)
+        reuse.on_finished = self._publisher(agent, len(ids))
+        if mode in ("kvcomm", "auto") and layout is not None and self.store is not None:
+            try:
+                bases = self._bases(segment_tokens, stored)
+                self._plan_kvcomm(layout, bases, reuse, stats)
+            except StoreUnavailable as exc:
+                self._warn_store(exc)
+                stats.reasons["store"] = str(exc)
+        stats.preprocess_s = time.perf_counter() - started
+        return PlannedCall(ids, reuse, stats, layout)
+
+    def drain(self) -> None:
+        """Wait for the background recording and publishing (tests and benchmarks call this)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        self._background.shutdown(wait=True)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _layout(
+        self, head: list[int], pieces: list[PromptPiece], tail: list[int], agent: str
+    ) -> tuple[list[int], PromptLayout | None, dict[str, list[int]], dict[str, StoredSegment]]:
+        """Token ids part by part, the spans, each segment's token ids, and the segments the store knows."""
+        template = hashlib.sha256(repr((head, tail, [p.text for p in pieces if p.segment_id is None])).encode())
+        slot_prefix = f"{agent}|{template.hexdigest()[:16]}|"
+        ids, spans = list(head), [PromptSpan(0, len(head))]
+        segment_tokens: dict[str, list[int]] = {}
+        stored: dict[str, StoredSegment] = {}
+        for piece in pieces:
+            piece_ids = self.tokenizer.encode(piece.text) if piece.text else []
+            if piece.segment_id is not None and self.store is not None:
+                found = self._get_segment(piece.segment_id)
+                if found is not None and self.tokenizer.decode(found.token_ids) == piece.text:
+                    piece_ids, stored[piece.segment_id] = found.token_ids, found  # the ids its KV belongs to
+            if not piece_ids:
+                continue
+            if piece.segment_id is not None:
+                segment_tokens[piece.segment_id] = piece_ids
+            slot = slot_prefix + (piece.placeholder or "") if piece.segment_id else None
+            spans.append(PromptSpan(len(ids), len(ids) + len(piece_ids), piece.segment_id, slot))
+            ids.extend(piece_ids)
+        spans.append(PromptSpan(len(ids), len(ids) + len(tail)))
+        ids.extend(tail)
+        layout = PromptLayout(_merge_texts(spans))
+        return ids, layout if layout.segments() else None, segment_tokens, stored
+
+    def _plan_kvcomm(
+        self, layout: PromptLayout, bases: dict[str, KVCache], reuse: PromptReuse, stats: ReuseStats
+    ) -> None:
+        assert self.store is not None
+        outcome = assemble(layout, bases, self.store, self.model.config.rope, self.config)
+        stats.anchors_consulted = outcome.anchors_consulted
+        if outcome.kv is not None:
+            reuse.splice_at, reuse.splice_kv = layout.reuse_start, outcome.kv
+            mark_used(self.store, layout, outcome)
+            stats.mode, stats.reused_tokens = "kvcomm", outcome.kv.length
+            return
+        stats.reasons.update(outcome.reasons)
+        unvouched = {s.segment_id for s in layout.segments() if s.segment_id in outcome.reasons}
+        reuse.on_prefilled = self._recorder(layout, bases, {i for i in unvouched if i is not None})
+
+    def _bases(
+        self, segment_tokens: dict[str, list[int]], stored: dict[str, StoredSegment]
+    ) -> dict[str, KVCache]:
+        """Each segment's base KV: stored (a response, or computed before), else prefilled alone now."""
+        assert self.store is not None
+        bases: dict[str, KVCache] = {}
+        for key, token_ids in segment_tokens.items():
+            if key in stored:
+                bases[key] = stored[key].kv
+                continue
+            bases[key] = base_alone(self.model, self._user_header, token_ids)
+            self.store.put_segment(key, StoredSegment(token_ids, bases[key]))
+        return bases
+
+    def _recorder(
+        self, layout: PromptLayout, bases: dict[str, KVCache], segment_ids: set[str]
+    ) -> Callable[[KVCache], None]:
+        store, rope, config = self.store, self.model.config.rope, self.config
+        assert store is not None
+
+        def on_prefilled(cache: KVCache) -> None:
+            real = cache.slice(0, layout.reuse_end)  # a copy: the engine goes on using its cache
+            self._submit(lambda: record(layout, real, bases, store, rope, config, segment_ids))
+
+        return on_prefilled
+
+    def _publisher(self, agent: str, prompt_length: int) -> Callable[[KVCache, list[int]], None]:
+        def on_finished(cache: KVCache, output_ids: list[int]) -> None:
+            if self.store is None:
+                return
+            tokens = [t for t in output_ids if t not in self.tokenizer.eos_token_ids]
+            have = min(cache.length - prompt_length, len(tokens))
+            if have <= 0:
+                return
+            kv = cache.slice(prompt_length, prompt_length + have)  # a copy, before the engine frees the slot
+            self._submit(lambda: self._publish(agent, tokens, kv, prompt_length))
+
+        return on_finished
+
+    def _publish(self, agent: str, tokens: list[int], kv: KVCache, start: int) -> None:
+        assert self.store is not None
+        text = self.tokenizer.decode(tokens)
+        kv.shift(-start, self.model.config.rope)
+        base = base_from_decode(self.model, kv, 0, tokens)
+        self.store.put_segment(segment_id(agent, text), StoredSegment(tokens, base))
+
+    def _submit(self, job: Callable[[], object]) -> None:
+        def run() -> None:
+            try:
+                job()
+            except StoreUnavailable as exc:
+                self._warn_store(exc)
+
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._background.submit(run))
+
+    def _get_segment(self, key: str) -> StoredSegment | None:
+        assert self.store is not None
+        try:
+            return self.store.get_segment(key)
+        except StoreUnavailable as exc:
+            self._warn_store(exc)
+            return None
+
+    def _warn_store(self, exc: Exception) -> None:
+        if not self._warned:
+            log.warning("KV store unavailable, serving calls with dense prefill: %s", exc)
+            self._warned = True
+
+
+def _merge_texts(spans: list[PromptSpan]) -> tuple[PromptSpan, ...]:
+    """Adjacent template-text spans become one (the anchors store one KV per text gap)."""
+    merged: list[PromptSpan] = []
+    for span in spans:
+        if span.end == span.start:
+            continue
+        if merged and not span.is_segment and not merged[-1].is_segment:
+            merged[-1] = PromptSpan(merged[-1].start, span.end)
+        else:
+            merged.append(span)
+    return tuple(merged)
