@@ -121,8 +121,11 @@ class AgentRunner:
             except grpc.RpcError as exc:
                 if cancel.cancelled:
                     raise Cancelled from exc
-                if exc.code() not in _MAYBE_DEAD or attempt == 2 or not self._restarted(route):
-                    raise CallFailed(describe_rpc_error(exc, f"worker {route.worker!r} at {route.address}")) from exc
+                failure = describe_rpc_error(exc, f"worker {route.worker!r} at {route.address}")
+                if exc.code() not in _MAYBE_DEAD or not self._restarted(route):  # raises if it died for good
+                    raise CallFailed(failure) from exc
+                if attempt == 2:
+                    raise CallFailed(f"{failure}; Ray restarted it and the retried call failed again") from exc
                 reason = f"worker {route.worker!r} failed ({exc.code().name}); Ray restarted it, retrying once"
                 log.warning("agent %s: %s", self.agent.name, reason)
                 self._to_driver(start, self._message(start, Kind.RETRY, text=reason))

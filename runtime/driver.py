@@ -87,6 +87,7 @@ class Session:
     # -- runs ------------------------------------------------------------------------------------------
     def run(self, pipeline: Pipeline, query: str, *, timeout_s: float | None = None) -> PipelineResult:
         """Run to the end: the outputs, the history, and a record per agent call (see PipelineResult)."""
+        _check_arguments(pipeline, query)
         for event in self._drive(pipeline, query, stream=False, timeout_s=timeout_s):
             if isinstance(event, RunFinished):
                 return event.result
@@ -94,13 +95,10 @@ class Session:
 
     def stream(self, pipeline: Pipeline, query: str, *, timeout_s: float | None = None) -> Iterator[StreamEvent]:
         """Events as they happen: PhaseStarted, Token, Retried, AgentFinished, and last RunFinished."""
+        _check_arguments(pipeline, query)
         return self._drive(pipeline, query, stream=True, timeout_s=timeout_s)
 
     def _drive(self, pipeline: Pipeline, query: str, stream: bool, timeout_s: float | None) -> Iterator[StreamEvent]:
-        if not isinstance(pipeline, Pipeline):
-            raise TypeError(f"expected a kvmesh Pipeline, got {type(pipeline).__name__}")
-        if not isinstance(query, str):
-            raise TypeError(f"the query must be a str, got {type(query).__name__}")
         group = self._agents_for(pipeline)
         spec = RunSpec(pipeline, query, group.addresses, self.sink.address, stream=stream, timeout_s=timeout_s)
         try:
@@ -202,6 +200,13 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_arguments(pipeline: object, query: object) -> None:
+    if not isinstance(pipeline, Pipeline):
+        raise TypeError(f"expected a kvmesh Pipeline, got {type(pipeline).__name__}")
+    if not isinstance(query, str):
+        raise TypeError(f"the query must be a str, got {type(query).__name__}")
 
 
 def _kill(handles: list[Any]) -> None:
