@@ -10,6 +10,8 @@ run and stay until the pipeline object is garbage-collected, `release(pipeline)`
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
 import uuid
 import weakref
@@ -88,9 +90,10 @@ class Session:
     def run(self, pipeline: Pipeline, query: str, *, timeout_s: float | None = None) -> PipelineResult:
         """Run to the end: the outputs, the history, and a record per agent call (see PipelineResult)."""
         _check_arguments(pipeline, query)
-        for event in self._drive(pipeline, query, stream=False, timeout_s=timeout_s):
-            if isinstance(event, RunFinished):
-                return event.result
+        with self.ctrl_c_cancels():
+            for event in self._drive(pipeline, query, stream=False, timeout_s=timeout_s):
+                if isinstance(event, RunFinished):
+                    return event.result
         raise AssertionError("a run always ends with RunFinished or an error")
 
     def stream(self, pipeline: Pipeline, query: str, *, timeout_s: float | None = None) -> Iterator[StreamEvent]:
@@ -171,6 +174,30 @@ class Session:
     def agent_actors(self, pipeline: Pipeline) -> dict[str, Any]:
         """The pipeline's agent actor handles by agent name (started if they are not yet)."""
         return dict(self._agents_for(pipeline).handles)
+
+    def interrupt(self) -> None:
+        """Cancel the runs in progress: each raises KeyboardInterrupt in its caller (its agents get CANCEL and
+        are released). Callable from a signal handler or another thread."""
+        self.sink.interrupt()
+
+    @contextlib.contextmanager
+    def ctrl_c_cancels(self) -> Iterator[None]:
+        """Within: the first Ctrl-C calls interrupt() (a clean cancel), a second one interrupts at once.
+        Only in the main thread; elsewhere, and for a custom SIGINT handler already set, nothing changes."""
+        main = threading.current_thread() is threading.main_thread()
+        if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
+            return
+
+        def on_sigint(signum: int, frame: object) -> None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.interrupt()
+
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def release(self, pipeline: Pipeline) -> None:
         """Stop a pipeline's agent actors now (they also stop when the pipeline is garbage-collected)."""

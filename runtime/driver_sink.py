@@ -11,6 +11,9 @@ from kvmesh.v1 import agent_pb2, agent_pb2_grpc
 
 from .wire import DRIVER
 
+# put in a run's queue by interrupt(): the run loop raises KeyboardInterrupt when it takes it out
+INTERRUPT = agent_pb2.Message(kind=agent_pb2.Message.CANCEL, source="interrupt")
+
 
 class DriverSink(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self) -> None:
@@ -27,6 +30,14 @@ class DriverSink(agent_pb2_grpc.AgentServiceServicer):
     def close(self, run_id: str) -> None:
         with self._lock:
             self._runs.pop(run_id, None)
+
+    def interrupt(self) -> None:
+        """Make every run in progress stop with KeyboardInterrupt at its next message. Safe in a signal handler:
+        it only puts into queues (raising there could be swallowed by whatever code the signal interrupted)."""
+        with self._lock:
+            inboxes = list(self._runs.values())
+        for inbox in inboxes:
+            inbox.put(INTERRUPT)
 
     def Deliver(self, request: agent_pb2.Message, context: grpc.ServicerContext) -> agent_pb2.Ack:
         with self._lock:

@@ -44,7 +44,8 @@ def run_pipeline(pipeline: Pipeline, query: str, args: argparse.Namespace, demo:
         where = "embedded local Ray" if session.cluster.embedded else f"Ray at {session.cluster.address}"
         print(f"kvmesh: {where}, ready in {ready:.1f} s; running {pipeline.name!r}", file=sys.stderr, flush=True)
         progress = Progress(sys.stderr, show_tokens=args.tokens)
-        result = progress.follow(session.stream(pipeline, query, timeout_s=args.timeout))
+        with session.ctrl_c_cancels():
+            result = progress.follow(session.stream(pipeline, query, timeout_s=args.timeout))
     _print_result(pipeline, query, result, demo)
     print(f"\nstart-up {ready:.1f} s, run {result.wall_s:.1f} s, total {time.perf_counter() - started:.1f} s")
     if args.json_path:

@@ -21,7 +21,7 @@ import grpc
 from kvmesh.agents import Phase, Pipeline, RunState
 from kvmesh.v1 import agent_pb2, agent_pb2_grpc
 
-from .driver_sink import DriverSink
+from .driver_sink import INTERRUPT, DriverSink
 from .errors import AgentDiedError, AgentError, RunTimedOut, RuntimeFailure
 from .events import AgentFinished, PhaseStarted, Retried, RunFinished, StreamEvent, Token
 from .grpc_client import Channels, describe_rpc_error
@@ -67,6 +67,8 @@ def drive(spec: RunSpec, sink: DriverSink, channels: Channels) -> Iterator[Strea
             pending = set(names)
             while pending:
                 msg = _next(spec, channels, inbox, pending, deadline)
+                if msg is INTERRUPT:
+                    raise KeyboardInterrupt
                 agent = msg.source
                 if msg.kind == Kind.TOKEN:
                     yield Token(agent, phase_of(msg), msg.text)

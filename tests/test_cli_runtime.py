@@ -95,7 +95,7 @@ def test_ctrl_c_cancels_the_run_and_releases_its_actors(ray_cluster):
     during = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)} - before
     assert any(name.endswith("-pro") for name in during), during
     process.send_signal(signal.SIGINT)
-    assert process.wait(60) == 130
+    assert process.wait(60) == 130, "".join(lines)
     time.sleep(0.5)
     assert "interrupted: the run was cancelled" in "".join(lines)
     after = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}

@@ -4,6 +4,7 @@ the same prompts, streaming, errors that name the agent and the cause, the worke
 from __future__ import annotations
 
 import os
+import time
 
 import grpc
 import pytest
@@ -198,3 +199,24 @@ def test_the_workers_server_wants_the_token_and_speaks_health_and_reflection(run
         assert WORKER_SERVICE in ProtoReflectionDescriptorDatabase(channel).get_services()
         stats = worker_pb2_grpc.WorkerServiceStub(channel).Stats(worker_pb2.StatsRequest())
     assert stats.model == "smollm2" and stats.address == worker.address and stats.running == 0
+
+
+def test_an_interrupt_cancels_the_run_stops_its_llm_call_and_releases_its_agents(runtime_session):
+    pipeline = Pipeline("interrupted", [Agent("writer", "Write a long essay about {query}.", max_tokens=200)])
+    actors = runtime_session.agent_actors(pipeline)
+    stream = runtime_session.stream(pipeline, "the history of bridges")
+    with pytest.raises(KeyboardInterrupt):
+        for event in stream:
+            if isinstance(event, Token):
+                runtime_session.interrupt()  # what Ctrl-C does (Session.ctrl_c_cancels)
+    assert runtime_session.agent_actors(pipeline) != actors  # released; a new run gets fresh ones
+    (worker,) = ray.get(runtime_session.registry.workers.remote())
+    from kvmesh.runtime.grpc_client import open_channel
+
+    with open_channel(worker.address, runtime_session.config) as channel:
+        for _ in range(50):  # the cancel reaches the engine a moment later
+            stats = worker_pb2_grpc.WorkerServiceStub(channel).Stats(worker_pb2.StatsRequest())
+            if stats.running == stats.waiting == 0:
+                break
+            time.sleep(0.1)
+    assert stats.running == 0 and stats.waiting == 0  # the 200-token call stopped well before its end
