@@ -29,7 +29,8 @@ class MatchConfig:
     entropy_gamma: float = 0.5  # certain: the anchor weights' entropy <= gamma * log2(#anchors) ...
     max_spread: float = 0.5  # ... or the anchors' predicted deviations agree within this (normalized)
     max_distance: float = 0.5  # reuse only if the nearest anchor is at most this far (normalized)
-    min_anchors: int = 2  # anchors that must cover the segment's length
+    min_anchors: int = 2  # anchors in the slot before it may vouch for anything
+    max_uncovered: float = 0.1  # share of a segment's last tokens that may lie past every anchor (uncorrected)
     signature_stride: int = 6  # compare every n-th layer's KV (from layer 1): cheaper, as discriminative
 
     def __post_init__(self) -> None:
@@ -41,6 +42,8 @@ class MatchConfig:
             raise ValueError(f"max_distance must be positive, got {self.max_distance}")
         if self.min_anchors < 1 or self.signature_stride < 1:
             raise ValueError("min_anchors and signature_stride must be >= 1")
+        if not 0 <= self.max_uncovered < 1:
+            raise ValueError(f"max_uncovered must be in [0, 1), got {self.max_uncovered}")
 
     def signature_layers(self, num_layers: int) -> list[int]:
         return list(range(1, num_layers, self.signature_stride))
@@ -65,66 +68,97 @@ def signature_of(base: KVCache, config: MatchConfig) -> KVCache:
 
 
 def match(signature: KVCache, anchors: Sequence[Anchor], config: MatchConfig) -> Match:
-    """Decide whether the slot's anchors can vouch for a segment with this signature."""
+    """Decide whether the slot's anchors can vouch for a segment with this signature.
+
+    Anchors may be shorter than the segment: each token is weighed over the anchors that reach it, and
+    a short tail past every anchor (`max_uncovered`) stays uncorrected. The reference demands that every
+    candidate cover the whole segment, which keeps refusing segments longer than most earlier ones: and
+    every text's length differs.
+    """
     tokens = signature.length
-    candidates = [a for a in anchors if a.num_tokens >= tokens]
-    if len(candidates) < config.min_anchors:
-        return Match(False, f"{len(candidates)} anchors cover {tokens} tokens (need {config.min_anchors})", candidates)
+    longest = max((a.num_tokens for a in anchors), default=0)
+    needed = math.ceil(tokens * (1 - config.max_uncovered))
+    if len(anchors) < config.min_anchors or longest < needed:
+        return Match(
+            False,
+            f"{len(anchors)} anchors, longest {longest} tokens: need {config.min_anchors}, one covering {needed}",
+            list(anchors),
+        )
     x_k, x_v = signature.keys[:, :, :tokens], signature.values[:, :, :tokens]  # [S, H, T, D]
     scale = 0.5 * (x_k.abs().mean() + x_v.abs().mean())
-    per_token = torch.stack(
-        [
-            (x_k - a.signature.keys[:, :, :tokens]).abs().mean((0, 1, 3))
-            + (x_v - a.signature.values[:, :, :tokens]).abs().mean((0, 1, 3))
-            for a in candidates
-        ]
-    ) / (2 * scale)  # [A, T]
-    whole = per_token.mean(dim=1)  # [A]
+    per_token = torch.full((len(anchors), tokens), math.inf)  # [A, T]; inf where an anchor ends early
+    for row, anchor in enumerate(anchors):
+        n = min(tokens, anchor.num_tokens)
+        per_token[row, :n] = (
+            (x_k[:, :, :n] - anchor.signature.keys[:, :, :n]).abs().mean((0, 1, 3))
+            + (x_v[:, :, :n] - anchor.signature.values[:, :, :n]).abs().mean((0, 1, 3))
+        ) / (2 * scale)
+    covered = per_token.isfinite()
+    whole = torch.where(covered, per_token, 0.0).sum(1) / covered.sum(1)  # [A] mean over the tokens it reaches
     anchor_weights = torch.softmax(-whole / config.temperature, dim=0)
+    token_weights = torch.softmax(-per_token / config.temperature, dim=0)  # exp(-inf) = 0 past an anchor's end
+    token_weights = torch.nan_to_num(token_weights)  # the uncovered tail: no anchor, no correction
     entropy = float(-(anchor_weights * torch.log2(anchor_weights.clamp_min(1e-30))).sum())
     result = Match(
         True,
         "",
-        candidates,
-        token_weights=torch.softmax(-per_token / config.temperature, dim=0),
+        list(anchors),
+        token_weights=token_weights,
         anchor_weights=anchor_weights,
         entropy_bits=entropy,
         nearest=float(whole.min()),
     )
     if result.nearest > config.max_distance:
         result.reusable, result.reason = False, f"nearest anchor is {result.nearest:.2f} away (> {config.max_distance})"
-    elif entropy > config.entropy_gamma * math.log2(len(candidates)):
-        result.spread = _spread(candidates, anchor_weights, tokens, config)
+    elif entropy > config.entropy_gamma * math.log2(len(anchors)):
+        result.spread = _spread(list(anchors), token_weights, config)
         if result.spread > config.max_spread:
             result.reusable = False
             result.reason = (
-                f"uncertain match: entropy {entropy:.2f} bits over {len(candidates)} anchors whose deviations "
+                f"uncertain match: entropy {entropy:.2f} bits over {len(anchors)} anchors whose deviations "
                 f"disagree by {result.spread:.2f}"
             )
     return result
 
 
-def _spread(anchors: Sequence[Anchor], weights: torch.Tensor, tokens: int, config: MatchConfig) -> float:
-    """How much the anchors' deviations differ, weighted: mean |delta_a - mean delta| / mean |mean delta|."""
+def _spread(anchors: Sequence[Anchor], token_weights: torch.Tensor, config: MatchConfig) -> float:
+    """How much the correction's anchors disagree where it takes them: with the per-token weights actually
+    used, mean_t sum_a w_a(t) |delta_a(t) - mean(t)| / mean |mean(t)|, on the signature layers."""
     layers = config.signature_layers(anchors[0].delta.num_layers)
-    deltas = torch.stack(
-        [torch.cat([a.delta.keys[layers, :, :tokens], a.delta.values[layers, :, :tokens]]) for a in anchors]
-    )  # [A, 2S, H, T, D]
-    w = weights.to(deltas.dtype)[:, None, None, None, None]
-    mean = (w * deltas).sum(0)
-    return float((w * (deltas - mean).abs()).sum(0).mean() / mean.abs().mean().clamp_min(1e-12))
+    tokens = token_weights.shape[1]
+
+    def delta(anchor: Anchor, n: int) -> torch.Tensor:  # [2S, H, n, D]
+        return torch.cat([anchor.delta.keys[layers, :, :n], anchor.delta.values[layers, :, :n]])
+
+    sample = delta(anchors[0], 0)
+    mean = sample.new_zeros(sample.shape[0], sample.shape[1], tokens, sample.shape[3])  # [2S, H, T, D]
+    for anchor, weights in zip(anchors, token_weights, strict=True):
+        n = min(tokens, anchor.num_tokens)
+        mean[:, :, :n] += weights[:n, None] * delta(anchor, n)
+    spread = 0.0
+    for anchor, weights in zip(anchors, token_weights, strict=True):
+        n = min(tokens, anchor.num_tokens)
+        spread += float((weights[:n, None] * (delta(anchor, n) - mean[:, :, :n]).abs()).sum())
+    return spread / mean.numel() / float(mean.abs().mean().clamp_min(1e-12))
 
 
-def corrected(base: KVCache, found: Match) -> KVCache:
-    """base + per-token weighted anchor deviations; layer 0 stays as it is (it depends on nothing before)."""
+def corrected(base: KVCache, found: Match, min_weight: float = 1e-3) -> KVCache:
+    """base + per-token weighted anchor deviations; layer 0 stays as it is (it depends on nothing before).
+
+    Accumulates anchor by anchor (no [A, L, H, T, D] stack: that is ~0.5 GB for 8 anchors of 3K tokens),
+    skipping anchors whose weight is negligible at every token.
+    """
     assert found.reusable and found.token_weights is not None
     tokens = base.length
     out = base.clone()
-    weights = found.token_weights.to(base.dtype)[:, None, None, :, None]  # [A, 1, 1, T, 1]
-    delta_k = torch.stack([a.delta.keys[1:, :, :tokens] for a in found.anchors])  # [A, L-1, H, T, D]
-    delta_v = torch.stack([a.delta.values[1:, :, :tokens] for a in found.anchors])
-    out.keys[1:, :, :tokens] += (weights * delta_k).sum(0)
-    out.values[1:, :, :tokens] += (weights * delta_v).sum(0)
+    keys, values = out.keys[1:, :, :tokens], out.values[1:, :, :tokens]  # [L-1, H, T, D] views
+    for anchor, weights in zip(found.anchors, found.token_weights.to(base.dtype), strict=True):
+        if float(weights.max()) < min_weight:
+            continue
+        n = min(tokens, anchor.num_tokens)  # its weights are 0 past its end
+        w = weights[None, None, :n, None]  # [1, 1, n, 1]
+        keys[:, :, :n].add_(w * anchor.delta.keys[1:, :, :n])
+        values[:, :, :n].add_(w * anchor.delta.values[1:, :, :n])
     return out
 
 

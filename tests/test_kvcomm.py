@@ -110,7 +110,7 @@ def test_reused_kv_tracks_dense_far_better_than_naive_reuse(model, tokenizer, tr
 def test_without_anchors_or_fitting_ones_the_call_is_dense_and_says_why(model, tokenizer, trained):
     prompt = Prompt(tokenizer, 9)
     outcome = assemble(prompt.layout, prompt.bases(model), MemoryStore(), model.config.rope, MatchConfig())
-    assert outcome.kv is None and "0 anchors cover" in outcome.reasons["query:9"]
+    assert outcome.kv is None and "0 anchors, longest 0 tokens" in outcome.reasons["query:9"]
     store, _ = trained
     unlike = prompt.bases(model)
     code = tokenizer.encode("x = [y ** 2 for y in z]")  # shorter than the anchors' 15 tokens: coverage is fine

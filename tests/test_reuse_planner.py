@@ -93,7 +93,7 @@ def test_anchors_learned_from_dense_calls_serve_later_calls_close_to_dense(model
     agents = TwoAgents(model, tokenizer, MemoryStore(), MatchConfig(max_distance=5.0, entropy_gamma=1.0))
     first = [agents.pipeline(c, "kvcomm")[1].stats for c in COUNTRIES[:4]]
     # no anchors yet: served by the prefix cache and prefill, and the real KV recorded as anchors
-    assert [s.mode for s in first[:2]] == ["prefix", "prefix"] and "0 anchors cover" in str(first[0].reasons)
+    assert [s.mode for s in first[:2]] == ["prefix", "prefix"] and "0 anchors, longest 0" in str(first[0].reasons)
     served = agents.pipeline(COUNTRIES[6], "kvcomm")
     dense = TwoAgents(model, tokenizer, MemoryStore()).pipeline(COUNTRIES[6], "dense")
     text, planned, stats = served

@@ -2,7 +2,9 @@
 
 Modes (`reuse=` per call): `dense` (no reuse at all), `prefix` (exact prefix cache), `kvcomm` (prefix,
 then every segment's base KV corrected by its slot's anchors when the pool vouches for all of them,
-else a dense call whose real KV becomes new anchors), `auto` (the best available: today kvcomm).
+else a dense call whose real KV becomes new anchors), `auto` (the best available: today kvcomm), and
+`naive` (every piece's base KV moved into place uncorrected: the baseline KVCOMM is measured against,
+for benchmarks; never a good idea in production).
 After every call the response is published as a segment (its KV from this decode, normalized), so a
 downstream agent's worker finds it. Anchor recording and publishing run on a background thread: the
 engine thread only copies the KV they need.
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 from kvmesh.kvcomm.anchor_match import MatchConfig
 from kvmesh.kvcomm.kv_cache import KVCache
-from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, PromptSpan, assemble, mark_used, record
+from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, PromptSpan, assemble, mark_used, naive, record
 from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.kvcomm.store import Store, StoredSegment, StoreUnavailable
 
@@ -29,7 +31,7 @@ from .segment_base import base_alone, base_from_decode
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-REUSE_MODES = ("auto", "dense", "prefix", "kvcomm")
+REUSE_MODES = ("auto", "dense", "prefix", "kvcomm", "naive")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class ReuseStats:
     anchors_consulted: int = 0
     preprocess_s: float = 0.0  # base KVs, matching and assembly, before the engine saw the request
     reasons: dict[str, str] = field(default_factory=dict)  # why segments were not reused
+    # per segment: (nearest anchor distance, weight entropy in bits, deviation spread) where matched
+    matches: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,10 +85,13 @@ class ReusePlanner:
         reuse = PromptReuse(use_prefix_cache=mode != "dense")
         ids, layout, segment_tokens, stored = self._layout(head, pieces, tail, agent)
         reuse.on_finished = self._publisher(agent, len(ids))
-        if mode in ("kvcomm", "auto") and layout is not None and self.store is not None:
+        if mode in ("kvcomm", "auto", "naive") and layout is not None and self.store is not None:
             try:
                 bases = self._bases(segment_tokens, stored)
-                self._plan_kvcomm(layout, bases, reuse, stats)
+                if mode == "naive":
+                    self._plan_naive(layout, ids, bases, reuse, stats)
+                else:
+                    self._plan_kvcomm(layout, bases, reuse, stats)
             except StoreUnavailable as exc:
                 self._warn_store(exc)
                 stats.reasons["store"] = str(exc)
@@ -134,6 +141,7 @@ class ReusePlanner:
         assert self.store is not None
         outcome = assemble(layout, bases, self.store, self.model.config.rope, self.config)
         stats.anchors_consulted = outcome.anchors_consulted
+        stats.matches = {key: (m.nearest, m.entropy_bits, m.spread) for key, m in outcome.matches.items()}
         if outcome.kv is not None:
             reuse.splice_at, reuse.splice_kv = layout.reuse_start, outcome.kv
             mark_used(self.store, layout, outcome)
@@ -143,6 +151,20 @@ class ReusePlanner:
         unvouched = {s.segment_id for s in layout.segments() if s.segment_id in outcome.reasons}
         reuse.on_prefilled = self._recorder(layout, bases, {i for i in unvouched if i is not None})
 
+    def _plan_naive(
+        self, layout: PromptLayout, ids: list[int], bases: dict[str, KVCache], reuse: PromptReuse, stats: ReuseStats
+    ) -> None:
+        texts: dict[int, KVCache] = {}
+        for span in layout.spans:
+            if span.is_segment or not layout.reuse_start < span.start < layout.reuse_end:
+                continue
+            text_ids = ids[span.start : span.end]
+            key = segment_id("template-text", repr(text_ids))
+            texts[span.start] = self._bases({key: text_ids}, {})[key]  # the template text's KV alone
+        kv = naive(layout, bases, texts, self.model.config.rope)
+        reuse.splice_at, reuse.splice_kv = layout.reuse_start, kv
+        stats.mode, stats.reused_tokens = "naive", kv.length
+
     def _bases(
         self, segment_tokens: dict[str, list[int]], stored: dict[str, StoredSegment]
     ) -> dict[str, KVCache]:
@@ -150,8 +172,9 @@ class ReusePlanner:
         assert self.store is not None
         bases: dict[str, KVCache] = {}
         for key, token_ids in segment_tokens.items():
-            if key in stored:
-                bases[key] = stored[key].kv
+            found = stored.get(key) or self._get_segment(key)
+            if found is not None and found.token_ids == token_ids:
+                bases[key] = found.kv
                 continue
             bases[key] = base_alone(self.model, self._user_header, token_ids)
             self.store.put_segment(key, StoredSegment(token_ids, bases[key]))
@@ -178,11 +201,13 @@ class ReusePlanner:
             if have <= 0:
                 return
             kv = cache.slice(prompt_length, prompt_length + have)  # a copy, before the engine frees the slot
-            self._submit(lambda: self._publish(agent, tokens, kv, prompt_length))
+            self._submit(lambda: self.publish(agent, tokens, kv, prompt_length))
 
         return on_finished
 
-    def _publish(self, agent: str, tokens: list[int], kv: KVCache, start: int) -> None:
+    def publish(self, agent: str, tokens: list[int], kv: KVCache, start: int) -> None:
+        """Store an agent's response as a segment: `kv` holds its tokens' KV at positions start.. of its prompt
+        (the last token's may be missing; it is computed). Blocking; the engine path calls it in the background."""
         assert self.store is not None
         text = self.tokenizer.decode(tokens)
         kv.shift(-start, self.model.config.rope)

@@ -1,0 +1,75 @@
+"""The worker side of kvmesh in one process (engine + reuse planner + chat framing), for benchmarks that
+must measure the serving path itself without Ray and gRPC around it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmesh.kvcomm.kv_cache import KVCache
+from kvmesh.runtime.prompt_ids import ChatFramer
+from kvmesh.workers.engine import Engine
+from kvmesh.workers.reuse_planner import PromptPiece, ReusePlanner, ReuseStats
+from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.sequence import RequestStats
+
+
+@dataclass
+class CallResult:
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    ttft_s: float  # planning (base KVs, matching, assembly) + the engine's time to first token
+    reuse: ReuseStats
+    engine: RequestStats
+    prompt_kv: KVCache | None  # the prompt's KV as the engine had it when the prompt was done (if captured)
+
+
+class InProcessWorker:
+    def __init__(self, engine: Engine, planner: ReusePlanner) -> None:
+        self.engine = engine
+        self.planner = planner
+        self.framer = ChatFramer(engine.tokenizer)
+
+    def call(
+        self,
+        agent: str,
+        system: str | None,
+        pieces: list[PromptPiece],
+        mode: str,
+        sampling: SamplingParams,
+        capture: bool = False,
+    ) -> CallResult:
+        head, tail = self.framer.frame(system)
+        planned = self.planner.plan(head, pieces, tail, agent, mode)
+        captured: list[KVCache] = []
+        if capture:
+            inner = planned.reuse.on_prefilled
+
+            def on_prefilled(cache: KVCache) -> None:
+                captured.append(cache.slice(0))
+                if inner is not None:
+                    inner(cache)
+
+            planned.reuse.on_prefilled = on_prefilled
+        request = self.engine.add_request(planned.token_ids, sampling, role=agent, reuse=planned.reuse)
+        tokens: list[int] = []
+        pieces_out: list[str] = []
+        while True:
+            for event in self.engine.step():
+                if event.request_id != request:
+                    continue
+                if event.token_id is not None:
+                    tokens.append(event.token_id)
+                pieces_out.append(event.text)
+                if event.finished:
+                    self.planner.drain()  # anchors and segments are in the store before the next call
+                    stats = event.stats or RequestStats()
+                    return CallResult(
+                        text="".join(pieces_out),
+                        token_ids=tokens,
+                        prompt_ids=planned.token_ids,
+                        ttft_s=planned.stats.preprocess_s + (stats.ttft_s or 0.0),
+                        reuse=planned.stats,
+                        engine=stats,
+                        prompt_kv=captured[0] if captured else None,
+                    )
