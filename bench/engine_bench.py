@@ -341,7 +341,8 @@ def bench_engine_batch(setup: Setup, plan: Plan) -> Json:
     decode step of all N requests.
     """
     model, n, context = setup.model, plan.batch_size, plan.batch_context
-    engine = Engine(model, setup.raw.tokenizer, EngineConfig(prefix_cache=None))  # no reuse between prompts
+    # plain decoding (speculation has its own bench), no reuse between prompts
+    engine = Engine(model, setup.raw.tokenizer, EngineConfig(prefix_cache=None, speculation=None))
     # The first request starts decoding while the others still prefill in chunks: it must keep going
     # through all of their prefill steps and then `batch_steps` more, or no step has all N decoding.
     prefill_steps = -(-n * context // engine.config.scheduler.max_batch_tokens) + 2
@@ -480,7 +481,7 @@ def _hf_generate_s(hf: Any, ids: torch.Tensor, new_tokens: int) -> float:
 
 def _engine_decode_ms(setup: Setup, ids: torch.Tensor, new_tokens: int) -> float:
     """ms/token of one request's decode phase through Engine.generate (sampling and bookkeeping included)."""
-    engine = Engine(setup.model, setup.raw.tokenizer, EngineConfig(prefix_cache=None))
+    engine = Engine(setup.model, setup.raw.tokenizer, EngineConfig(prefix_cache=None, speculation=None))
     sampling = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     rate = engine.generate([ids.tolist()], sampling)[0].stats.decode_tok_s
     assert rate is not None, "a decode of two or more tokens has a rate"

@@ -100,6 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
     engine_bench.add_argument("--quick", action="store_true", help="short lengths, for smoke tests")
     _add_model_options(engine_bench)
     engine_bench.set_defaults(handler=_bench_engine)
+
+    suffix_bench = bench_kinds.add_parser("suffix", help="SuffixDecoding speculation on agent-loop workloads")
+    suffix_bench.add_argument("--workload", dest="workloads", action="append", default=[],
+                              help="a workload JSON file (repeatable; default: the shipped ones)")
+    suffix_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    suffix_bench.add_argument("--quick", action="store_true", help="one short session per workload, for smoke tests")
+    suffix_bench.add_argument("--spec-factor", type=float, default=None, help="draft tokens per matched token")
+    suffix_bench.add_argument("--max-spec-tokens", type=int, default=None, help="draft size cap")
+    suffix_bench.add_argument("--chain", action="store_true", help="chain drafts instead of trees")
+    suffix_bench.add_argument("--no-adaptive", action="store_true", help="verify every draft whole (no cost model)")
+    _add_model_options(suffix_bench)
+    suffix_bench.set_defaults(handler=_bench_suffix)
+
+    kvcomm_bench = bench_kinds.add_parser("kvcomm", help="KVCOMM beside dense, prefix-only and naive reuse")
+    kvcomm_bench.add_argument(
+        "--workload", default=None, help="workload file (default: bench/workloads/kvcomm/default.json)"
+    )
+    kvcomm_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    kvcomm_bench.add_argument("--quick", action="store_true", help="a small TTFT setting and 4 task items")
+    kvcomm_bench.add_argument("--store", choices=("redis", "memory"), default="redis", help="where anchors live")
+    _add_model_options(kvcomm_bench)
+    kvcomm_bench.set_defaults(handler=_bench_kvcomm)
     return parser
 
 
@@ -122,6 +144,23 @@ def _demo(args: argparse.Namespace) -> int:
     max_tokens = args.max_tokens or int(os.environ.get("KVMESH_DEMO_MAX_TOKENS", DEMO_MAX_TOKENS))
     args.max_tokens = None  # already applied
     return run_pipeline(demo_pipeline(max_tokens), args.query or DEMO_QUERY, args, demo=True)
+
+
+def _bench_kvcomm(args: argparse.Namespace) -> int:
+    from kvmesh.bench.kvcomm_bench import run_kvcomm_bench
+
+    return run_kvcomm_bench(args)
+
+
+def _bench_suffix(args: argparse.Namespace) -> int:
+    from kvmesh.bench.suffix_bench import run_suffix_bench
+    from kvmesh.bench.workload import WorkloadError
+
+    try:
+        return run_suffix_bench(args)
+    except WorkloadError as exc:
+        print(f"kvmesh: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

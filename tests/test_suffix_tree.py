@@ -98,7 +98,7 @@ def test_tree_drafts_keep_likely_siblings_and_drop_rare_ones():
 
 
 def test_global_trees_share_outputs_by_role_and_across_roles():
-    cache = SuffixCache(SuffixCacheConfig(max_depth=16, global_tokens=1000))
+    cache = SuffixCache(SuffixCacheConfig(max_depth=16, spec_factor=1, global_tokens=1000))
     skeleton = [50, 51, 52, 53, 54, 55, 56, 57]
     cache.start("a", [1, 2, 3], role="sql")
     cache.extend("a", [40, 41, *skeleton])

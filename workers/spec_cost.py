@@ -3,7 +3,9 @@
 A decode-only forward of N rows costs t(N) ~ a + b*N: a is streaming the weights once (the floor of any
 step), b the extra work per row. On this CPU b/a is ~0.045 (a 17-row verify costs ~1.6 decode steps);
 on a GPU it is far smaller. The model starts from that ratio, scaled by the first measured step, and is
-then fit online, by exponentially decayed least squares, to the steps the engine actually runs.
+then fit online, by exponentially decayed least squares, to the steps the engine actually runs. On a
+shared machine a step can stall for another process, so each observation is clipped to a few times the
+prediction and the slope ratio is bounded: a burst of stalls must not switch speculation off for good.
 
 Planning a step: every candidate draft node carries the probability that it will be accepted (its path
 probability in the suffix tree, times the request's recent calibration). Taking nodes best first, one
@@ -18,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 PRIOR_ROW_RATIO = 0.045  # b / a measured on the 2-core dev machine (bench/NOTES.md)
+MAX_ROW_RATIO = 0.25  # a 17-row forward at most ~5 one-row steps, however noisy the measurements
+OUTLIER = 3.0  # an observation above this multiple of the prediction counts as this multiple
 
 
 class StepCostModel:
@@ -42,6 +46,8 @@ class StepCostModel:
             a = seconds / (1 + self.prior_ratio * rows)
             for x in (1, 17):
                 self._add(x, a * (1 + self.prior_ratio * x), self.prior_weight)
+        else:
+            seconds = min(seconds, OUTLIER * self.predict(rows))
         self.observations += 1
         self._sums = [s * self.decay for s in self._sums]
         self._add(rows, seconds, 1.0)
@@ -60,7 +66,7 @@ class StepCostModel:
             return
         b = (sxy * w - sx * sy) / var
         a = (sy - b * sx) / w
-        if a <= 0 or b < 0:  # noise can tilt the line; fall back to the ratio through the mean
+        if a <= 0 or b < 0 or b > MAX_ROW_RATIO * a:  # noise tilted the line: the prior ratio through the mean
             a = sy / (w + self.prior_ratio * sx)
             b = self.prior_ratio * a
         self.a, self.b = a, b

@@ -31,9 +31,12 @@ from .suffix_tree import SuffixTree, _Node
 
 @dataclass(frozen=True)
 class SuffixCacheConfig:
-    max_depth: int = 64  # tree depth; a match of m tokens leaves room for max_depth - m draft tokens
+    # Defaults chosen by replaying the shipped workloads' greedy traces (bench/NOTES.md): alpha 2 drafts
+    # more from short matches (JSON keys) at ~4% of a step per extra row; depth 64 gained nothing over 32
+    # at 1.4x the update cost.
+    max_depth: int = 32  # tree depth; a match of m tokens leaves room for max_depth - m draft tokens
     max_spec_tokens: int = 16
-    spec_factor: float = 1.0  # alpha: draft at most alpha * match length (+ offset) tokens
+    spec_factor: float = 2.0  # alpha: draft at most alpha * match length (+ offset) tokens
     spec_offset: float = 0.0
     min_token_prob: float = 0.1
     tree_drafts: bool = True  # False: chains only
