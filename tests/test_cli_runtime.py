@@ -72,11 +72,25 @@ def test_a_bad_pipeline_file_is_refused_with_what_it_must_define(tmp_path):
     assert missing.returncode == 2 and "no such file" in missing.stderr
 
 
+# The child gets SIGINT as a terminal would give it: default action, not blocked. (A signal mask is
+# inherited through fork and exec, and the threads of this process — Ray's, gRPC's — may block signals.)
+_AS_FROM_A_TERMINAL = (
+    "import runpy, signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); sys.argv[0] = 'kvmesh'; "
+    "runpy.run_module('kvmesh', run_name='__main__')"
+)
+
+
+def _signal_state(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as status:
+        return " ".join(line.strip() for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def test_ctrl_c_cancels_the_run_and_releases_its_actors(ray_cluster):
     before = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "kvmesh", "run", "examples/debate.py", "--query", "Is tea better than coffee?",
-         "--address", ray_cluster.address],
+        [sys.executable, "-c", _AS_FROM_A_TERMINAL, "run", "examples/debate.py", "--query",
+         "Is tea better than coffee?", "--address", ray_cluster.address],
         cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     lines: list[str] = []
@@ -94,8 +108,9 @@ def test_ctrl_c_cancels_the_run_and_releases_its_actors(ray_cluster):
     time.sleep(0.5)  # the debaters are generating now
     during = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)} - before
     assert any(name.endswith("-pro") for name in during), during
+    signals = _signal_state(process.pid)
     process.send_signal(signal.SIGINT)
-    assert process.wait(60) == 130, "".join(lines)
+    assert process.wait(60) == 130, f"{signals}\n" + "".join(lines)
     time.sleep(0.5)
     assert "interrupted: the run was cancelled" in "".join(lines)
     after = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
