@@ -69,6 +69,30 @@ class LlamaModel:
         return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device,
                        capacity=capacity)
 
+    # -- a layer in two halves: the forward and the blend pass (blend.py) both run them ------------------
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, 1, D] for tokens at these positions (broadcast over heads)."""
+        cos, sin = self.rope.lookup(positions.to(self.device))
+        return cos[:, None, :], sin[:, None, :]
+
+    def project_qkv(
+        self, index: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [N, d] -> q [N, Hq, D], k [N, Hkv, D] (both rotated), v [N, Hkv, D] of layer `index`."""
+        c, layer = self.config, self.layers[index]
+        qkv = layer.qkv(F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps))  # [N, q + 2 kv]
+        q = qkv[:, : c.q_size].view(-1, c.num_heads, c.head_dim)
+        k = qkv[:, c.q_size : c.q_size + c.kv_size].view(-1, c.num_kv_heads, c.head_dim)
+        v = qkv[:, c.q_size + c.kv_size :].view(-1, c.num_kv_heads, c.head_dim)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def finish_layer(self, index: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The rest of layer `index` after attention: output projection, residual, SwiGLU MLP. [N, d]."""
+        c, layer = self.config, self.layers[index]
+        h = h + layer.o(attn)
+        gate, up = layer.gate_up(F.rms_norm(h, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)).chunk(2, dim=-1)
+        return h + layer.down(F.silu(gate) * up)
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
         """Run the batch's new tokens, append their KV to each chunk's cache; logits [M, V] for logit_rows."""
@@ -78,22 +102,11 @@ class LlamaModel:
         for chunk in batch.chunks:
             chunk.cache.reserve(chunk.num_tokens)
         group, rest = DecodeGroup.plan(batch.chunks)
-        token_ids = batch.token_ids.to(self.device)
-        h = self.embed[token_ids]  # [N, d]
-        cos, sin = self.rope.lookup(batch.positions.to(self.device))  # [N, D] each
-        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-        for index, layer in enumerate(self.layers):
-            x = F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
-            qkv = layer.qkv(x)  # [N, q + 2 kv]
-            q = qkv[:, : c.q_size].view(-1, c.num_heads, c.head_dim)  # [N, Hq, D]
-            k = qkv[:, c.q_size : c.q_size + c.kv_size].view(-1, c.num_kv_heads, c.head_dim)  # [N, Hkv, D]
-            v = qkv[:, c.q_size + c.kv_size :].view(-1, c.num_kv_heads, c.head_dim)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            attn = attend(index, batch.chunks, group, rest, q, k, v)  # [N, Hq * D]
-            h = h + layer.o(attn)
-            x = F.rms_norm(h, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)  # [N, ffn] each
-            h = h + layer.down(F.silu(gate) * up)
+        h = self.embed[batch.token_ids.to(self.device)]  # [N, d]
+        cos, sin = self.rotary(batch.positions)
+        for index in range(c.num_layers):
+            q, k, v = self.project_qkv(index, h, cos, sin)
+            h = self.finish_layer(index, h, attend(index, batch.chunks, group, rest, q, k, v))
         for chunk in batch.chunks:
             chunk.cache.length += chunk.num_tokens
         if batch.logit_rows is None:

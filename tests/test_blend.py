@@ -1,0 +1,116 @@
+"""CacheBlend's selective recompute: share 1 is dense, share 0 is plain reuse, selected tokens never see ahead."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvmesh.kvcomm.kv_cache import KVCache
+from kvmesh.workers.blend import BlendConfig, blend
+from kvmesh.workers.forward_batch import ForwardBatch
+from kvmesh.workers.segment_base import base_alone
+
+pytestmark = pytest.mark.slow
+
+DOCS = [
+    "The Nile is the longest river in Africa and flows north into the Mediterranean Sea.",
+    "Mount Kilimanjaro in Tanzania is the highest mountain on the African continent.",
+    "The Sahara is the largest hot desert in the world and covers much of North Africa.",
+]
+
+
+@pytest.fixture(scope="module")
+def prompt(tokenizer):
+    """prefix (exact) | three documents (the span, reused) | question (the suffix, prefilled)."""
+    prefix = tokenizer.encode("<|im_start|>user\nRead the documents, then answer.\n")
+    docs = [tokenizer.encode(doc + "\n") for doc in DOCS]
+    suffix = tokenizer.encode("Which river is the longest in Africa?<|im_end|>\n<|im_start|>assistant\n")
+    return prefix, docs, suffix
+
+
+def reused_span(model, tokenizer, prefix, docs) -> KVCache:
+    """Each document's KV computed alone, moved to where it sits in the prompt."""
+    header = tokenizer.encode("<|im_start|>user\n")
+    pieces, position = [], len(prefix)
+    for doc in docs:
+        base = base_alone(model, header, doc)
+        base.shift(position, model.config.rope)
+        pieces.append(base)
+        position += len(doc)
+    return KVCache.concat(pieces)
+
+
+def prefilled(model, ids) -> KVCache:
+    cache = model.new_cache()
+    model.forward(ForwardBatch.single(cache, ids))
+    return cache
+
+
+def blended(model, tokenizer, prompt, config: BlendConfig, reused: KVCache | None = None):
+    prefix, docs, suffix = prompt
+    cache = prefilled(model, prefix)
+    span = [t for doc in docs for t in doc]
+    reused = reused if reused is not None else reused_span(model, tokenizer, prefix, docs)
+    stats = blend(model, cache, span, reused, config)
+    logits = model.forward(ForwardBatch.single(cache, suffix))[-1]
+    return cache, logits, stats
+
+
+def test_recomputing_every_token_is_dense_prefill(model, tokenizer, prompt):
+    prefix, docs, suffix = prompt
+    ids = prefix + [t for doc in docs for t in doc] + suffix
+    dense = model.new_cache()
+    dense_logits = model.forward(ForwardBatch.single(dense, ids))[-1]
+    cache, logits, stats = blended(model, tokenizer, prompt, BlendConfig(share=1.0))
+    assert stats.recomputed_tokens == sum(len(d) for d in docs)
+    torch.testing.assert_close(cache.keys[:, :, : len(ids)], dense.keys[:, :, : len(ids)], atol=1e-4, rtol=0)
+    torch.testing.assert_close(cache.values[:, :, : len(ids)], dense.values[:, :, : len(ids)], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, dense_logits, atol=1e-4, rtol=0)
+
+
+def test_recomputing_nothing_is_plain_reuse(model, tokenizer, prompt):
+    prefix, docs, _ = prompt
+    reused = reused_span(model, tokenizer, prefix, docs)
+    cache, _, stats = blended(model, tokenizer, prompt, BlendConfig(share=0.0), reused)
+    end = len(prefix) + reused.length
+    assert stats.recomputed_tokens == 0
+    # layer 0 is recomputed, but its KV depends on token and position only: equal to the reused rows
+    for got, want in ((cache.keys, reused.keys), (cache.values, reused.values)):
+        torch.testing.assert_close(got[:, :, len(prefix) : end], want[:, :, : reused.length], atol=1e-4, rtol=0)
+
+
+def test_selected_tokens_never_attend_to_later_positions(model, tokenizer, prompt):
+    prefix, docs, _ = prompt
+    reused = reused_span(model, tokenizer, prefix, docs)
+    config = BlendConfig(share=0.3, selection="random", seed=1)
+    first, _, _ = blended(model, tokenizer, prompt, config, reused.clone())
+    tail = len(docs[0]) + len(docs[1])  # garble the reused KV of the last document, at every layer
+    tampered = reused.clone()
+    tampered.keys[:, :, tail : reused.length] += 5.0
+    tampered.values[:, :, tail : reused.length] -= 5.0
+    second, _, _ = blended(model, tokenizer, prompt, config, tampered)
+    before = len(prefix) + tail  # every KV row before the garbled document must be untouched by it
+    torch.testing.assert_close(first.keys[:, :, :before], second.keys[:, :, :before], atol=1e-5, rtol=0)
+    torch.testing.assert_close(first.values[:, :, :before], second.values[:, :, :before], atol=1e-5, rtol=0)
+
+
+def test_blending_lands_closer_to_dense_than_reusing_alone(model, tokenizer, prompt):
+    prefix, docs, suffix = prompt
+    dense_logits = model.forward(
+        ForwardBatch.single(model.new_cache(), prefix + [t for doc in docs for t in doc] + suffix)
+    )[-1]
+
+    def kl(logits: torch.Tensor) -> float:
+        p, q = torch.log_softmax(dense_logits, -1), torch.log_softmax(logits, -1)
+        return float((p.exp() * (p - q)).sum())
+
+    plain = kl(blended(model, tokenizer, prompt, BlendConfig(share=0.0))[1])
+    selective = kl(blended(model, tokenizer, prompt, BlendConfig(share=0.3))[1])
+    assert selective < plain
+
+
+def test_a_bad_schedule_is_refused():
+    with pytest.raises(ValueError, match="narrow"):
+        BlendConfig(schedule=((1, 0.1), (2, 0.3)))
+    with pytest.raises(ValueError, match="share must be in"):
+        BlendConfig(share=1.5)

@@ -1,0 +1,110 @@
+"""CacheBlend: reuse segments' KV at new positions and recompute only the tokens that deviate most.
+
+The span [s, s + M) of a prompt gets its reused KV (segments' bases moved into place) appended to a
+cache that already holds the exact prefix [0, s). Then, in place: layer 0 is recomputed for every token
+(its KV depends on token and position only, but its outputs feed layer 1 with the real context); at
+each check layer the fresh values of the tokens still selected are compared with the reused ones and
+the `share` of the span with the largest deviation stays selected (the set can only narrow); at every
+layer >= 1 only selected tokens are recomputed, their fresh KV replacing the reused rows. A selected
+token attends to keys at positions <= its own: both reference implementations aligned the mask
+bottom-right and let middle tokens see the future.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from kvmesh.kvcomm.kv_cache import KVCache
+
+from .llama import LlamaModel
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    share: float = 0.15  # of the span's tokens recomputed at layers after the (last) check layer
+    # check layers and the share kept at each (narrowing); default: one check at layer 1 keeping `share`
+    schedule: tuple[tuple[int, float], ...] = ()
+    selection: Literal["deviation", "random"] = "deviation"  # random: the control for the deviation rule
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.share <= 1:
+            raise ValueError(f"blend share must be in [0, 1], got {self.share}")
+        if self.selection not in ("deviation", "random"):
+            raise ValueError(f"selection must be 'deviation' or 'random', got {self.selection!r}")
+        layers = [layer for layer, _ in self.schedule]
+        shares = [share for _, share in self.schedule]
+        if layers != sorted(set(layers)) or any(layer < 1 for layer in layers):
+            raise ValueError(f"check layers must be increasing and >= 1, got {layers}")
+        if shares != sorted(shares, reverse=True) or any(not 0 <= s <= 1 for s in shares):
+            raise ValueError(f"shares must narrow (non-increasing, in [0, 1]), got {shares}")
+
+    def checks(self) -> dict[int, float]:
+        return dict(self.schedule) if self.schedule else {1: self.share}
+
+
+@dataclass
+class BlendStats:
+    span_tokens: int = 0
+    selected: dict[int, int] = field(default_factory=dict)  # check layer -> tokens kept there
+
+    @property
+    def recomputed_tokens(self) -> int:
+        """Tokens recomputed through the whole model (those still selected after the last check)."""
+        return list(self.selected.values())[-1] if self.selected else self.span_tokens
+
+
+@torch.inference_mode()
+def blend(
+    model: LlamaModel, cache: KVCache, token_ids: list[int], reused: KVCache, config: BlendConfig
+) -> BlendStats:
+    """cache holds the exact prefix [0, s); reused: the span's KV at positions s.. . Extends cache in place."""
+    start, span = cache.length, len(token_ids)
+    if reused.length != span:
+        raise ValueError(f"reused KV has {reused.length} tokens for a span of {span}")
+    cache.append(reused)
+    stats = BlendStats(span_tokens=span)
+    checks = config.checks()
+    generator = torch.Generator().manual_seed(config.seed)
+    rows = torch.arange(span, device=model.device)  # span rows still selected
+    h = model.embed[torch.tensor(token_ids, device=model.device)]  # [M, d]
+    cos, sin = model.rotary(torch.arange(start, start + span))
+    for layer in range(model.config.num_layers):
+        q, k, v = model.project_qkv(layer, h, cos, sin)  # for the selected rows only
+        if layer in checks:
+            keep = _select(v, cache.values[layer, :, start + rows].transpose(0, 1), round(checks[layer] * span),
+                           config.selection, generator)  # indices into the current rows
+            rows, h, q, k, v, cos, sin = rows[keep], h[keep], q[keep], k[keep], v[keep], cos[keep], sin[keep]
+            stats.selected[layer] = len(rows)
+        if len(rows) == 0:
+            break  # nothing left to recompute: the rest of the span keeps its reused KV
+        slots = start + rows
+        cache.keys[layer, :, slots] = k.transpose(0, 1)  # [Hkv, |S|, D]
+        cache.values[layer, :, slots] = v.transpose(0, 1)
+        visible = torch.arange(start + span, device=model.device)[None, :] <= slots[:, None]  # [|S|, s + M]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],  # [1, Hq, |S|, D]
+            cache.keys[layer, :, : start + span][None],
+            cache.values[layer, :, : start + span][None],
+            attn_mask=visible,
+            enable_gqa=True,
+        )  # [1, Hq, |S|, D]
+        h = model.finish_layer(layer, h, out[0].transpose(0, 1).reshape(len(rows), -1))
+    return stats
+
+
+def _select(
+    fresh: torch.Tensor, reused: torch.Tensor, count: int, how: str, generator: torch.Generator
+) -> torch.Tensor:
+    """fresh/reused values [n, Hkv, D] of the current rows -> sorted indices of the `count` rows to keep."""
+    count = max(0, min(count, fresh.shape[0]))
+    if how == "random":
+        chosen = torch.randperm(fresh.shape[0], generator=generator)[:count]
+    else:  # the largest squared deviation of the values (they carry no position, so none to undo)
+        deviation = (fresh.float() - reused.float()).pow(2).sum(dim=(1, 2))  # [n]
+        chosen = torch.topk(deviation, count).indices
+    return chosen.sort().values.to(fresh.device)
