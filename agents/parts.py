@@ -1,12 +1,11 @@
 """A rendered prompt: literal text and segments (the contents of placeholders).
 
-Segments keep their identity so a worker can reuse their KV: the id is stable for the same content from
-the same producer, whichever agent's prompt it lands in.
+Segments keep their identity (producer and text) so a worker can reuse their KV wherever they land; the
+runtime names them with kvcomm's segment_id, the one definition workers and runtime share.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 
@@ -20,11 +19,6 @@ class SegmentPart:
     placeholder: str  # as written in the template, e.g. "writer.prev"
     producer: str  # "query", an agent name or a tool name
     text: str
-
-    @property
-    def segment_id(self) -> str:
-        digest = hashlib.sha256(f"{self.producer}\x00{self.text}".encode()).hexdigest()[:20]
-        return f"{self.producer}:{digest}"
 
 
 Part = TextPart | SegmentPart

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmesh.kvcomm.kv_cache import KVCache
-from kvmesh.runtime.prompt_ids import ChatFramer
 from kvmesh.workers.engine import Engine
 from kvmesh.workers.reuse_planner import PromptPiece, ReusePlanner, ReuseStats
 from kvmesh.workers.sampling import SamplingParams
@@ -28,7 +27,6 @@ class InProcessWorker:
     def __init__(self, engine: Engine, planner: ReusePlanner) -> None:
         self.engine = engine
         self.planner = planner
-        self.framer = ChatFramer(engine.tokenizer)
 
     def call(
         self,
@@ -39,8 +37,7 @@ class InProcessWorker:
         sampling: SamplingParams,
         capture: bool = False,
     ) -> CallResult:
-        head, tail = self.framer.frame(system)
-        planned = self.planner.plan(head, pieces, tail, agent, mode)
+        planned = self.planner.plan(system, pieces, agent, mode)
         captured: list[KVCache] = []
         if capture:
             inner = planned.reuse.on_prefilled

@@ -19,15 +19,16 @@ from typing import Any
 import grpc
 import ray
 
-from kvmesh.agents import Agent, Prompt, SegmentPart, Tool, ToolError
+from kvmesh.agents import Agent, Prompt, Tool, ToolError
 from kvmesh.agents.render import render
+from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.v1 import agent_pb2, agent_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from .config import RuntimeConfig
 from .errors import CallFailed, RuntimeFailure, WorkerDiedError
 from .grpc_client import Channels, describe_rpc_error
 from .registry import Route
-from .wire import Kind, generate_request, message, output_segment_id, phase_of
+from .wire import Kind, generate_request, message, phase_of, segment_ids
 
 log = logging.getLogger(__name__)
 CallStats = worker_pb2.CallStats
@@ -105,9 +106,8 @@ class AgentRunner:
 
     def _generate(self, start: agent_pb2.Message, prompt: Prompt, cancel: RunCancel) -> tuple[str, CallStats]:
         key = self.key(self.agent.name)
-        segment_ids = [p.segment_id for p in prompt.parts if isinstance(p, SegmentPart)]
         for attempt in (1, 2):
-            route: Route | None = ray.get(self.registry.route.remote(key, segment_ids))
+            route: Route | None = ray.get(self.registry.route.remote(key, segment_ids(prompt)))
             if route is None:
                 raise CallFailed("no workers are registered (all died, or none were started)")
             request_id = f"{start.run_id}/{self.agent.name}/{start.phase}/{attempt}-{uuid.uuid4().hex[:8]}"
@@ -115,7 +115,7 @@ class AgentRunner:
             output_segment = None
             try:
                 text, stats = self._stream(start, route, request, cancel)
-                output_segment = output_segment_id(self.agent.name, text)
+                output_segment = segment_id(self.agent.name, text)
                 stats.attempts = attempt
                 return text, stats
             except grpc.RpcError as exc:

@@ -1,7 +1,8 @@
 """RuntimeConfig: how the runtime's gRPC servers bind and secure themselves, deadlines and actor sizes.
 
 Defaults come from the environment where one is named (KVMESH_HOST, KVMESH_TOKEN, KVMESH_TLS_CERT,
-KVMESH_TLS_KEY, KVMESH_TLS_CA, KVMESH_MAX_MESSAGE_MB), so a cluster can be configured without code.
+KVMESH_TLS_KEY, KVMESH_TLS_CA, KVMESH_MAX_MESSAGE_MB, KVMESH_REDIS_URL), so a cluster can be configured
+without code.
 The config is pickled into every actor: all servers of a session share one token and one TLS setting.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+TRACE_EXPORTERS = ("console", "otlp", "memory")  # KVMESH_TRACE: "off", or one or more of these, comma-separated
 
 
 class ConfigError(ValueError):
@@ -30,6 +32,25 @@ def _env_mb(name: str, default_mb: int) -> int:
         return int(float(raw) * (1 << 20)) if raw else default_mb << 20
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number of megabytes") from None
+
+
+def _otel_env() -> tuple[tuple[str, str], ...]:
+    """The standard OpenTelemetry settings of this process (endpoint, headers, service name, batching)."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("OTEL_")))
+
+
+def parse_trace(value: str) -> frozenset[str]:
+    """KVMESH_TRACE as a set of exporters: "off" (or empty) is none; "otlp,memory" is two."""
+    names = {part.strip().lower() for part in value.split(",") if part.strip()}
+    if names <= {"off", "none"}:
+        return frozenset()
+    unknown = names - set(TRACE_EXPORTERS)
+    if unknown:
+        raise ConfigError(
+            f"KVMESH_TRACE / RuntimeConfig.trace={value!r}: unknown exporter(s) {', '.join(sorted(unknown))}; "
+            f"use 'off' or a comma-separated choice of {', '.join(TRACE_EXPORTERS)}"
+        )
+    return frozenset(names)
 
 
 def is_loopback(host: str) -> bool:
@@ -59,7 +80,14 @@ class RuntimeConfig:
     worker_num_cpus: float = 0.5
     worker_num_gpus: float = 0.0
     startup_timeout_s: float = 180.0  # an actor up and serving (a worker loads its model first)
+    # where KVCOMM's anchors and segment KVs live, shared by the workers: a redis:// URL; None: the session
+    # starts a private redis-server for itself; "memory": each worker keeps its own (nothing shared)
+    redis_url: str | None = field(default_factory=lambda: _env("KVMESH_REDIS_URL"))
     worker_restart_timeout_s: float = 120.0  # how long an agent waits for Ray to restart a crashed worker
+    # tracing (see tracing.py): which exporters every process of the session uses, and the OTEL_* settings
+    # they read (the OTLP endpoint, headers, service name); repr=False: headers may hold an API key
+    trace: str = field(default_factory=lambda: _env("KVMESH_TRACE") or "off")
+    trace_env: tuple[tuple[str, str], ...] = field(default_factory=_otel_env, repr=False)
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -85,15 +113,27 @@ class RuntimeConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"RuntimeConfig.{name} must be a positive number of seconds, got {value!r}")
+        if self.redis_url not in (None, "memory") and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                f"KVMESH_REDIS_URL={self.redis_url!r}: give redis://host:port[/db], 'memory', or leave it unset "
+                "(kvmesh then starts a local redis-server)"
+            )
         if self.server_threads < 2:
             raise ConfigError(f"server_threads must be >= 2, got {self.server_threads}")
         for name in ("agent_num_cpus", "worker_num_cpus", "worker_num_gpus"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"RuntimeConfig.{name} must be >= 0, got {getattr(self, name)}")
+        parse_trace(self.trace)
+        if not all(isinstance(kv, tuple) and len(kv) == 2 and kv[0].startswith("OTEL_") for kv in self.trace_env):
+            raise ConfigError("RuntimeConfig.trace_env must be (name, value) pairs of OTEL_* variables")
 
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
+
+    @property
+    def trace_exporters(self) -> frozenset[str]:
+        return parse_trace(self.trace)
 
     def read(self, name: str) -> bytes | None:
         """The bytes of a TLS file setting ('tls_cert', 'tls_key', 'tls_ca'), or None when unset."""

@@ -11,7 +11,9 @@ run and stay until the pipeline object is garbage-collected, `release(pipeline)`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
+import sys
 import threading
 import uuid
 import weakref
@@ -22,6 +24,7 @@ from typing import Any
 import ray
 
 from kvmesh.agents import Pipeline
+from kvmesh.kvcomm.embedded_redis import EmbeddedRedis
 from kvmesh.v1 import agent_pb2_grpc
 
 from . import portable
@@ -78,9 +81,10 @@ class Session:
         )
         self.sink.address = self._server.address
         self.channels = Channels(self.config)
-        # KV store seam: the Redis store (DESIGN §6) starts here, beside the workers, when KVCOMM lands.
+        self.redis: EmbeddedRedis | None = None
         self.workers: dict[str, Any] = {}
         try:
+            self._start_kv_store()
             self._start_workers(workers)
         except BaseException:
             self.close()
@@ -114,6 +118,18 @@ class Session:
             raise
 
     # -- actors ----------------------------------------------------------------------------------------
+    def _start_kv_store(self) -> None:
+        """KVCOMM's store (DESIGN §6): the configured Redis, or a private redis-server for this session."""
+        if self.config.redis_url is not None:
+            return
+        self.redis = EmbeddedRedis()  # no redis-server installed: its error names the install step
+        self.config = dataclasses.replace(self.config, redis_url=self.redis.url)
+        print(
+            f"kvmesh: started a local redis-server at {self.redis.url} for this session "
+            "(set KVMESH_REDIS_URL to use your own)",
+            file=sys.stderr,
+        )
+
     def _start_workers(self, count: int) -> None:
         actor = ray.remote(WorkerActor)
         for i in range(count):
@@ -221,6 +237,8 @@ class Session:
         _kill([self.registry])
         self._server.stop(grace_s=0)
         self.channels.close()
+        if self.redis is not None:
+            self.redis.stop()
 
     def __enter__(self) -> Session:
         return self

@@ -91,15 +91,16 @@ def _cell(text: str, width: int) -> str:
 
 
 def result_table(result: PipelineResult, output_width: int = 52) -> str:
-    """Agent | output (truncated) | TTFT | tok/s | prompt | cached | calls | wall — one row per agent."""
+    """Agent | output (truncated) | TTFT | tok/s | prompt | cached | reused | calls | wall — a row per agent."""
     header = f"{'agent':<14} {'output':<{output_width}} {'TTFT s':>7} {'tok/s':>6} {'prompt':>6} {'cached':>6} "
-    header += f"{'calls':>5} {'wall s':>6}"
+    header += f"{'reused':>6} {'calls':>5} {'wall s':>6}"
     rows = [header, "-" * len(header)]
     for name, stats in result.stats.items():
         text = next((h[name] for h in reversed(result.history) if name in h), "")
         rows.append(
             f"{_cell(name, 14):<14} {_cell(text, output_width):<{output_width}} {stats.ttft_s:>7.2f} "
-            f"{stats.decode_tok_s:>6.1f} {stats.prompt_tokens:>6} {stats.cached_tokens:>6} {stats.calls:>5} "
+            f"{stats.decode_tok_s:>6.1f} {stats.prompt_tokens:>6} {stats.cached_tokens:>6} {stats.reused_tokens:>6} "
+            f"{stats.calls:>5} "
             f"{stats.wall_s:>6.2f}"
         )
     return "\n".join(rows)

@@ -23,10 +23,11 @@ class CallRecord:
     ttft_s: float
     decode_tok_s: float  # 0 when fewer than 2 tokens were decoded
     wall_s: float  # the agent's whole call: tools, routing, generation
-    reuse_mode: str  # as observed: "prefix" (some cached tokens) or "dense"
+    reuse_mode: str  # as observed: "kvcomm" (segments' KV reused), "prefix" (some cached tokens) or "dense"
     attempts: int  # 2 when a worker died and the call was retried
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose KV came from other agents' segments (KVCOMM)
 
     @classmethod
     def from_stats(cls, agent: str, phase: Phase, stats: worker_pb2.CallStats) -> CallRecord:
@@ -45,6 +46,7 @@ class CallRecord:
             attempts=stats.attempts or 1,
             drafted_tokens=stats.drafted_tokens,
             accepted_tokens=stats.accepted_tokens,
+            reused_tokens=stats.reused_tokens,
         )
 
 
@@ -56,6 +58,7 @@ class AgentStats:
     calls: int
     prompt_tokens: int
     cached_tokens: int
+    reused_tokens: int
     output_tokens: int
     ttft_s: float  # mean over its calls
     decode_tok_s: float  # decoded tokens over decode time, all calls together
@@ -72,6 +75,7 @@ class AgentStats:
             calls=len(records),
             prompt_tokens=sum(r.prompt_tokens for r in records),
             cached_tokens=sum(r.cached_tokens for r in records),
+            reused_tokens=sum(r.reused_tokens for r in records),
             output_tokens=sum(r.output_tokens for r in records),
             ttft_s=sum(r.ttft_s for r in records) / len(records) if records else 0.0,
             decode_tok_s=sum(n for n, _ in decoded) / decode_time if decode_time else 0.0,

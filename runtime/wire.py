@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from kvmesh.agents import Agent, Phase, Prompt, SegmentPart
+from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.v1 import agent_pb2, worker_pb2
 
 Kind = agent_pb2.Message.Kind
@@ -34,12 +35,13 @@ def generate_request(
     parts = []
     for part in prompt.parts:
         if isinstance(part, SegmentPart):
+            key = segment_id(part.producer, part.text)
             segment = worker_pb2.Segment(
-                id=part.segment_id,
+                id=key,
                 producer=part.producer,
                 placeholder=part.placeholder,
                 text=part.text,
-                holder=holders.get(part.segment_id, ""),
+                holder=holders.get(key, ""),
             )
             parts.append(worker_pb2.PromptPart(segment=segment))
         else:
@@ -57,6 +59,5 @@ def generate_request(
     return request
 
 
-def output_segment_id(agent: str, text: str) -> str:
-    """The id the agent's output has as a segment in its readers' prompts (whatever the placeholder)."""
-    return SegmentPart("", agent, text).segment_id
+def segment_ids(prompt: Prompt) -> list[str]:
+    return [segment_id(part.producer, part.text) for part in prompt.parts if isinstance(part, SegmentPart)]

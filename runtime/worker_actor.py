@@ -11,9 +11,12 @@ from pathlib import Path
 
 import ray
 
+from kvmesh.kvcomm.redis_store import RedisStore
+from kvmesh.kvcomm.store import MemoryStore, Store
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.workers.engine import Engine
 from kvmesh.workers.engine_loop import EngineLoop
+from kvmesh.workers.reuse_planner import ReusePlanner
 from kvmesh.workers.sampling import SamplingParams
 
 from .config import RuntimeConfig
@@ -35,8 +38,9 @@ class WorkerActor:
         engine = Engine.load(model)
         _warm_up(engine)
         self.loop = EngineLoop(engine)
+        self.planner = ReusePlanner(engine.model, engine.tokenizer, kv_store(config.redis_url))
         self._address = ""
-        servicer = WorkerServicer(self.loop, model_label(model), lambda: self._address)
+        servicer = WorkerServicer(self.loop, self.planner, model_label(model), lambda: self._address)
         self.server = start_server(
             config,
             {WORKER_SERVICE: lambda server: worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)},
@@ -53,6 +57,13 @@ class WorkerActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def kv_store(url: str | None) -> Store:
+    """The worker's view of KVCOMM's store: Redis when the session has one, else its own memory."""
+    if url is None or url == "memory":
+        return MemoryStore()
+    return RedisStore(url)  # unreachable Redis is survivable: calls then run dense, with a warning
 
 
 def _warm_up(engine: Engine) -> None:

@@ -1,13 +1,13 @@
 """WorkerService over gRPC: an LLM call whose prompt arrives as parts, streamed back token by token.
 
-Generate assembles the prompt's ids part by part (prompt_ids.ChatFramer), submits it to the engine
+Generate hands the prompt's parts to the reuse planner (ids part by part in the model's chat frame, and
+how to serve them: prefix cache, KVCOMM-corrected segment KV, or dense), submits the result to the engine
 loop under the caller's request id, streams a chunk per token and ends with a chunk carrying the call's
 CallStats. A client that goes away (cancel, deadline, crash) cancels the engine request.
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,22 +15,20 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
-from kvmesh.workers.engine_loop import EngineLoop, RequestStream
+from kvmesh.workers.engine_loop import EngineLoop
+from kvmesh.workers.reuse_planner import PlannedCall, PromptPiece, ReusePlanner
 from kvmesh.workers.sampling import InvalidRequestError, SamplingParams
-
-from .prompt_ids import ChatFramer, PromptIds, PromptPiece
+from kvmesh.workers.sequence import RequestStats
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, loop: EngineLoop, model_name: str, address: Callable[[], str]) -> None:
+    def __init__(self, loop: EngineLoop, planner: ReusePlanner, model_name: str, address: Callable[[], str]) -> None:
         self.loop = loop
+        self.planner = planner
         self.model_name = model_name
         self._address = address  # known once the server is bound
-        self.framer = ChatFramer(loop.engine.tokenizer)
         self._requests_total = 0
         self._lock = threading.Lock()
-        # the engine learns agent roles (per-role speculation) through submit(role=) where it takes one
-        self._takes_role = "role" in inspect.signature(loop.submit).parameters
 
     # -- Generate --------------------------------------------------------------------------------------
     def Generate(self, request: worker_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
@@ -38,12 +36,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         engine cannot serve (bad sampling, prompt longer than the context). The one place a worker's
         inference span would wrap an LLM call."""
         try:
-            prompt = self._prompt(request)
             sampling = _sampling(request.sampling)
+            planned = self._plan(request)
         except (InvalidRequestError, ValueError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         request_id = request.request_id or f"anon-{uuid.uuid4().hex}"
-        stream = self._submit(prompt, sampling, request_id, request.agent)
+        stream = self.loop.submit(
+            planned.token_ids, sampling, request_id, role=request.agent or None, reuse=planned.reuse
+        )
         context.add_callback(stream.cancel)  # runs when the RPC ends for any reason; a no-op once finished
         with self._lock:
             self._requests_total += 1
@@ -57,41 +57,40 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     token_ids=[] if event.token_id is None else [event.token_id],
                     finished=True,
                     finish_reason=event.finish_reason or "",
-                    stats=self._stats(event.stats),
+                    stats=self._stats(event.stats, planned),
                 )
         except InvalidRequestError as exc:  # the engine refused it (e.g. longer than the context)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
-    def _prompt(self, request: worker_pb2.GenerateRequest) -> PromptIds:
+    def _plan(self, request: worker_pb2.GenerateRequest) -> PlannedCall:
         pieces = []
         for part in request.parts:
             if part.WhichOneof("kind") == "segment":
-                pieces.append(PromptPiece(part.segment.text, part.segment.id or part.segment.placeholder))
+                segment = part.segment
+                pieces.append(PromptPiece(segment.text, segment.id or None, segment.placeholder or segment.producer))
             else:
                 pieces.append(PromptPiece(part.text))
-        return self.framer.build(request.system if request.HasField("system") else None, pieces)
+        system = request.system if request.HasField("system") else None
+        return self.planner.plan(system, pieces, request.agent, request.reuse or "auto")
 
-    def _submit(self, prompt: PromptIds, sampling: SamplingParams, request_id: str, agent: str) -> RequestStream:
-        if self._takes_role and agent:
-            return self.loop.submit(prompt.ids, sampling, request_id, role=agent)  # type: ignore[call-arg]
-        return self.loop.submit(prompt.ids, sampling, request_id)
-
-    def _stats(self, stats: object) -> worker_pb2.CallStats:
-        """The engine's RequestStats as CallStats. reuse_mode says what served the prompt, as observed."""
+    def _stats(self, stats: RequestStats | None, planned: PlannedCall) -> worker_pb2.CallStats:
+        """The engine's RequestStats and the planner's decision as CallStats: what served the prompt (as
+        observed), tokens by where their KV came from, and TTFT from the call's arrival (planning included)."""
         if stats is None:
             return worker_pb2.CallStats(model=self.model_name, worker=self._address())
-        prompt_tokens = int(stats.prompt_tokens)
-        cached = int(stats.prefix_hit_tokens)
+        prompt_tokens, cached, reused = stats.prompt_tokens, stats.prefix_hit_tokens, stats.reused_tokens
+        mode = planned.stats.mode if reused or planned.stats.mode == "dense" else ("prefix" if cached else "dense")
         return worker_pb2.CallStats(
             prompt_tokens=prompt_tokens,
             cached_tokens=cached,
-            recomputed_tokens=prompt_tokens - cached,
-            output_tokens=int(stats.output_tokens),
-            ttft_s=stats.ttft_s or 0.0,
+            reused_tokens=reused,
+            recomputed_tokens=prompt_tokens - cached - reused,
+            output_tokens=stats.output_tokens,
+            ttft_s=planned.stats.preprocess_s + (stats.ttft_s or 0.0),
             decode_tok_s=stats.decode_tok_s or 0.0,
-            drafted_tokens=int(getattr(stats, "drafted_tokens", 0)),
-            accepted_tokens=int(getattr(stats, "accepted_tokens", 0)),
-            reuse_mode="prefix" if cached else "dense",
+            drafted_tokens=stats.drafted_tokens,
+            accepted_tokens=stats.accepted_tokens,
+            reuse_mode=mode,
             model=self.model_name,
             worker=self._address(),
         )

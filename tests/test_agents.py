@@ -123,7 +123,7 @@ def test_tools_fill_placeholders_from_what_they_read():
         run_locally(pipeline, "Rome", llm)
 
 
-def test_placeholders_become_segments_with_stable_ids():
+def test_placeholders_become_segments_naming_their_producer():
     seen = []
     pipeline = Pipeline("s", [Agent("a", "Q: {query}."), Agent("b", "A said {a}; Q: {query}")])
     run_locally(pipeline, "why", lambda agent, prompt: seen.append(prompt) or "same text")
@@ -133,8 +133,6 @@ def test_placeholders_become_segments_with_stable_ids():
         ("a", "a", "same text"),
         ("query", "query", "why"),
     ]
-    assert segments[0].segment_id == segments[2].segment_id != segments[1].segment_id
-    assert SegmentPart("x", "b", "same text").segment_id != segments[1].segment_id  # the producer is part of it
 
 
 def test_topology_helpers_wire_the_expected_graphs():

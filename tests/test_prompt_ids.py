@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
-from kvmesh.agents import Agent
+import pytest
+
+from kvmesh.agents import Agent, SegmentPart
 from kvmesh.agents.render import render
-from kvmesh.runtime.prompt_ids import ChatFramer, PromptPiece
+from kvmesh.kvcomm.segment_id import segment_id
+from kvmesh.workers.reuse_planner import PromptPiece, ReusePlanner
+
+
+@pytest.fixture(scope="module")
+def planner(model, tokenizer) -> ReusePlanner:
+    return ReusePlanner(model, tokenizer, store=None)  # tokenization and framing only
 
 
 def pieces(prompt) -> list[PromptPiece]:
-    return [PromptPiece(p.text, getattr(p, "segment_id", None)) for p in prompt.parts]
+    return [
+        PromptPiece(p.text, segment_id(p.producer, p.text), p.placeholder) if isinstance(p, SegmentPart)
+        else PromptPiece(p.text)
+        for p in prompt.parts
+    ]
 
 
-def test_a_query_only_prompt_is_exactly_the_models_chat_prompt(tokenizer):
-    framer = ChatFramer(tokenizer)
+def test_a_query_only_prompt_is_exactly_the_models_chat_prompt(planner, tokenizer):
     query = "What is the capital of France?"
     for system in (None, "You are terse."):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": query}]
-        expected = tokenizer.encode(tokenizer.render_chat(messages))
-        built = framer.build(system, [PromptPiece(query, "query:1")])
-        assert built.ids == expected
-        (span,) = built.segments
-        assert tokenizer.decode(built.ids[span.start : span.end]) == query
+        planned = planner.plan(system, [PromptPiece(query, "query:1", "query")], "a", "prefix")
+        assert planned.token_ids == tokenizer.encode(tokenizer.render_chat(messages))
+        (span,) = planned.layout.segments()
+        assert tokenizer.decode(planned.token_ids[span.start : span.end]) == query
 
 
-def test_a_segment_has_the_same_tokens_wherever_it_lands(tokenizer):
-    framer = ChatFramer(tokenizer)
+def test_a_segment_has_the_same_tokens_wherever_it_lands(planner, tokenizer):
     shared = "Paris is the capital of France."
     values = {"query": "Why?", "writer": shared}
     prompts = [
@@ -33,15 +42,19 @@ def test_a_segment_has_the_same_tokens_wherever_it_lands(tokenizer):
     ]
     spans = []
     for prompt in prompts:
-        built = framer.build(None, pieces(prompt))
-        span = next(s for s in built.segments if s.segment_id.startswith("writer:"))
-        spans.append(built.ids[span.start : span.end])
+        planned = planner.plan(None, pieces(prompt), "x", "prefix")
+        span = next(s for s in planned.layout.segments() if s.segment_id.startswith("writer:"))
+        spans.append(planned.token_ids[span.start : span.end])
     assert spans[0] == spans[1] == tokenizer.encode(shared)
 
 
-def test_empty_parts_add_no_tokens_and_the_frame_stays(tokenizer):
-    framer = ChatFramer(tokenizer)
-    head, tail = framer.frame(None)
-    built = framer.build(None, [PromptPiece("", "writer.prev:x"), PromptPiece("Go.")])
-    assert built.ids == head + tokenizer.encode("Go.") + tail
-    assert built.segments[0].start == built.segments[0].end == len(head)
+def test_empty_parts_add_no_tokens_and_the_frame_stays(planner, tokenizer):
+    head, tail = planner.framer.frame(None)
+    planned = planner.plan(None, [PromptPiece("", "writer.prev:x", "writer.prev"), PromptPiece("Go.")], "a", "prefix")
+    assert planned.token_ids == head + tokenizer.encode("Go.") + tail
+    assert planned.layout is None  # the only segment was empty: nothing to reuse
+
+
+def test_an_unknown_reuse_mode_is_refused(planner):
+    with pytest.raises(ValueError, match="reuse mode 'magic'"):
+        planner.plan(None, [PromptPiece("Hi")], "a", "magic")

@@ -9,7 +9,6 @@ from kvmesh.kvcomm.embedded_redis import EmbeddedRedis
 from kvmesh.kvcomm.redis_store import RedisStore
 from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.kvcomm.store import MemoryStore
-from kvmesh.runtime.prompt_ids import ChatFramer
 from kvmesh.workers.engine import Engine, EngineConfig
 from kvmesh.workers.forward_batch import ForwardBatch
 from kvmesh.workers.prompt_reuse import PromptReuse
@@ -65,11 +64,9 @@ class TwoAgents:
     def __init__(self, model, tokenizer, store, config: MatchConfig | None = None) -> None:
         self.engine = make_engine(model, tokenizer)
         self.planner = ReusePlanner(model, tokenizer, store, config or MatchConfig())
-        self.framer = ChatFramer(tokenizer)
 
     def call(self, agent: str, system: str, pieces: list[PromptPiece], mode: str, max_tokens: int):
-        head, tail = self.framer.frame(system)
-        planned = self.planner.plan(head, pieces, tail, agent, mode)
+        planned = self.planner.plan(system, pieces, agent, mode)
         tokens, stats = run(self.engine, planned.token_ids, planned.reuse, SamplingParams(max_tokens=max_tokens))
         self.planner.drain()
         text = self.engine.tokenizer.decode([t for t in tokens if t not in self.engine.tokenizer.eos_token_ids])

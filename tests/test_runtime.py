@@ -15,12 +15,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 import kvmesh
 from kvmesh import Agent, Pipeline, debate, run_locally, tool
 from kvmesh.agents import SegmentPart
+from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.runtime import AgentError, PipelineResult, RunTimedOut
 from kvmesh.runtime.events import AgentFinished, PhaseStarted, RunFinished, Token
-from kvmesh.runtime.prompt_ids import ChatFramer, PromptPiece
 from kvmesh.runtime.worker_actor import WORKER_SERVICE
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.workers.engine import Engine
+from kvmesh.workers.reuse_planner import PromptPiece, ReusePlanner
 from kvmesh.workers.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -30,11 +31,12 @@ pytestmark = pytest.mark.slow
 def reference(model, tokenizer):
     """An LLM function for run_locally: the same engine, in this process, on the same part-wise prompt ids."""
     engine = Engine(model, tokenizer)
-    framer = ChatFramer(tokenizer)
+    planner = ReusePlanner(model, tokenizer, store=None)  # part-wise ids, no cross-agent reuse
 
     def llm(agent: Agent, prompt) -> str:
-        parts = [PromptPiece(p.text, p.segment_id if isinstance(p, SegmentPart) else None) for p in prompt.parts]
-        ids = framer.build(prompt.system, parts).ids
+        parts = [PromptPiece(p.text, segment_id(p.producer, p.text) if isinstance(p, SegmentPart) else None)
+                 for p in prompt.parts]
+        ids = planner.plan(prompt.system, parts, agent.name, "prefix").token_ids
         return engine.generate([ids], SamplingParams(max_tokens=agent.max_tokens))[0].text
 
     return llm

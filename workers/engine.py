@@ -25,6 +25,7 @@ from .forward_batch import ForwardBatch, SequenceChunk
 from .kv_slots import KVSlots, SlotKVCache
 from .linear import WeightFormat
 from .llama import LlamaModel
+from .model_config import ModelConfig
 from .model_files import DEFAULT_MODEL, load_raw_model
 from .prefix_cache import PrefixCache, PrefixCacheConfig
 from .prompt_reuse import PromptReuse
@@ -35,6 +36,21 @@ from .speculation import SpeculationConfig, Speculator, tree_inputs, verify
 from .suffix_cache import Draft
 from .text_stream import TextStream
 from .tokenizer import Tokenizer
+
+
+def validate_prompt(prompt: Seq[int], config: ModelConfig) -> None:
+    """Refuse what no engine step could serve, with what to do about it."""
+    if not prompt:
+        raise InvalidRequestError("the prompt is empty: give at least one token (or a non-empty text)")
+    if len(prompt) >= config.max_context:
+        raise InvalidRequestError(
+            f"the prompt has {len(prompt)} tokens but the model's context is {config.max_context}: "
+            "shorten the prompt so at least one token can be generated"
+        )
+    if min(prompt) < 0 or max(prompt) >= config.vocab_size:
+        raise InvalidRequestError(
+            f"prompt token ids must lie in [0, {config.vocab_size}), got {min(prompt)}..{max(prompt)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -127,17 +143,8 @@ class Engine:
         `reuse` (from the reuse planner) splices precomputed KV into the prompt and sets hooks."""
         sampling = sampling or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
+        validate_prompt(prompt, self.model.config)
         context = self.model.config.max_context
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty: give at least one token (or a non-empty text)")
-        if len(prompt) >= context:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt)} tokens but the model's context is {context}: "
-                "shorten the prompt so at least one token can be generated"
-            )
-        vocab = self.model.config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab}), got {min(prompt)}..{max(prompt)}")
         if reuse is not None:
             reuse.validate(len(prompt))
         request_id = request_id or f"req-{next(self._ids)}"

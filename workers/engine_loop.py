@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from .engine import Engine, TokenEvent
+from .prompt_reuse import PromptReuse
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,22 @@ class EngineLoop:
         self._thread.start()
 
     def submit(
-        self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        sampling: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        role: str | None = None,
+        reuse: PromptReuse | None = None,
     ) -> RequestStream:
+        """Queue a request (see Engine.add_request for role and reuse); its events arrive on the stream."""
         if self._stopped.is_set():
             raise RuntimeError("the engine loop is closed")
         with self._id_lock:
             self._ids += 1
             request_id = request_id or f"loop-{self._ids}"
         stream = RequestStream(self, request_id)
-        self._inbox.put(("submit", list(prompt_ids), sampling, stream))
+        self._inbox.put(("submit", list(prompt_ids), sampling, stream, role, reuse))
         return stream
 
     def cancel(self, request_id: str) -> None:
@@ -104,9 +112,9 @@ class EngineLoop:
 
     def _handle(self, item: tuple) -> None:
         if item[0] == "submit":
-            _, prompt, sampling, stream = item
+            _, prompt, sampling, stream, role, reuse = item
             try:
-                self.engine.add_request(prompt, sampling, stream.request_id)
+                self.engine.add_request(prompt, sampling, stream.request_id, role=role, reuse=reuse)
             except Exception as exc:  # invalid request: its caller gets the error
                 stream._events.put(exc)
                 return

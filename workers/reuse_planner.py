@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,8 +26,11 @@ from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, PromptSpan, assemble, mark_
 from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.kvcomm.store import Store, StoredSegment, StoreUnavailable
 
+from .chat_frame import ChatFramer
+from .engine import validate_prompt
 from .llama import LlamaModel
 from .prompt_reuse import PromptReuse
+from .sampling import InvalidRequestError
 from .segment_base import base_alone, base_from_decode
 from .tokenizer import Tokenizer
 
@@ -72,18 +76,27 @@ class ReusePlanner:
         # default one, so the segment is seen as message content, as it will be in real prompts
         user_turn = tokenizer.render_chat([{"role": "user", "content": "\x00"}], add_generation_prompt=False)
         self._user_header = tokenizer.encode(user_turn.split("\x00")[0])
+        self.framer = ChatFramer(tokenizer)
+        self._lock = threading.RLock()  # planning and the background jobs share the store and the model
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmesh-kvcomm")
         self._pending: list[Future[None]] = []
         self._warned = False
 
-    def plan(self, head: list[int], pieces: list[PromptPiece], tail: list[int], agent: str, mode: str) -> PlannedCall:
-        """head/tail: the chat frame's ids around the user message; pieces: the user message's parts."""
+    def plan(self, system: str | None, pieces: list[PromptPiece], agent: str, mode: str) -> PlannedCall:
+        """The call's ids (the model's chat frame around the user message's pieces, each tokenized alone)
+        and how to serve them. Thread-safe: concurrent calls plan one at a time."""
         if mode not in REUSE_MODES:
-            raise ValueError(f"reuse mode {mode!r} is not one of {', '.join(REUSE_MODES)}")
+            raise InvalidRequestError(f"reuse mode {mode!r} is not one of {', '.join(REUSE_MODES)}")
+        head, tail = self.framer.frame(system)
+        with self._lock:
+            return self._plan(head, pieces, tail, agent, mode)
+
+    def _plan(self, head: list[int], pieces: list[PromptPiece], tail: list[int], agent: str, mode: str) -> PlannedCall:
         started = time.perf_counter()
         stats = ReuseStats(mode="dense" if mode == "dense" else "prefix")
         reuse = PromptReuse(use_prefix_cache=mode != "dense")
         ids, layout, segment_tokens, stored = self._layout(head, pieces, tail, agent)
+        validate_prompt(ids, self.model.config)  # before any base KV is computed for it
         reuse.on_finished = self._publisher(agent, len(ids))
         if mode in ("kvcomm", "auto", "naive") and layout is not None and self.store is not None:
             try:
@@ -217,7 +230,8 @@ class ReusePlanner:
     def _submit(self, job: Callable[[], object]) -> None:
         def run() -> None:
             try:
-                job()
+                with self._lock:
+                    job()
             except StoreUnavailable as exc:
                 self._warn_store(exc)
 
