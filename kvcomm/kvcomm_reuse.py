@@ -61,36 +61,49 @@ class KvcommOutcome:
 
 
 def assemble(
-    layout: PromptLayout, bases: dict[str, KVCache], store: Store, rope: RopeSpec, config: MatchConfig
+    layout: PromptLayout,
+    bases: dict[str, KVCache],
+    store: Store,
+    rope: RopeSpec,
+    config: MatchConfig,
+    text_bases: dict[int, KVCache] | None = None,
 ) -> KvcommOutcome:
-    """The corrected KV of the reusable span, or the reasons it must be dense. Does not touch anchors' usage."""
+    """The corrected KV of the reusable span, or the reasons it cannot be. Does not touch anchors' usage.
+
+    Strict (no text_bases): any piece the anchors cannot vouch for leaves `kv` None. With text_bases (the
+    base KV of each template text span, by start), unvouched pieces keep their base KV instead, so `kv` is
+    always a full span: what a blend pass then repairs where it must, while `reasons` still says where.
+    """
     outcome = KvcommOutcome(kv=None)
     pieces: list[KVCache] = []
     previous: Match | None = None
     for span in layout.spans:
         if span.end <= layout.reuse_start or span.start >= layout.reuse_end:
             continue
+        piece: KVCache | None
         if span.is_segment:
             assert span.segment_id is not None and span.slot is not None
             anchors = store.anchors(span.slot)
             outcome.anchors_consulted += len(anchors)
             found = match(signature_of(bases[span.segment_id], config), anchors, config)
             outcome.matches[span.segment_id] = found
-            if not found.reusable:
+            if found.reusable:
+                piece, previous = corrected(bases[span.segment_id], found), found
+            else:
                 outcome.reasons[span.segment_id] = found.reason
-                previous = None
-                continue
-            piece = corrected(bases[span.segment_id], found)
-            previous = found
+                piece, previous = None, None
+                if text_bases is not None:
+                    piece = bases[span.segment_id].clone()
         else:
-            text = blended_next_text(previous) if previous is not None else None
-            if text is None or text.length != span.end - span.start:
+            piece = blended_next_text(previous) if previous is not None else None
+            if piece is None or piece.length != span.end - span.start:
                 outcome.reasons.setdefault(f"text@{span.start}", "no anchor holds this template text's KV")
-                continue
-            piece = text
+                piece = text_bases[span.start].clone() if text_bases is not None else None
+        if piece is None:
+            continue
         piece.shift(span.start, rope)
         pieces.append(piece)
-    if not outcome.reasons:
+    if not outcome.reasons or text_bases is not None:
         outcome.kv = KVCache.concat(pieces)
     return outcome
 
@@ -145,10 +158,8 @@ def record(
 
 
 def naive(layout: PromptLayout, bases: dict[str, KVCache], text_bases: dict[int, KVCache], rope: RopeSpec) -> KVCache:
-    """The baseline KVCOMM improves on: every piece's base KV moved into place, no correction at all.
-
-    text_bases: the base KV of each template text span inside the reusable range, keyed by its start.
-    """
+    """The baseline KVCOMM improves on, and what CacheBlend starts from: every piece's base KV moved into
+    place, no correction at all. text_bases: each template text span's base KV, keyed by its start."""
     pieces = []
     for span in layout.spans:
         if span.end <= layout.reuse_start or span.start >= layout.reuse_end:

@@ -117,3 +117,22 @@ def test_a_lost_store_degrades_to_dense_with_correct_output(model, tokenizer):
     dense_text, _, _ = TwoAgents(model, tokenizer, MemoryStore()).pipeline(COUNTRIES[0], "dense")
     assert planned.stats.mode in ("dense", "prefix") and "unreachable" in planned.stats.reasons.get("store", "")
     assert text == dense_text
+
+
+def test_blend_mode_repairs_the_moved_segments_in_the_engine(model, tokenizer):
+    agents = TwoAgents(model, tokenizer, MemoryStore())
+    text, planned, stats = agents.pipeline(COUNTRIES[1], "blend")
+    span = planned.layout.reuse_end - planned.layout.reuse_start
+    assert planned.stats.mode == "blend" and planned.stats.reused_tokens == span
+    assert 0 < planned.stats.blend_recomputed < span  # the default share: ~15% of the span
+    assert stats.reused_tokens == span - planned.stats.blend_recomputed
+    dense_text, _, _ = TwoAgents(model, tokenizer, MemoryStore()).pipeline(COUNTRIES[1], "dense")
+    assert text.split()[:3] == dense_text.split()[:3], (text, dense_text)
+
+
+def test_auto_warms_cold_pools_densely_then_blends_where_anchors_do_not_fit(model, tokenizer):
+    never_fits = MatchConfig(max_distance=1e-6)  # warm pools, but no segment is ever close enough
+    agents = TwoAgents(model, tokenizer, MemoryStore(), never_fits)
+    modes = [agents.pipeline(country, "auto")[1].stats.mode for country in COUNTRIES[:3]]
+    assert modes[:2] == ["prefix", "prefix"]  # cold: dense prefills that record anchors
+    assert modes[2] == "blend"  # warm but unfit: repaired by a blend pass, not dense

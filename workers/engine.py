@@ -279,13 +279,19 @@ class Engine:
         self._splice_if_due(seq)
 
     def _splice_if_due(self, seq: Sequence) -> None:
-        """Append the planner's precomputed KV once the prompt before it is in the cache."""
-        if seq.num_computed != seq.reuse.splice_at or seq.reuse.splice_kv is None:
+        """Append (or compute) the planner's KV once the prompt before it is in the cache."""
+        reuse = seq.reuse
+        if seq.num_computed != reuse.splice_at or not reuse.splice_pending:
             return
-        seq.cache.append(seq.reuse.splice_kv)
-        seq.num_computed += seq.reuse.splice_kv.length
-        seq.stats.reused_tokens = seq.reuse.splice_kv.length
-        seq.reuse.splice_kv = None  # done: free it, and never splice twice
+        if reuse.splice_kv is not None:
+            seq.cache.append(reuse.splice_kv)
+            added, recomputed = reuse.splice_kv.length, 0
+        else:
+            assert reuse.splice_fn is not None
+            added, recomputed = reuse.splice_fn(seq.cache)
+        seq.num_computed += added
+        seq.stats.reused_tokens = added - recomputed
+        reuse.splice_kv = reuse.splice_fn = None  # done: free it, and never splice twice
 
     def _propose(self, chunks: list[ScheduledChunk]) -> dict[str, Draft]:
         """Drafts for this step's decoding requests (empty without speculation or where it does not pay)."""

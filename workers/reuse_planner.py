@@ -1,10 +1,16 @@
 """The reuse planner: a prompt's parts in, an engine request out — token ids plus how to serve them.
 
-Modes (`reuse=` per call): `dense` (no reuse at all), `prefix` (exact prefix cache), `kvcomm` (prefix,
-then every segment's base KV corrected by its slot's anchors when the pool vouches for all of them,
-else a dense call whose real KV becomes new anchors), `auto` (the best available: today kvcomm), and
-`naive` (every piece's base KV moved into place uncorrected: the baseline KVCOMM is measured against,
-for benchmarks; never a good idea in production).
+Modes (`reuse=` per call):
+- `dense`: no reuse at all; `prefix`: the exact prefix cache, then prefill.
+- `kvcomm`: prefix, then every segment's base KV corrected by its slot's anchors when the pool vouches
+  for all of them; else a dense call whose real KV becomes new anchors.
+- `blend`: prefix, then the segments' base KV moved into place and repaired by a CacheBlend pass
+  (blend.py) that recomputes the tokens deviating most.
+- `auto` (the default): exact prefix; kvcomm where the anchors vouch for every segment; while a slot's
+  pool is still cold, dense (which fills it); otherwise blend, starting from kvcomm-corrected KV for the
+  segments the anchors do vouch for.
+- `naive`: every piece's base KV moved into place, uncorrected: the baseline the others are measured
+  against, for benchmarks; never a good idea in production.
 After every call the response is published as a segment (its KV from this decode, normalized), so a
 downstream agent's worker finds it. Anchor recording and publishing run on a background thread: the
 engine thread only copies the KV they need.
@@ -26,6 +32,7 @@ from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, PromptSpan, assemble, mark_
 from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.kvcomm.store import Store, StoredSegment, StoreUnavailable
 
+from .blend import BlendConfig, blend
 from .chat_frame import ChatFramer
 from .engine import validate_prompt
 from .llama import LlamaModel
@@ -35,7 +42,7 @@ from .segment_base import base_alone, base_from_decode
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-REUSE_MODES = ("auto", "dense", "prefix", "kvcomm", "naive")
+REUSE_MODES = ("auto", "dense", "prefix", "kvcomm", "blend", "naive")
 
 
 @dataclass(frozen=True)
@@ -47,8 +54,10 @@ class PromptPiece:
 
 @dataclass
 class ReuseStats:
-    mode: str = "dense"  # what served the prompt: dense (no reuse), prefix (exact prefix cache + prefill), kvcomm
-    reused_tokens: int = 0  # prompt tokens whose KV came from segments and anchors
+    mode: str = "dense"  # what served the prompt: dense (no reuse), prefix (exact prefix cache + prefill), kvcomm,
+    # blend, naive
+    reused_tokens: int = 0  # prompt tokens whose KV came from segments and anchors (before any blend repair)
+    blend_recomputed: int = 0  # of those, recomputed by the blend pass (known once the engine ran it)
     anchors_consulted: int = 0
     preprocess_s: float = 0.0  # base KVs, matching and assembly, before the engine saw the request
     reasons: dict[str, str] = field(default_factory=dict)  # why segments were not reused
@@ -66,12 +75,18 @@ class PlannedCall:
 
 class ReusePlanner:
     def __init__(
-        self, model: LlamaModel, tokenizer: Tokenizer, store: Store | None, config: MatchConfig | None = None
+        self,
+        model: LlamaModel,
+        tokenizer: Tokenizer,
+        store: Store | None,
+        config: MatchConfig | None = None,
+        blend_config: BlendConfig | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.store = store
         self.config = config or MatchConfig()
+        self.blend_config = blend_config or BlendConfig()
         # the chat frame a query or tool output is prefilled behind (then dropped) for its base KV: the model's
         # default one, so the segment is seen as message content, as it will be in real prompts
         user_turn = tokenizer.render_chat([{"role": "user", "content": "\x00"}], add_generation_prompt=False)
@@ -98,13 +113,18 @@ class ReusePlanner:
         ids, layout, segment_tokens, stored = self._layout(head, pieces, tail, agent)
         validate_prompt(ids, self.model.config)  # before any base KV is computed for it
         reuse.on_finished = self._publisher(agent, len(ids))
-        if mode in ("kvcomm", "auto", "naive") and layout is not None and self.store is not None:
+        if mode not in ("dense", "prefix") and layout is not None and self.store is not None:
             try:
                 bases = self._bases(segment_tokens, stored)
-                if mode == "naive":
-                    self._plan_naive(layout, ids, bases, reuse, stats)
+                if mode in ("naive", "blend"):
+                    kv = naive(layout, bases, self._text_bases(layout, ids), self.model.config.rope)
+                    if mode == "naive":
+                        reuse.splice_at, reuse.splice_kv = layout.reuse_start, kv
+                        stats.mode, stats.reused_tokens = "naive", kv.length
+                    else:
+                        self._plan_blend(layout, ids, kv, reuse, stats)
                 else:
-                    self._plan_kvcomm(layout, bases, reuse, stats)
+                    self._plan_kvcomm(layout, ids, bases, reuse, stats, auto=mode == "auto")
             except StoreUnavailable as exc:
                 self._warn_store(exc)
                 stats.reasons["store"] = str(exc)
@@ -149,10 +169,17 @@ class ReusePlanner:
         return ids, layout if layout.segments() else None, segment_tokens, stored
 
     def _plan_kvcomm(
-        self, layout: PromptLayout, bases: dict[str, KVCache], reuse: PromptReuse, stats: ReuseStats
+        self,
+        layout: PromptLayout,
+        ids: list[int],
+        bases: dict[str, KVCache],
+        reuse: PromptReuse,
+        stats: ReuseStats,
+        auto: bool,
     ) -> None:
         assert self.store is not None
-        outcome = assemble(layout, bases, self.store, self.model.config.rope, self.config)
+        rope = self.model.config.rope
+        outcome = assemble(layout, bases, self.store, rope, self.config)
         stats.anchors_consulted = outcome.anchors_consulted
         stats.matches = {key: (m.nearest, m.entropy_bits, m.spread) for key, m in outcome.matches.items()}
         if outcome.kv is not None:
@@ -162,21 +189,40 @@ class ReusePlanner:
             return
         stats.reasons.update(outcome.reasons)
         unvouched = {s.segment_id for s in layout.segments() if s.segment_id in outcome.reasons}
+        cold = any(outcome.matches[key].anchor_weights is None for key in unvouched if key is not None)
+        if auto and not cold:  # the pools are warm, they just do not fit everything: repair by blending
+            partial = assemble(layout, bases, self.store, rope, self.config, self._text_bases(layout, ids))
+            assert partial.kv is not None
+            mark_used(self.store, layout, partial)
+            self._plan_blend(layout, ids, partial.kv, reuse, stats)
+            return
         reuse.on_prefilled = self._recorder(layout, bases, {i for i in unvouched if i is not None})
 
-    def _plan_naive(
-        self, layout: PromptLayout, ids: list[int], bases: dict[str, KVCache], reuse: PromptReuse, stats: ReuseStats
+    def _plan_blend(
+        self, layout: PromptLayout, ids: list[int], kv: KVCache, reuse: PromptReuse, stats: ReuseStats
     ) -> None:
+        """The span's KV as given, repaired by a CacheBlend pass once the exact prefix is in the cache."""
+        span_ids = ids[layout.reuse_start : layout.reuse_end]
+        config = self.blend_config
+
+        def splice(cache: KVCache) -> tuple[int, int]:
+            recomputed = blend(self.model, cache, span_ids, kv, config).recomputed_tokens
+            stats.blend_recomputed = recomputed
+            return len(span_ids), recomputed
+
+        reuse.splice_at, reuse.splice_fn = layout.reuse_start, splice
+        stats.mode, stats.reused_tokens = "blend", kv.length
+
+    def _text_bases(self, layout: PromptLayout, ids: list[int]) -> dict[int, KVCache]:
+        """The base KV (alone) of each template text span between segments, by start; cached as segments."""
         texts: dict[int, KVCache] = {}
         for span in layout.spans:
             if span.is_segment or not layout.reuse_start < span.start < layout.reuse_end:
                 continue
             text_ids = ids[span.start : span.end]
             key = segment_id("template-text", repr(text_ids))
-            texts[span.start] = self._bases({key: text_ids}, {})[key]  # the template text's KV alone
-        kv = naive(layout, bases, texts, self.model.config.rope)
-        reuse.splice_at, reuse.splice_kv = layout.reuse_start, kv
-        stats.mode, stats.reused_tokens = "naive", kv.length
+            texts[span.start] = self._bases({key: text_ids}, {})[key]
+        return texts
 
     def _bases(
         self, segment_tokens: dict[str, list[int]], stored: dict[str, StoredSegment]

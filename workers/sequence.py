@@ -83,7 +83,7 @@ class Sequence:
     @property
     def num_schedulable(self) -> int:
         """Pending tokens computable now: a prefill stops at a splice point until the splice is in."""
-        if self.reuse.splice_kv is not None and self.reuse.splice_at is not None:
+        if self.reuse.splice_pending and self.reuse.splice_at is not None:
             return min(self.num_pending, self.reuse.splice_at - self.num_computed)
         return self.num_pending
 
