@@ -1,9 +1,9 @@
 """RuntimeConfig: how the runtime's gRPC servers bind and secure themselves, deadlines and actor sizes.
 
 Defaults come from the environment where one is named (KVMESH_HOST, KVMESH_TOKEN, KVMESH_TLS_CERT,
-KVMESH_TLS_KEY, KVMESH_TLS_CA, KVMESH_MAX_MESSAGE_MB, KVMESH_REDIS_URL), so a cluster can be configured
-without code.
-The config is pickled into every actor: all servers of a session share one token and one TLS setting.
+KVMESH_TLS_KEY, KVMESH_TLS_CA, KVMESH_MAX_MESSAGE_MB, KVMESH_REDIS_URL, KVMESH_TRACE), so a cluster can be
+configured without code. The config is pickled into every actor: all servers of a session share one token
+and one TLS setting, and every process traces alike (the driver's OTEL_* settings travel in `trace_env`).
 """
 
 from __future__ import annotations
