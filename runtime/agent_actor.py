@@ -1,7 +1,7 @@
 """An agent as a Ray actor: serves AgentService over gRPC and registers its address.
 
 Built from the user's Agent and the pipeline's tools (shipped pickled, see portable.py). Its Ray
-methods are for lifecycle only; messages arrive over gRPC.
+methods are for lifecycle and traces only (TracedActor); messages arrive over gRPC.
 """
 
 from __future__ import annotations
@@ -18,15 +18,17 @@ from .agent_service import AgentServicer
 from .config import RuntimeConfig
 from .grpc_server import start_server
 from .registry import NAMESPACE, registry_name
+from .tracing import TracedActor, install
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
 
-class AgentActor:
+class AgentActor(TracedActor):
     def __init__(self, payload: bytes, group: str, workflow: str, session_id: str, config: RuntimeConfig) -> None:
         """payload: portable.dumps((agent, {tool name: Tool})) of the tools this agent's template uses."""
         logging.basicConfig(level=logging.WARNING)
         agent, tools = portable.loads(payload)
+        install(config, f"agent {group}/{agent.name}")
         registry = ray.get_actor(registry_name(session_id), namespace=NAMESPACE)
         self._address = ""
         runner = AgentRunner(agent, tools, group, workflow, registry, config)

@@ -5,6 +5,10 @@ driver as OUTPUT (also sent to the same-phase agents that wait for it) or as ERR
 A worker that dies mid-call is waited for (Ray restarts it) and the call is retried once, from scratch
 (the driver is told with RETRY, so streamed tokens can be discarded); a worker that stays dead fails
 the call with an error naming it.
+
+Each call is an `invoke_agent` span (spans.py), current while the agent works: it runs in the START's
+context (agent_service.py), so its parent is the driver's workflow span, and the tools and the worker
+call made under it nest below it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import grpc
 import ray
+from opentelemetry.trace import Span
 
 from kvmesh.agents import Agent, Prompt, Tool, ToolError
 from kvmesh.agents.render import render
@@ -28,6 +33,8 @@ from .config import RuntimeConfig
 from .errors import CallFailed, RuntimeFailure, WorkerDiedError
 from .grpc_client import Channels, describe_rpc_error
 from .registry import Route
+from .spans import agent_span, end_agent, traced_tool
+from .tracing import activated, record_error, tracer
 from .wire import Kind, generate_request, message, phase_of, segment_ids
 
 log = logging.getLogger(__name__)
@@ -72,7 +79,9 @@ class AgentRunner:
         self, agent: Agent, tools: Mapping[str, Tool], group: str, workflow: str, registry: Any, config: RuntimeConfig
     ) -> None:
         self.agent = agent
-        self.tools = dict(tools)
+        self.tracer = tracer(config)
+        traced = bool(config.trace_exporters)
+        self.tools = {name: traced_tool(tool, self.tracer) if traced else tool for name, tool in tools.items()}
         self.group = group  # the pipeline's agents are registered as "{group}/{name}"
         self.workflow = workflow
         self.registry = registry
@@ -86,20 +95,39 @@ class AgentRunner:
     # -- the call --------------------------------------------------------------------------------------
     def run(self, start: agent_pb2.Message, upstream: Mapping[str, agent_pb2.Message], cancel: RunCancel) -> str | None:
         """Serve one START whose awaited OUTPUTs have all arrived. Returns None on success, else the cause
-        (already sent to the driver as ERROR). The one place an agent's span would wrap its work."""
+        (already sent to the driver as ERROR)."""
         started = time.perf_counter()
+        key = self.key(self.agent.name)
+        span = agent_span(self.tracer, self.agent, key, self.workflow, start.run_id, phase_of(start))
+        try:
+            with activated(span):
+                return self._run(start, upstream, cancel, started, span)
+        finally:
+            span.end()
+
+    def _run(
+        self,
+        start: agent_pb2.Message,
+        upstream: Mapping[str, agent_pb2.Message],
+        cancel: RunCancel,
+        started: float,
+        span: Span,
+    ) -> str | None:
         try:
             values = dict(start.inputs) | {name: upstream[name].text for name in start.wait_for}
             prompt = render(self.agent, self.tools, values)  # tools run here, in the agent's process
             text, stats = self._generate(start, prompt, cancel)
             stats.wall_s = time.perf_counter() - started
+            end_agent(span, stats)
             self._deliver(start, text, stats)
             return None
         except Cancelled:
+            span.set_attribute("kvmesh.cancelled", True)
             return "cancelled"
         except Exception as exc:
             cause = str(exc) if isinstance(exc, RuntimeFailure | ToolError) else f"{type(exc).__name__}: {exc}"
             log.warning("agent %s failed: %s", self.agent.name, cause, exc_info=not isinstance(exc, RuntimeFailure))
+            record_error(span, exc, cause)
             if not cancel.cancelled:
                 self._to_driver(start, self._message(start, Kind.ERROR, text=cause))
             return cause

@@ -31,7 +31,7 @@ class _Inbox:
     start: agent_pb2.Message | None = None
     outputs: dict[str, agent_pb2.Message] = field(default_factory=dict)
     # the START handler's context: the call runs in it on the pool thread, so whatever the server
-    # interceptor put in context for that call (the driver's trace context, once tracing lands) carries over
+    # interceptor put in context for that call (the driver's trace context: the agent span's parent) carries over
     context: contextvars.Context | None = None
 
     def ready(self) -> bool:

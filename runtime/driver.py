@@ -39,6 +39,8 @@ from .grpc_server import start_server
 from .registry import NAMESPACE, Registry, registry_name
 from .results import PipelineResult
 from .run_loop import RunSpec, drive
+from .span_record import SpanRecord
+from .tracing import collect_spans, flush_all
 from .worker_actor import WorkerActor
 
 
@@ -221,7 +223,28 @@ class Session:
             group = self._groups.pop(pipeline, None)
         if group is not None:
             self.registry.forget_agents.remote([f"{group.group}/{name}" for name in group.handles])
+            self._flush_before_kill(list(group.handles.values()))
             _kill(list(group.handles.values()))
+
+    # -- traces (tracing.py) ---------------------------------------------------------------------------
+    def finished_spans(self, clear: bool = True) -> list[SpanRecord]:
+        """With trace "memory": the finished spans of this process and of every actor of the session."""
+        return collect_spans(self._actors(), clear)
+
+    def flush_traces(self, timeout_s: float = 10.0) -> bool:
+        """Export now what every process of the session still holds (batched OTLP spans); True if all did."""
+        return flush_all(self._actors(), timeout_s)
+
+    def _actors(self) -> list[Any]:
+        with self._lock:
+            agents = [handle for group in self._groups.values() for handle in group.handles.values()]
+        return [*self.workers.values(), *agents]
+
+    def _flush_before_kill(self, handles: list[Any]) -> None:
+        """A killed actor runs no exit hooks: export its batched spans first (best effort, short)."""
+        if "otlp" in self.config.trace_exporters and ray.is_initialized():
+            with contextlib.suppress(Exception):  # an actor already gone has nothing left to send
+                flush_all(handles, timeout_s=5.0)
 
     def close(self) -> None:
         """Stop every actor of the session and its driver server; Ray itself stays (see cluster.shutdown)."""
@@ -231,8 +254,9 @@ class Session:
             self._closed = True
             groups = list(self._groups.values())
             self._groups.clear()
-        for group in groups:
-            _kill(list(group.handles.values()))
+        agents = [handle for group in groups for handle in group.handles.values()]
+        self._flush_before_kill([*agents, *self.workers.values()])
+        _kill(agents)
         _kill(list(self.workers.values()))
         _kill([self.registry])
         self._server.stop(grace_s=0)

@@ -5,6 +5,9 @@ for, whom to deliver to), then collect what they send back until every agent of 
 delivered its OUTPUT; record, advance (rounds, until/max_iters), next phase. An ERROR ends the run
 with AgentError naming the agent; so does an agent whose actor stops answering. However the run
 ends early (error, timeout, Ctrl-C, the caller dropping the stream), its agents get CANCEL.
+
+The run is one trace: its `invoke_workflow` span is current while each START is sent, so every agent's
+span (and through it every LLM call's) descends from it.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from dataclasses import dataclass
 import grpc
 
 from kvmesh.agents import Phase, Pipeline, RunState
-from kvmesh.v1 import agent_pb2, agent_pb2_grpc
+from kvmesh.v1 import agent_pb2, agent_pb2_grpc, worker_pb2
 
 from .driver_sink import INTERRUPT, DriverSink
 from .errors import AgentDiedError, AgentError, RunTimedOut, RuntimeFailure
 from .events import AgentFinished, PhaseStarted, Retried, RunFinished, StreamEvent, Token
 from .grpc_client import Channels, describe_rpc_error
 from .results import CallRecord, PipelineResult
+from .spans import end_workflow, workflow_span
+from .tracing import activated, record_error, tracer
 from .wire import DRIVER, Kind, message, phase_of
 
 LIVENESS_POLL_S = 2.0  # with no message for this long, check the pending agents still answer
@@ -46,24 +51,24 @@ def new_run_id() -> str:
 
 
 def drive(spec: RunSpec, sink: DriverSink, channels: Channels) -> Iterator[StreamEvent]:
-    """Run the pipeline; yields events (tokens only when spec.stream) and finally RunFinished.
-
-    The one place a workflow span would wrap a run.
-    """
+    """Run the pipeline; yields events (tokens only when spec.stream) and finally RunFinished."""
     run_id = new_run_id()
     inbox = sink.open(run_id)
     started = time.perf_counter()
     deadline = None if spec.timeout_s is None else started + spec.timeout_s
     state = RunState(spec.pipeline, spec.query)
     calls: list[CallRecord] = []
+    usage: list[worker_pb2.CallStats] = []
+    span = workflow_span(tracer(channels.config), spec.pipeline.name, run_id, len(spec.pipeline.agents))
     finished = False
     try:
         while state.phase is not None:
             phase = state.phase
             names = state.phase_agents()
             yield PhaseStarted(phase, tuple(names))
-            for name in names:
-                _send(spec, channels, name, _start(spec, state, run_id, name))
+            with activated(span):  # never across a yield: the caller's code between events is not in the run
+                for name in names:
+                    _send(spec, channels, name, _start(spec, state, run_id, name))
             pending = set(names)
             while pending:
                 msg = _next(spec, channels, inbox, pending, deadline)
@@ -81,6 +86,7 @@ def drive(spec: RunSpec, sink: DriverSink, channels: Channels) -> Iterator[Strea
                     state.record(agent, msg.text)
                     record = CallRecord.from_stats(agent, phase, msg.stats)
                     calls.append(record)
+                    usage.append(msg.stats)
                     yield AgentFinished(agent, phase, msg.text, record)
             state.advance()
         base = state.result()
@@ -92,12 +98,23 @@ def drive(spec: RunSpec, sink: DriverSink, channels: Channels) -> Iterator[Strea
             calls=calls,
             wall_s=time.perf_counter() - started,
         )
+        end_workflow(span, usage, base.rounds)
+        span.end()  # the run is over; the caller may hold the stream open a while longer
         finished = True
         yield RunFinished(result)
+    except GeneratorExit:  # the caller stopped reading early: a cancel, not a failure
+        if not finished:
+            span.set_attribute("kvmesh.cancelled", True)
+        raise
+    except BaseException as exc:
+        if not finished:
+            record_error(span, exc)
+        raise
     finally:
         sink.close(run_id)
         if not finished:
             _cancel(spec, channels, run_id)
+            span.end()
 
 
 def _start(spec: RunSpec, state: RunState, run_id: str, name: str) -> agent_pb2.Message:

@@ -1,7 +1,7 @@
 """A worker as a Ray actor: loads the engine, serves WorkerService over gRPC, registers its address.
 
 Created with max_restarts (Ray restarts it after a crash, re-running __init__: a fresh engine, a new
-port, a new registration). Its Ray methods are for lifecycle only; LLM calls arrive over gRPC.
+port, a new registration). Its Ray methods are for lifecycle and traces only; LLM calls arrive over gRPC.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from kvmesh.workers.sampling import SamplingParams
 from .config import RuntimeConfig
 from .grpc_server import start_server
 from .registry import NAMESPACE, registry_name
+from .tracing import TracedActor, install, tracer
 from .worker_service import WorkerServicer
 
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
@@ -32,15 +33,18 @@ def model_label(spec: str) -> str:
     return Path(spec).name if ("/" in spec or spec.endswith(".gguf")) else spec
 
 
-class WorkerActor:
+class WorkerActor(TracedActor):
     def __init__(self, name: str, model: str, session_id: str, config: RuntimeConfig) -> None:
         self.name = name
+        install(config, name)
         engine = Engine.load(model)
         _warm_up(engine)
         self.loop = EngineLoop(engine)
         self.planner = ReusePlanner(engine.model, engine.tokenizer, kv_store(config.redis_url))
         self._address = ""
-        servicer = WorkerServicer(self.loop, self.planner, model_label(model), lambda: self._address)
+        servicer = WorkerServicer(
+            self.loop, self.planner, model_label(model), lambda: self._address, tracer(config)
+        )
         self.server = start_server(
             config,
             {WORKER_SERVICE: lambda server: worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)},

@@ -3,7 +3,8 @@
 Generate hands the prompt's parts to the reuse planner (ids part by part in the model's chat frame, and
 how to serve them: prefix cache, KVCOMM-corrected segment KV, or dense), submits the result to the engine
 loop under the caller's request id, streams a chunk per token and ends with a chunk carrying the call's
-CallStats. A client that goes away (cancel, deadline, crash) cancels the engine request.
+CallStats. A client that goes away (cancel, deadline, crash) cancels the engine request. Each call is
+a `chat {model}` span (spans.traced_chat) under the calling agent's span.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import grpc
+from opentelemetry import trace
 
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.workers.engine_loop import EngineLoop
@@ -20,10 +22,20 @@ from kvmesh.workers.reuse_planner import PlannedCall, PromptPiece, ReusePlanner
 from kvmesh.workers.sampling import InvalidRequestError, SamplingParams
 from kvmesh.workers.sequence import RequestStats
 
+from .spans import traced_chat
+
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, loop: EngineLoop, planner: ReusePlanner, model_name: str, address: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        loop: EngineLoop,
+        planner: ReusePlanner,
+        model_name: str,
+        address: Callable[[], str],
+        tracer: trace.Tracer | None = None,
+    ) -> None:
         self.loop = loop
+        self.tracer = tracer or trace.NoOpTracer()
         self.planner = planner
         self.model_name = model_name
         self._address = address  # known once the server is bound
@@ -33,8 +45,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     # -- Generate --------------------------------------------------------------------------------------
     def Generate(self, request: worker_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
         """Chunks of text as the engine decodes, the last with CallStats. INVALID_ARGUMENT for a request the
-        engine cannot serve (bad sampling, prompt longer than the context). The one place a worker's
-        inference span would wrap an LLM call."""
+        engine cannot serve (bad sampling, prompt longer than the context)."""
+        return traced_chat(self.tracer, request, self.model_name, self._generate(request, context))
+
+    def _generate(self, request: worker_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
         try:
             sampling = _sampling(request.sampling)
             planned = self._plan(request)
