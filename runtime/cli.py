@@ -122,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     kvcomm_bench.add_argument("--store", choices=("redis", "memory"), default="redis", help="where anchors live")
     _add_model_options(kvcomm_bench)
     kvcomm_bench.set_defaults(handler=_bench_kvcomm)
+
+    blend_bench = bench_kinds.add_parser("blend", help="CacheBlend on retrieval beside dense, full reuse and KVCOMM")
+    blend_bench.add_argument(
+        "--workload", default=None, help="workload file (default: bench/workloads/blend/retrieval.json)"
+    )
+    blend_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    blend_bench.add_argument("--quick", action="store_true", help="4 questions, 3 modes")
+    _add_model_options(blend_bench)
+    blend_bench.set_defaults(handler=_bench_blend)
+
+    runtime_bench = bench_kinds.add_parser("runtime", help="agent-to-agent latency and orchestration overhead")
+    runtime_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    runtime_bench.add_argument("--quick", action="store_true", help="fewer calls, one run per chain, 4 tokens")
+    runtime_bench.add_argument("--model", default="smollm2", help="the worker's model (default: smollm2)")
+    runtime_bench.set_defaults(handler=_bench_runtime)
     return parser
 
 
@@ -146,10 +161,22 @@ def _demo(args: argparse.Namespace) -> int:
     return run_pipeline(demo_pipeline(max_tokens), args.query or DEMO_QUERY, args, demo=True)
 
 
+def _bench_blend(args: argparse.Namespace) -> int:
+    from kvmesh.bench.blend_bench import run_blend_bench
+
+    return run_blend_bench(args)
+
+
 def _bench_kvcomm(args: argparse.Namespace) -> int:
     from kvmesh.bench.kvcomm_bench import run_kvcomm_bench
 
     return run_kvcomm_bench(args)
+
+
+def _bench_runtime(args: argparse.Namespace) -> int:
+    from kvmesh.bench.runtime_bench import run_runtime_bench
+
+    return run_runtime_bench(args)
 
 
 def _bench_suffix(args: argparse.Namespace) -> int:

@@ -131,6 +131,16 @@ class ReusePlanner:
         stats.preprocess_s = time.perf_counter() - started
         return PlannedCall(ids, reuse, stats, layout)
 
+    def prefill_segments(self, segments: list[tuple[str, str]]) -> int:
+        """Compute and store the base KV of (segment id, text) pairs not stored yet, e.g. a document store's
+        chunks ahead of the questions that will cite them; returns how many were computed."""
+        if self.store is None:
+            raise ValueError("this planner has no KV store to prefill into")
+        with self._lock:
+            missing = {key: self.tokenizer.encode(text) for key, text in segments if self._get_segment(key) is None}
+            self._bases(missing, {})
+        return len(missing)
+
     def drain(self) -> None:
         """Wait for the background recording and publishing (tests and benchmarks call this)."""
         pending, self._pending = self._pending, []
