@@ -290,7 +290,8 @@ class Engine:
             assert reuse.splice_fn is not None
             added, recomputed = reuse.splice_fn(seq.cache)
         seq.num_computed += added
-        seq.stats.reused_tokens = added - recomputed
+        seq.stats.prefix_hit_tokens += reuse.splice_exact
+        seq.stats.reused_tokens = added - recomputed - reuse.splice_exact
         reuse.splice_kv = reuse.splice_fn = None  # done: free it, and never splice twice
 
     def _propose(self, chunks: list[ScheduledChunk]) -> dict[str, Draft]:

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 REUSE_MODES = ("auto", "dense", "prefix", "kvcomm", "blend", "naive")
+_PREFIX_BUDGET_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class ReusePlanner:
         user_turn = tokenizer.render_chat([{"role": "user", "content": "\x00"}], add_generation_prompt=False)
         self._user_header = tokenizer.encode(user_turn.split("\x00")[0])
         self.framer = ChatFramer(tokenizer)
+        self._prefixes: OrderedDict[bytes, KVCache] = OrderedDict()  # exact KV of template heads, LRU
+        self._prefix_bytes = 0
         self._lock = threading.RLock()  # planning and the background jobs share the store and the model
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmesh-kvcomm")
         self._pending: list[Future[None]] = []
@@ -128,8 +132,46 @@ class ReusePlanner:
             except StoreUnavailable as exc:
                 self._warn_store(exc)
                 stats.reasons["store"] = str(exc)
+        if layout is not None and mode != "dense":
+            self._with_known_prefix(ids[: layout.reuse_start], reuse)
         stats.preprocess_s = time.perf_counter() - started
         return PlannedCall(ids, reuse, stats, layout)
+
+    def _with_known_prefix(self, prefix: list[int], reuse: PromptReuse) -> None:
+        """The text before the first segment (system prompt, template head) is the same in every call of an
+        agent. Its exact KV, kept from an earlier call, goes in ahead of the splice, which then starts at 0:
+        the engine is spared a forward over the few tokens the block-aligned prefix cache leaves out."""
+        key = hashlib.sha256(repr(prefix).encode()).digest()
+        known = self._prefixes.get(key)
+        if known is not None and reuse.splice_at == len(prefix):
+            self._prefixes.move_to_end(key)
+            if reuse.splice_kv is not None:
+                reuse.splice_kv = KVCache.concat([known, reuse.splice_kv])
+            elif reuse.splice_fn is not None:
+                compute = reuse.splice_fn
+
+                def splice(cache: KVCache) -> tuple[int, int]:
+                    cache.append(known)
+                    added, recomputed = compute(cache)
+                    return len(prefix) + added, recomputed
+
+                reuse.splice_fn = splice
+            reuse.splice_at, reuse.splice_exact = 0, len(prefix)
+            return
+        if known is None:
+            then = reuse.on_prefilled
+
+            def remember(cache: KVCache) -> None:  # the engine thread: a copy, then the bookkeeping
+                kv = cache.slice(0, len(prefix))
+                with self._lock:
+                    self._prefixes[key] = kv
+                    self._prefix_bytes += kv.nbytes()
+                    while self._prefix_bytes > _PREFIX_BUDGET_BYTES and len(self._prefixes) > 1:
+                        self._prefix_bytes -= self._prefixes.popitem(last=False)[1].nbytes()
+                if then is not None:
+                    then(cache)
+
+            reuse.on_prefilled = remember
 
     def prefill_segments(self, segments: list[tuple[str, str]]) -> int:
         """Compute and store the base KV of (segment id, text) pairs not stored yet, e.g. a document store's
