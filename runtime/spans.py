@@ -15,6 +15,7 @@ the gRPC hops between them are not spans of their own.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -113,14 +114,20 @@ def traced_chat(
             **_request_attributes(sampling.max_tokens, sampling.temperature, sampling.top_p),
         },
     )
+    started = time.perf_counter()
+    first = True
     try:
         for chunk in chunks:
+            if first:  # as the worker's gRPC layer sees it: planning and queueing included
+                span.set_attribute("gen_ai.response.time_to_first_chunk", time.perf_counter() - started)
+                first = False
             if chunk.finished:
                 span.set_attributes(
                     _call_attributes(chunk.stats)
                     | {"gen_ai.response.model": chunk.stats.model or model,
                        "gen_ai.response.finish_reasons": [chunk.finish_reason or "stop"]}
                 )
+                span.add_event("kvmesh.final_chunk")  # what follows is the stream's end, not the engine
             yield chunk
     except GeneratorExit:  # the client went away (cancel, deadline): not an error of the worker's
         span.set_attribute("gen_ai.response.finish_reasons", ["cancelled"])

@@ -129,6 +129,8 @@ def test_a_chat_span_carries_the_genai_and_kvmesh_attributes_of_the_call():
         "kvmesh.spec.accepted_tokens": 1,
         "kvmesh.worker": "127.0.0.1:1",
     }
+    assert 0 <= span.attributes["gen_ai.response.time_to_first_chunk"] <= span.duration_s
+    assert [name for name, _ in span.events] == ["kvmesh.final_chunk"]
     assert span.resource["service.name"] == "kvmesh" and span.resource["kvmesh.process"] == "driver"
 
 
