@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
     runtime_bench.add_argument("--quick", action="store_true", help="fewer calls, one run per chain, 4 tokens")
     runtime_bench.add_argument("--model", default="smollm2", help="the worker's model (default: smollm2)")
+    runtime_bench.add_argument(
+        "--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS, else an embedded local one)"
+    )
     runtime_bench.set_defaults(handler=_bench_runtime)
     return parser
 

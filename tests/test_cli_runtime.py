@@ -115,3 +115,17 @@ def test_ctrl_c_cancels_the_run_and_releases_its_actors(ray_cluster):
     assert "interrupted: the run was cancelled" in "".join(lines)
     after = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
     assert not (after - before), f"actors left behind: {after - before}"
+
+
+def test_runtime_benchmark_quick_run_writes_the_promised_keys(ray_cluster, tmp_path):
+    out = tmp_path / "runtime.json"
+    result = kvmesh("bench", "runtime", "--quick", "--address", ray_cluster.address, "--json", str(out), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for key in ("grpc_p50_ms", "grpc_p99_ms", "ray_call_p50_ms", "overhead_share", "overhead_share_long"):
+        assert isinstance(report[key], float), key
+    assert 0 < report["grpc_p50_ms"] <= report["grpc_p99_ms"] and report["floor"]["grpc_bare_p50_ms"] > 0
+    assert 0 < report["overhead_share"] < 1 and report["chain_1"]["median"]["output_tokens"] == [1] * 10
+    trace = report["breakdown"]["1"]  # the critical path read off the run's spans
+    assert len(trace["chat_ms"]) == 10 and len(trace["hops_ms"]) == 9 and trace["totals_ms"]["model"] > 0
+    assert "gRPC Deliver (agent)" in result.stdout and "target grpc_p50_ms" in result.stdout
