@@ -27,7 +27,9 @@ class CallRecord:
     attempts: int  # 2 when a worker died and the call was retried
     drafted_tokens: int = 0
     accepted_tokens: int = 0
-    reused_tokens: int = 0  # prompt tokens whose KV came from other agents' segments (KVCOMM)
+    reused_tokens: int = 0  # prompt tokens whose KV came from other agents' segments (KVCOMM, blend)
+    anchors_consulted: int = 0
+    segment_modes: dict[str, str] = field(default_factory=dict)  # segment id -> what served its KV
 
     @classmethod
     def from_stats(cls, agent: str, phase: Phase, stats: worker_pb2.CallStats) -> CallRecord:
@@ -47,6 +49,8 @@ class CallRecord:
             drafted_tokens=stats.drafted_tokens,
             accepted_tokens=stats.accepted_tokens,
             reused_tokens=stats.reused_tokens,
+            anchors_consulted=stats.anchors_consulted,
+            segment_modes=dict(stats.segment_modes),
         )
 
 

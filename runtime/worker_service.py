@@ -107,6 +107,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             reuse_mode=mode,
             model=self.model_name,
             worker=self._address(),
+            anchors_consulted=planned.stats.anchors_consulted,
+            segment_modes=planned.stats.segment_modes,
         )
 
     # -- Stats -----------------------------------------------------------------------------------------

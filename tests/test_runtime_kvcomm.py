@@ -37,6 +37,8 @@ def test_a_session_starts_its_own_redis_and_calls_reuse_other_agents_kv_once_anc
     assert set(modes[0].values()) <= {"prefix", "dense"}  # no anchors yet: plain prefills, recorded as anchors
     answerer = next(c for c in runs[2].calls if c.agent == "answerer")
     assert answerer.reuse_mode == "kvcomm" and answerer.reused_tokens > 0, modes
+    assert answerer.anchors_consulted >= 4 and set(answerer.segment_modes.values()) == {"kvcomm"}
+    assert len(answerer.segment_modes) == 2  # the query and the researcher's notes
     # the same segments in the same slots: the anchors' deviations restore the dense KV, so the reply is the same
     assert runs[2].outputs == runs[0].outputs
 

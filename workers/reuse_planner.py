@@ -65,6 +65,8 @@ class ReuseStats:
     reasons: dict[str, str] = field(default_factory=dict)  # why segments were not reused
     # per segment: (nearest anchor distance, weight entropy in bits, deviation spread) where matched
     matches: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    # per segment: what served its KV: kvcomm, blend (repaired from its base), kvcomm+blend, naive, dense
+    segment_modes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,8 +127,10 @@ class ReusePlanner:
                     if mode == "naive":
                         reuse.splice_at, reuse.splice_kv = layout.reuse_start, kv
                         stats.mode, stats.reused_tokens = "naive", kv.length
+                        stats.segment_modes = dict.fromkeys(segment_tokens, "naive")
                     else:
                         self._plan_blend(layout, ids, kv, reuse, stats)
+                        stats.segment_modes = dict.fromkeys(segment_tokens, "blend")
                 else:
                     self._plan_kvcomm(layout, ids, bases, reuse, stats, auto=mode == "auto")
             except StoreUnavailable as exc:
@@ -238,6 +242,7 @@ class ReusePlanner:
             reuse.splice_at, reuse.splice_kv = layout.reuse_start, outcome.kv
             mark_used(self.store, layout, outcome)
             stats.mode, stats.reused_tokens = "kvcomm", outcome.kv.length
+            stats.segment_modes = dict.fromkeys(bases, "kvcomm")
             return
         stats.reasons.update(outcome.reasons)
         unvouched = {s.segment_id for s in layout.segments() if s.segment_id in outcome.reasons}
@@ -247,8 +252,10 @@ class ReusePlanner:
             assert partial.kv is not None
             mark_used(self.store, layout, partial)
             self._plan_blend(layout, ids, partial.kv, reuse, stats)
+            stats.segment_modes = {key: "blend" if key in unvouched else "kvcomm+blend" for key in bases}
             return
         reuse.on_prefilled = self._recorder(layout, bases, {i for i in unvouched if i is not None})
+        stats.segment_modes = dict.fromkeys(bases, "dense")
 
     def _plan_blend(
         self, layout: PromptLayout, ids: list[int], kv: KVCache, reuse: PromptReuse, stats: ReuseStats
