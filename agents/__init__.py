@@ -1,6 +1,7 @@
 """The user's API: agents, prompt templates, tools and pipelines. Pure Python, no Ray or gRPC here."""
 
 from .agent import Agent
+from .documents import Chunk, DocumentStore
 from .errors import PipelineError
 from .local import run_locally
 from .parts import Prompt, SegmentPart, TextPart
@@ -11,6 +12,8 @@ from .topologies import chain, debate, fan_out_in, fully_connected, self_refine
 
 __all__ = [
     "Agent",
+    "Chunk",
+    "DocumentStore",
     "Phase",
     "Pipeline",
     "PipelineError",

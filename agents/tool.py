@@ -1,7 +1,9 @@
 """Tools: Python callables whose result fills a placeholder of the same name.
 
 A tool's parameters name what it reads (`query` or agent names), e.g. `def search(query): ...`; the
-runtime calls it with those values, in the process of the agent whose template uses it.
+runtime calls it with those values, in the process of the agent whose template uses it. A tool that
+returns a list of texts (retrieved chunks) fills its placeholder with one segment per text, so each
+keeps its own identity (and its KV can be reused) in whatever order and position it lands.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ class Tool:
             names.append(param.name)
         object.__setattr__(self, "inputs", tuple(names))
 
-    def __call__(self, values: dict[str, str]) -> str:
+    def __call__(self, values: dict[str, str]) -> str | tuple[str, ...]:
         try:
             result = self.fn(**{name: values[name] for name in self.inputs})
         except Exception as exc:
             raise ToolError(f"tool {self.name!r} failed: {type(exc).__name__}: {exc}") from exc
+        if isinstance(result, list | tuple):
+            return tuple(str(item) for item in result)
         return str(result)
 
 

@@ -10,6 +10,7 @@ Importing kvmesh is cheap: Ray, gRPC and the engine load when the first run star
 
 from kvmesh.agents import (
     Agent,
+    DocumentStore,
     Phase,
     Pipeline,
     PipelineError,
@@ -39,6 +40,7 @@ set_executor(_runtime_executor)
 
 __all__ = [
     "Agent",
+    "DocumentStore",
     "Phase",
     "Pipeline",
     "PipelineError",

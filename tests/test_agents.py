@@ -8,6 +8,7 @@ import pytest
 
 from kvmesh.agents import (
     Agent,
+    DocumentStore,
     Phase,
     Pipeline,
     PipelineError,
@@ -151,3 +152,18 @@ def test_topology_helpers_wire_the_expected_graphs():
 
     ring = fully_connected("r", {"a": "A.", "b": "B.", "c": "C."}, rounds=2)
     assert set(ring.outputs) == {"a", "b", "c"}
+
+
+def test_a_document_store_retrieves_chunks_that_land_as_separate_segments():
+    store = DocumentStore(chunk_words=8)
+    store.add("Veltra is a mountain town. Its mayor is Anna Korsak. The river Sella flows through it.", "veltra")
+    store.add("Morrow lies by the sea. Its mayor is Boris Varga. Fishing boats fill its harbor.", "morrow")
+    assert len(store.chunks) == 4  # each document split after the sentence that passes 8 words
+    best = store.search("Who is the mayor of Morrow?", k=2)
+    assert best[0].doc_id == "morrow" and "Boris Varga" in best[0].text
+    seen = []
+    pipeline = Pipeline("rag", [Agent("reader", "{docs}\n\nQ: {query}")], tools=[store.retriever("docs", k=2)])
+    run_locally(pipeline, "Who is the mayor of Morrow?", lambda agent, prompt: seen.append(prompt) or "ok")
+    segments = [p for p in seen[0].parts if isinstance(p, SegmentPart)]
+    assert [s.text for s in segments[:2]] == [c.text for c in best] and segments[2].producer == "query"
+    assert all(s.producer == "docs" for s in segments[:2])
