@@ -6,10 +6,10 @@
         chat {model}               the LLM call, in the worker's actor (parent: the agent's Generate call)
 
 Attributes: gen_ai.* where the conventions name the thing (operation, agent, workflow, model, request
-parameters, usage, finish reasons), kvmesh.* for the rest (reuse mode and reused/recomputed tokens,
-TTFT, drafted/accepted tokens, worker, attempts). Usage comes from the worker's CallStats, the same
-figures as PipelineResult.calls. All spans are INTERNAL: each is the work itself, in its own process;
-the gRPC hops between them are not spans of their own.
+parameters, usage, finish reasons), kvmesh.* for the rest (reuse mode, reused/recomputed tokens, anchors
+consulted and what served each segment, TTFT, drafted/accepted tokens, worker, attempts). Usage comes
+from the worker's CallStats, the same figures as PipelineResult.calls. All spans are INTERNAL: each is
+the work itself, in its own process; the gRPC hops between them are not spans of their own.
 """
 
 from __future__ import annotations
@@ -159,6 +159,9 @@ def _call_attributes(stats: worker_pb2.CallStats) -> dict[str, Any]:
         "kvmesh.reuse.cached_tokens": stats.cached_tokens,
         "kvmesh.reuse.reused_tokens": stats.reused_tokens,
         "kvmesh.reuse.recomputed_tokens": stats.recomputed_tokens,
+        "kvmesh.reuse.anchors_consulted": stats.anchors_consulted,
+        # what served each segment's KV; attribute values cannot be maps, so "segment id=mode" strings
+        "kvmesh.reuse.segment_modes": [f"{key}={mode}" for key, mode in sorted(stats.segment_modes.items())],
         "kvmesh.ttft_s": stats.ttft_s,
         "kvmesh.decode_tok_s": stats.decode_tok_s,
         "kvmesh.spec.drafted_tokens": stats.drafted_tokens,

@@ -91,6 +91,7 @@ def _chunks(finish: str = "stop", fail: bool = False):
     stats = worker_pb2.CallStats(
         prompt_tokens=40, cached_tokens=16, reused_tokens=8, recomputed_tokens=16, output_tokens=2, ttft_s=0.05,
         drafted_tokens=3, accepted_tokens=1, reuse_mode="kvcomm", model="smollm2", worker="127.0.0.1:1",
+        anchors_consulted=5, segment_modes={"s2": "kvcomm", "s1": "dense"},
     )
     yield worker_pb2.GenerateChunk(text="a")
     if fail:
@@ -124,6 +125,8 @@ def test_a_chat_span_carries_the_genai_and_kvmesh_attributes_of_the_call():
         "kvmesh.reuse.mode": "kvcomm",
         "kvmesh.reuse.reused_tokens": 8,
         "kvmesh.reuse.recomputed_tokens": 16,
+        "kvmesh.reuse.anchors_consulted": 5,
+        "kvmesh.reuse.segment_modes": ["s1=dense", "s2=kvcomm"],
         "kvmesh.ttft_s": pytest.approx(0.05),
         "kvmesh.spec.drafted_tokens": 3,
         "kvmesh.spec.accepted_tokens": 1,
