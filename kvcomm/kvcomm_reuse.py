@@ -124,17 +124,16 @@ def mark_used(store: Store, layout: PromptLayout, outcome: KvcommOutcome) -> Non
         store.mark_used(span.slot, used)
 
 
-def record(
+def make_anchors(
     layout: PromptLayout,
     real: KVCache,
     bases: dict[str, KVCache],
-    store: Store,
     rope: RopeSpec,
     config: MatchConfig,
     segment_ids: set[str],
-) -> int:
-    """After a dense prefill (`real` holds the prompt's true KV): make anchors for the given segments."""
-    made = 0
+) -> list[tuple[str, Anchor]]:
+    """After a dense prefill (`real` holds the prompt's true KV): (slot, anchor) for the given segments."""
+    made: list[tuple[str, Anchor]] = []
     spans = list(layout.spans)
     for index, span in enumerate(spans):
         if not span.is_segment or span.segment_id not in segment_ids or span.slot is None:
@@ -151,9 +150,7 @@ def record(
         if following is not None and not following.is_segment and following.end <= layout.reuse_end:
             next_text = real.slice(following.start, following.end)
             next_text.shift(-following.start, rope)
-        anchor = Anchor(uuid.uuid4().hex, signature_of(base, config), delta, next_text, time.time())
-        store.add_anchor(span.slot, anchor)
-        made += 1
+        made.append((span.slot, Anchor(uuid.uuid4().hex, signature_of(base, config), delta, next_text, time.time())))
     return made
 
 

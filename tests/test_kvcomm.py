@@ -7,7 +7,7 @@ import torch
 
 from kvmesh.kvcomm.anchor_match import MatchConfig
 from kvmesh.kvcomm.kv_cache import KVCache
-from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, PromptSpan, assemble, mark_used, naive, record
+from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, PromptSpan, assemble, make_anchors, mark_used, naive
 from kvmesh.kvcomm.store import MemoryStore
 from kvmesh.workers.forward_batch import ForwardBatch
 from kvmesh.workers.segment_base import base_alone
@@ -83,7 +83,10 @@ def trained(model, tokenizer):
         prompt = Prompt(tokenizer, index)
         real, _ = dense(model, prompt.ids)
         segments = {span.segment_id for span in prompt.layout.segments()}
-        assert record(prompt.layout, real, prompt.bases(model), store, model.config.rope, config, segments) == 2
+        anchors = make_anchors(prompt.layout, real, prompt.bases(model), model.config.rope, config, segments)
+        assert len(anchors) == 2
+        for slot, anchor in anchors:
+            store.add_anchor(slot, anchor)
     return store, config
 
 

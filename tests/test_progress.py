@@ -61,6 +61,7 @@ def test_with_tokens_the_text_streams_labelled_by_agent():
 
 def test_the_table_has_a_row_per_agent_with_its_figures():
     table = result_table(run_events()[-1].result, output_width=20).splitlines()
-    assert table[0].split()[:3] == ["agent", "output", "TTFT"]
+    header = ["agent", "output", "TTFT", "s", "tok/s", "prompt", "cached", "reused", "calls", "wall", "s"]
+    assert table[0].split() == header
     assert table[2].split()[:2] == ["a", "x" * 19 + "…"]
-    assert table[3].split() == ["b", "two", "lines", "0.25", "30.0", "40", "32", "1", "0.50"]
+    assert table[3].split() == ["b", "two", "lines", "0.25", "30.0", "40", "32", "0", "1", "0.50"]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from kvmesh.kvcomm.anchor_match import MatchConfig
 from kvmesh.kvcomm.kv_cache import KVCache
-from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, PromptSpan, assemble, mark_used, naive, record
+from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, PromptSpan, assemble, make_anchors, mark_used, naive
 from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.kvcomm.store import Store, StoredSegment, StoreUnavailable
 
@@ -108,12 +108,14 @@ class ReusePlanner:
         and how to serve them. Thread-safe: concurrent calls plan one at a time."""
         if mode not in REUSE_MODES:
             raise InvalidRequestError(f"reuse mode {mode!r} is not one of {', '.join(REUSE_MODES)}")
+        started = time.perf_counter()  # before the lock: time waiting for another call's planning counts too
         head, tail = self.framer.frame(system)
         with self._lock:
-            return self._plan(head, pieces, tail, agent, mode)
+            return self._plan(head, pieces, tail, agent, mode, started)
 
-    def _plan(self, head: list[int], pieces: list[PromptPiece], tail: list[int], agent: str, mode: str) -> PlannedCall:
-        started = time.perf_counter()
+    def _plan(
+        self, head: list[int], pieces: list[PromptPiece], tail: list[int], agent: str, mode: str, started: float
+    ) -> PlannedCall:
         stats = ReuseStats(mode="dense" if mode == "dense" else "prefix")
         reuse = PromptReuse(use_prefix_cache=mode != "dense")
         ids, layout, segment_tokens, stored = self._layout(head, pieces, tail, agent)
@@ -306,7 +308,14 @@ class ReusePlanner:
 
         def on_prefilled(cache: KVCache) -> None:
             real = cache.slice(0, layout.reuse_end)  # a copy: the engine goes on using its cache
-            self._submit(lambda: record(layout, real, bases, store, rope, config, segment_ids))
+
+            def job() -> None:
+                anchors = make_anchors(layout, real, bases, rope, config, segment_ids)  # no lock: tensors only
+                with self._lock:
+                    for slot, anchor in anchors:
+                        store.add_anchor(slot, anchor)
+
+            self._submit(job)
 
         return on_prefilled
 
@@ -329,14 +338,14 @@ class ReusePlanner:
         assert self.store is not None
         text = self.tokenizer.decode(tokens)
         kv.shift(-start, self.model.config.rope)
-        base = base_from_decode(self.model, kv, 0, tokens)
-        self.store.put_segment(segment_id(agent, text), StoredSegment(tokens, base))
+        base = base_from_decode(self.model, kv, 0, tokens)  # a forward, outside the lock: planning goes on
+        with self._lock:
+            self.store.put_segment(segment_id(agent, text), StoredSegment(tokens, base))
 
     def _submit(self, job: Callable[[], object]) -> None:
-        def run() -> None:
+        def run() -> None:  # jobs take the planning lock only around the store
             try:
-                with self._lock:
-                    job()
+                job()
             except StoreUnavailable as exc:
                 self._warn_store(exc)
 
