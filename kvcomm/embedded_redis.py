@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -12,6 +14,7 @@ import time
 import redis
 
 log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
 INSTALL_HINT = (
     "redis-server is not installed: install it (Debian/Ubuntu: apt-get install -y redis-server) "
     "or point kvmesh at an existing Redis with KVMESH_REDIS_URL=redis://host:port"
@@ -30,6 +33,7 @@ class EmbeddedRedis:
              "--dir", self._dir.name, "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._wait_ready(startup_timeout_s)
@@ -64,6 +68,16 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, have the kernel stop redis-server when its parent dies, so a
+    killed session (SIGKILL, SIGTERM) does not leave a server behind. Elsewhere, stop() is the only way."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _free_port() -> int:
