@@ -6,6 +6,8 @@ Layout (prefix `kvmesh` by default):
   {p}:anchor:{id}    the anchor's tensors (msgpack, see Anchor.to_bytes); immutable once written
   {p}:all            sorted set "{slot}\\x00{id}" by creation time, with {p}:size (hash) for the byte budget
   {p}:segment:{id}   a segment's token ids and base KV, expiring after `segment_ttl_s`
+  {p}:origin         hash anchor id -> the store's `origin` that recorded it (when stores are named)
+  {p}:used_by:{o}    hash origin -> anchors of that origin the store named `o` used (cross-worker sharing)
 Anchors never change after they are written, so each worker keeps the ones it fetched in a local
 cache and asks Redis only for the (small) list of ids per slot. Eviction runs under a short per-slot
 lock so that concurrent workers do not evict twice.
@@ -39,9 +41,13 @@ class RedisStore:
         prefix: str = "kvmesh",
         segment_ttl_s: int = 3600,
         local_cache_bytes: int = 1 << 30,
+        origin: str | None = None,
     ) -> None:
+        """origin: this store's user (a worker's name): anchors it records are tagged with it, and the anchors
+        it uses are counted by their origin, so a deployment can see one worker reuse another's anchors."""
         self.config = config or PoolConfig()
         self.url = url
+        self.origin = origin
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
         self._p = prefix
         self._segment_ttl_ms = segment_ttl_s * 1000
@@ -76,15 +82,26 @@ class RedisStore:
         pipe.hset(f"{self._p}:uses:{slot}", anchor.anchor_id, 0)
         pipe.zadd(f"{self._p}:all", {f"{slot}\x00{anchor.anchor_id}": anchor.created})
         pipe.hset(f"{self._p}:size", f"{slot}\x00{anchor.anchor_id}", size)
+        if self.origin is not None:
+            pipe.hset(f"{self._p}:origin", anchor.anchor_id, self.origin)
         self._call(pipe.execute)
         self._remember(anchor)
         self._evict(slot, keep=anchor.anchor_id)
 
     def mark_used(self, slot: str, anchor_ids: list[str]) -> None:
+        origins = self._call(self._redis.hmget, f"{self._p}:origin", anchor_ids) if self.origin and anchor_ids else []
         pipe = self._redis.pipeline()
         for anchor_id in anchor_ids:
             pipe.hincrby(f"{self._p}:uses:{slot}", anchor_id, 1)
+        for origin in origins:
+            who = origin.decode() if origin is not None else "unknown"
+            pipe.hincrby(f"{self._p}:used_by:{self.origin}", who, 1)
         self._call(pipe.execute)
+
+    def used_by(self, user: str) -> dict[str, int]:
+        """Anchors the store named `user` has used, counted by the origin that recorded them."""
+        raw = self._call(self._redis.hgetall, f"{self._p}:used_by:{user}")
+        return {key.decode(): int(value) for key, value in raw.items()}
 
     def uses(self, slot: str) -> dict[str, int]:
         raw = self._call(self._redis.hgetall, f"{self._p}:uses:{slot}")
@@ -124,6 +141,7 @@ class RedisStore:
         pipe.delete(f"{self._p}:anchor:{victim}")
         pipe.zrem(f"{self._p}:all", f"{slot}\x00{victim}")
         pipe.hdel(f"{self._p}:size", f"{slot}\x00{victim}")
+        pipe.hdel(f"{self._p}:origin", victim)
         self._call(pipe.execute)
 
     def _remember(self, anchor: Anchor) -> None:

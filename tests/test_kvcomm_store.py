@@ -92,6 +92,16 @@ def test_two_workers_share_one_pool_through_redis(redis_url):
     assert first.uses("slot") == {"from-first": 1}
 
 
+def test_named_stores_count_whose_anchors_each_one_used(redis_url):
+    first = RedisStore(redis_url, prefix="origins", origin="worker-0")
+    second = RedisStore(redis_url, prefix="origins", origin="worker-1")
+    first.add_anchor("slot", anchor("a", 1.0))
+    second.add_anchor("slot", anchor("b", 2.0))
+    second.mark_used("slot", ["a", "b", "a"])
+    assert second.used_by("worker-1") == {"worker-0": 2, "worker-1": 1}
+    assert first.used_by("worker-0") == {}
+
+
 def test_a_lost_redis_is_reported_as_unavailable():
     with EmbeddedRedis() as server:
         store = RedisStore(server.url, prefix="gone")
