@@ -6,6 +6,7 @@ from .errors import PipelineError
 from .local import run_locally
 from .parts import Prompt, SegmentPart, TextPart
 from .pipeline import Phase, Pipeline
+from .placement import Placement
 from .run_state import RunResult, RunState
 from .tool import Tool, ToolError, tool
 from .topologies import chain, debate, fan_out_in, fully_connected, self_refine
@@ -17,6 +18,7 @@ __all__ = [
     "Phase",
     "Pipeline",
     "PipelineError",
+    "Placement",
     "Prompt",
     "RunResult",
     "RunState",

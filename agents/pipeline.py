@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .agent import Agent
 from .errors import PipelineError
+from .placement import Placement
 from .template import QUERY, Placeholder
 from .tool import Tool
 
@@ -54,8 +55,14 @@ class Pipeline:
         until: StopCondition | None = None,
         max_iters: int | None = None,
         outputs: Sequence[str] | None = None,
+        agent_placement: Placement | Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
+        # where this pipeline's agent actors run (fields left None: the session's defaults); see placement.py
+        try:
+            self.agent_placement = Placement.of(agent_placement)
+        except ValueError as exc:
+            raise PipelineError(f"pipeline {name!r}: {exc}") from None
         self.agents = _unique(agents, "agent")
         self.tools = _unique(tools, "tool")
         self.until = until
@@ -84,7 +91,14 @@ class Pipeline:
         """A copy whose every agent has these fields changed, e.g. `max_tokens=16` for a quick try."""
         agents = [replace(agent, **changes) for agent in self.agents.values()]
         loop = {"until": self.until, "max_iters": self.rounds} if self.until else {"rounds": self.rounds}
-        return Pipeline(self.name, agents, tools=list(self.tools.values()), outputs=self.outputs, **loop)
+        return Pipeline(
+            self.name,
+            agents,
+            tools=list(self.tools.values()),
+            outputs=self.outputs,
+            agent_placement=self.agent_placement,
+            **loop,
+        )
 
     # -- the graph ---------------------------------------------------------------------------------
     def sources(self, agent: Agent) -> list[Placeholder]:

@@ -43,3 +43,7 @@ class AgentActor(TracedActor):
 
     def ready(self) -> str:
         return self._address
+
+    def node_id(self) -> str:
+        """The Ray node this agent runs on (tests and benchmarks check placement with it)."""
+        return ray.get_runtime_context().get_node_id()

@@ -140,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS, else an embedded local one)"
     )
     runtime_bench.set_defaults(handler=_bench_runtime)
+
+    cluster_bench = bench_kinds.add_parser(
+        "cluster", help="concurrent runs on one worker and on two, on a two-node Ray cluster started here"
+    )
+    cluster_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    cluster_bench.add_argument("--quick", action="store_true", help="one block of 6 runs, half-length outputs")
+    cluster_bench.add_argument("--concurrency", type=int, default=None, help="runs at a time (default 8; quick 4)")
+    cluster_bench.add_argument("--runs", type=int, default=None, help="runs per measured block (default 16; quick 6)")
+    cluster_bench.set_defaults(handler=_bench_cluster)
     return parser
 
 
@@ -180,6 +189,12 @@ def _bench_runtime(args: argparse.Namespace) -> int:
     from kvmesh.bench.runtime_bench import run_runtime_bench
 
     return run_runtime_bench(args)
+
+
+def _bench_cluster(args: argparse.Namespace) -> int:
+    from kvmesh.bench.cluster_bench import run_cluster_bench
+
+    return run_cluster_bench(args)
 
 
 def _bench_suffix(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import atexit
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .registry import NAMESPACE
 
@@ -28,6 +28,8 @@ class ClusterInfo:
     address: str  # the GCS address, for `--address` of another driver
     embedded: bool  # started by this process (and shut down at its exit)
     num_cpus: float
+    resources: dict[str, float] = field(default_factory=dict)  # ray.cluster_resources() when connected
+    node_ips: tuple[str, ...] = ()  # of the alive nodes: several distinct ones mean several machines
 
 
 def connect(address: str | None = None) -> ClusterInfo:
@@ -51,10 +53,13 @@ def connect(address: str | None = None) -> ClusterInfo:
                 _started_here = True
                 atexit.register(shutdown)
         context = ray.get_runtime_context()
+        resources = {name: float(amount) for name, amount in ray.cluster_resources().items()}
         return ClusterInfo(
             address=context.gcs_address,
             embedded=_started_here,
-            num_cpus=float(ray.cluster_resources().get("CPU", 0)),
+            num_cpus=resources.get("CPU", 0.0),
+            resources=resources,
+            node_ips=tuple(node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]),
         )
 
 

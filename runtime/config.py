@@ -1,18 +1,24 @@
 """RuntimeConfig: how the runtime's gRPC servers bind and secure themselves, deadlines and actor sizes.
 
 Defaults come from the environment where one is named (KVMESH_HOST, KVMESH_TOKEN, KVMESH_TLS_CERT,
-KVMESH_TLS_KEY, KVMESH_TLS_CA, KVMESH_MAX_MESSAGE_MB, KVMESH_REDIS_URL, KVMESH_TRACE), so a cluster can be
-configured without code. The config is pickled into every actor: all servers of a session share one token
-and one TLS setting, and every process traces alike (the driver's OTEL_* settings travel in `trace_env`).
+KVMESH_TLS_KEY, KVMESH_TLS_CA, KVMESH_MAX_MESSAGE_MB, KVMESH_REDIS_URL, KVMESH_TRACE, and the placements'
+KVMESH_{WORKER,AGENT}_{CPUS,GPUS,MEMORY_MB,RESOURCES}), so a cluster can be configured without code; every
+variable is listed in env_vars.py. The config is pickled into every actor: all servers of a session share one
+token and one TLS setting, and every process traces alike (the driver's OTEL_* settings travel in `trace_env`).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from kvmesh.agents import Placement
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 TRACE_EXPORTERS = ("console", "otlp", "memory")  # KVMESH_TRACE: "off", or one or more of these, comma-separated
@@ -32,6 +38,47 @@ def _env_mb(name: str, default_mb: int) -> int:
         return int(float(raw) * (1 << 20)) if raw else default_mb << 20
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number of megabytes") from None
+
+
+def _env_float(name: str) -> float | None:
+    raw = _env(name)
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+
+
+def _env_placement(cpus: str, gpus: str, memory_mb: str, resources: str) -> Placement:
+    """A Placement from four variables (unset: None, the default decides); errors name the variable."""
+    raw = _env(resources)
+    try:
+        parsed = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        raise ConfigError(f"{resources}={raw!r} is not JSON; give an object, e.g. '{{\"kvmesh-worker\": 1}}'") from None
+    if parsed is not None and not isinstance(parsed, dict):
+        raise ConfigError(f"{resources}={raw!r}: give a JSON object of resource name -> amount")
+    memory = _env(memory_mb)
+    try:
+        return Placement(
+            num_cpus=_env_float(cpus),
+            num_gpus=_env_float(gpus),
+            memory_bytes=_env_mb(memory_mb, 0) if memory else None,
+            resources=parsed,
+        )
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{cpus} / {gpus} / {memory_mb} / {resources}: {exc}") from None
+
+
+def _worker_placement() -> Placement:
+    return _env_placement(
+        "KVMESH_WORKER_CPUS", "KVMESH_WORKER_GPUS", "KVMESH_WORKER_MEMORY_MB", "KVMESH_WORKER_RESOURCES"
+    )
+
+
+def _agent_placement() -> Placement:
+    return _env_placement("KVMESH_AGENT_CPUS", "KVMESH_AGENT_GPUS", "KVMESH_AGENT_MEMORY_MB", "KVMESH_AGENT_RESOURCES")
 
 
 def _otel_env() -> tuple[tuple[str, str], ...]:
@@ -75,10 +122,12 @@ class RuntimeConfig:
     call_deadline_s: float = 30.0  # every unary call (messages between agents and the driver, stats)
     generate_deadline_s: float = 600.0  # one LLM call, queueing included
     server_threads: int = 16  # handler threads per server (handlers never block on long work)
-    # actors: Ray's CPU accounting only packs them; a CPU worker's torch uses the cores it finds
-    agent_num_cpus: float = 0.0
-    worker_num_cpus: float = 0.5
-    worker_num_gpus: float = 0.0
+    # where actors run (placement.py resolves them): what each worker and, by default, each agent asks Ray
+    # for; fields left None take the built-in defaults (workers: 0.5 CPU, 1 GiB, a GPU on a GPU cluster, the
+    # kvmesh-worker resource where nodes offer it). Ray's CPU accounting only packs actors: a CPU worker's
+    # torch uses the cores it finds. A pipeline's own agent_placement wins over agent_placement here.
+    worker_placement: Placement | Mapping[str, Any] = field(default_factory=_worker_placement)
+    agent_placement: Placement | Mapping[str, Any] = field(default_factory=_agent_placement)
     startup_timeout_s: float = 180.0  # an actor up and serving (a worker loads its model first)
     # where KVCOMM's anchors and segment KVs live, shared by the workers: a redis:// URL; None: the session
     # starts a private redis-server for itself; "memory": each worker keeps its own (nothing shared)
@@ -120,9 +169,14 @@ class RuntimeConfig:
             )
         if self.server_threads < 2:
             raise ConfigError(f"server_threads must be >= 2, got {self.server_threads}")
-        for name in ("agent_num_cpus", "worker_num_cpus", "worker_num_gpus"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"RuntimeConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("worker_placement", "agent_placement"):  # a Placement, or a plain dict of its fields
+            try:
+                placement = Placement.of(getattr(self, name))
+            except ValueError as exc:
+                raise ConfigError(f"RuntimeConfig.{name}: {exc}") from None
+            if placement is None:
+                raise ConfigError(f"RuntimeConfig.{name} must be a kvmesh Placement (Placement() for the defaults)")
+            object.__setattr__(self, name, placement)
         parse_trace(self.trace)
         if not all(isinstance(kv, tuple) and len(kv) == 2 and kv[0].startswith("OTEL_") for kv in self.trace_env):
             raise ConfigError("RuntimeConfig.trace_env must be (name, value) pairs of OTEL_* variables")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvmesh.agents import Pipeline
 from kvmesh.kvcomm.embedded_redis import EmbeddedRedis
@@ -36,6 +37,8 @@ from .errors import AgentDiedError, RuntimeFailure
 from .events import RunFinished, StreamEvent
 from .grpc_client import Channels
 from .grpc_server import start_server
+from .placement import ActorOptions, describe_cluster, resolve, warn_if_short
+from .reachability import check_reachable
 from .registry import NAMESPACE, Registry, registry_name
 from .results import PipelineResult
 from .run_loop import RunSpec, drive
@@ -67,13 +70,20 @@ class Session:
         self.config = config or RuntimeConfig()
         self.model = model
         self.cluster: ClusterInfo = connect(address)
+        check_reachable(self.config, self.cluster.node_ips)  # loopback defaults cannot span machines
+        self.worker_options: ActorOptions = resolve("worker", [self.config.worker_placement], self.cluster.resources)
         self.id = uuid.uuid4().hex[:8]
         self._lock = threading.Lock()
         self._groups: weakref.WeakKeyDictionary[Pipeline, AgentGroup] = weakref.WeakKeyDictionary()
         self._group_count = 0
         self._closed = False
+        # the registry lives on the driver's node (hard: were it placed elsewhere, losing that node would take
+        # routing down with it, while the driver's own node going takes the session anyway)
+        beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.registry = (
-            ray.remote(Registry).options(name=registry_name(self.id), namespace=NAMESPACE, num_cpus=0).remote()
+            ray.remote(Registry)
+            .options(name=registry_name(self.id), namespace=NAMESPACE, num_cpus=0, scheduling_strategy=beside_driver)
+            .remote()
         )
         self.sink = DriverSink()
         self._server = start_server(
@@ -134,17 +144,18 @@ class Session:
 
     def _start_workers(self, count: int) -> None:
         actor = ray.remote(WorkerActor)
+        options = self.worker_options
+        warn_if_short(options, count, self.cluster.resources)
         for i in range(count):
             name = f"worker-{i}"
             self.workers[name] = actor.options(
                 name=f"kvmesh-{self.id}-{name}",
                 namespace=NAMESPACE,
-                num_cpus=self.config.worker_num_cpus,
-                num_gpus=self.config.worker_num_gpus,
                 max_restarts=1,  # a crashed worker comes back once (fresh engine, new port, registered again)
                 runtime_env={"env_vars": dict(ACTOR_ENV)},
+                **options.ray_options(),
             ).remote(name, self.model, self.id, self.config)
-        self._wait_ready(self.workers, "worker", f"each asks for {self.config.worker_num_cpus} CPU")
+        self._wait_ready(self.workers, "worker", f"each asks for {options.describe()}")
 
     def _agents_for(self, pipeline: Pipeline) -> AgentGroup:
         with self._lock:
@@ -157,17 +168,19 @@ class Session:
             group_id = f"{self.id}.{self._group_count}.{pipeline.name}"
             handles = {}
             actor = ray.remote(AgentActor)
+            options = self.agent_options(pipeline)
+            warn_if_short(options, len(pipeline.agents), self.cluster.resources)
             for agent in pipeline.agents.values():
                 tools = {p.source: pipeline.tools[p.source] for p in agent.placeholders if p.source in pipeline.tools}
                 payload = portable.dumps((agent, tools), [t.fn for t in tools.values()])
                 handles[agent.name] = actor.options(
                     name=f"kvmesh-{group_id}-{agent.name}",
                     namespace=NAMESPACE,
-                    num_cpus=self.config.agent_num_cpus,
                     runtime_env={"env_vars": dict(ACTOR_ENV)},
+                    **options.ray_options(),
                 ).remote(payload, group_id, pipeline.name, self.id, self.config)
             try:
-                addresses = self._wait_ready(handles, "agent", f"each asks for {self.config.agent_num_cpus} CPU")
+                addresses = self._wait_ready(handles, "agent", f"each asks for {options.describe()}")
             except BaseException:
                 _kill(list(handles.values()))
                 raise
@@ -183,11 +196,17 @@ class Session:
             return dict(zip(refs, ray.get(list(refs.values()), timeout=timeout), strict=True))
         except ray.exceptions.GetTimeoutError:
             raise RuntimeFailure(
-                f"{kind} actors did not start within {timeout:.0f} s (RuntimeConfig.startup_timeout_s); the cluster "
-                f"has {self.cluster.num_cpus:g} CPUs and {sizing}"
+                f"{kind} actors did not start within {timeout:.0f} s (RuntimeConfig.startup_timeout_s); {sizing}, "
+                f"and the cluster offers {describe_cluster(self.cluster.resources)} (placement: "
+                f"RuntimeConfig.{kind}_placement, env KVMESH_{kind.upper()}_*)"
             ) from None
         except ray.exceptions.RayActorError as exc:
             raise RuntimeFailure(f"a {kind} actor failed to start: {_cause(exc)}") from None
+
+    def agent_options(self, pipeline: Pipeline) -> ActorOptions:
+        """Where the pipeline's agent actors go: its agent_placement, then the session's (placement.py)."""
+        levels = [pipeline.agent_placement, self.config.agent_placement]
+        return resolve("agent", levels, self.cluster.resources)
 
     def agent_actors(self, pipeline: Pipeline) -> dict[str, Any]:
         """The pipeline's agent actor handles by agent name (started if they are not yet)."""

@@ -28,6 +28,8 @@ class WorkerEntry:
     model: str
     handle: Any  # the worker's Ray actor handle (to wait for its restart)
     registrations: int  # 2+ after Ray restarted it
+    node_id: str = ""  # the Ray node it runs on (to tell a lost node from a crash)
+    node_ip: str = ""
 
 
 @dataclass(frozen=True)
@@ -48,13 +50,15 @@ class Registry:
         self._segments: OrderedDict[str, str] = OrderedDict()  # segment id -> worker name
 
     # -- workers ---------------------------------------------------------------------------------------
-    def register_worker(self, name: str, address: str, model: str, handle: Any) -> None:
+    def register_worker(
+        self, name: str, address: str, model: str, handle: Any, node_id: str = "", node_ip: str = ""
+    ) -> None:
         old = self._workers.get(name)
         if old is not None:  # registering again: Ray restarted it, its caches are empty
             self._segments = OrderedDict((s, w) for s, w in self._segments.items() if w != name)
             self._last_worker = {a: w for a, w in self._last_worker.items() if w != name}
         count = old.registrations + 1 if old is not None else 1
-        self._workers[name] = WorkerEntry(name, address, model, handle, count)
+        self._workers[name] = WorkerEntry(name, address, model, handle, count, node_id, node_ip)
         self._in_flight[name] = 0
 
     def workers(self) -> list[WorkerEntry]:

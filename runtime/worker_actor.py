@@ -40,7 +40,7 @@ class WorkerActor(TracedActor):
         engine = Engine.load(model)
         _warm_up(engine)
         self.loop = EngineLoop(engine)
-        self.planner = ReusePlanner(engine.model, engine.tokenizer, kv_store(config.redis_url))
+        self.planner = ReusePlanner(engine.model, engine.tokenizer, kv_store(config.redis_url, name))
         self._address = ""
         servicer = WorkerServicer(
             self.loop, self.planner, model_label(model), lambda: self._address, tracer(config)
@@ -52,8 +52,13 @@ class WorkerActor(TracedActor):
         )
         self._address = self.server.address
         registry = ray.get_actor(registry_name(session_id), namespace=NAMESPACE)
-        handle = ray.get_runtime_context().current_actor
-        ray.get(registry.register_worker.remote(name, self._address, model_label(model), handle))
+        context = ray.get_runtime_context()
+        node_ip = ray.util.get_node_ip_address()
+        ray.get(
+            registry.register_worker.remote(
+                name, self._address, model_label(model), context.current_actor, context.get_node_id(), node_ip
+            )
+        )
 
     def ready(self) -> str:
         """The worker's gRPC address; returns once __init__ is done (after a restart, the new one)."""
@@ -62,12 +67,17 @@ class WorkerActor(TracedActor):
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (tests and benchmarks check placement with it)."""
+        return ray.get_runtime_context().get_node_id()
 
-def kv_store(url: str | None) -> Store:
-    """The worker's view of KVCOMM's store: Redis when the session has one, else its own memory."""
+
+def kv_store(url: str | None, worker: str) -> Store:
+    """The worker's view of KVCOMM's store: Redis when the session has one, else its own memory. The worker's
+    name tags the anchors it records, so the pool counts which worker's anchors each worker reuses."""
     if url is None or url == "memory":
         return MemoryStore()
-    return RedisStore(url)  # unreachable Redis is survivable: calls then run dense, with a warning
+    return RedisStore(url, origin=worker)  # unreachable Redis is survivable: calls then run dense, with a warning
 
 
 def _warm_up(engine: Engine) -> None:
