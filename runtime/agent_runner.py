@@ -188,10 +188,13 @@ class AgentRunner:
             raise WorkerDiedError(route.worker, "it is no longer registered")
         timeout = self.config.worker_restart_timeout_s
         try:
-            address = ray.get(entry.handle.ready.remote(), timeout=timeout)
+            address = _await_ready(entry.handle, time.monotonic() + timeout)
         except ray.exceptions.GetTimeoutError:
+            self.registry.remove_worker.remote(route.worker)  # routed to again once it registers (if ever)
             raise WorkerDiedError(
-                route.worker, f"not back within {timeout:.0f} s (RuntimeConfig.worker_restart_timeout_s)"
+                route.worker,
+                f"{_node_state(entry.node_id, entry.node_ip)}not back within {timeout:.0f} s "
+                "(RuntimeConfig.worker_restart_timeout_s)",
             ) from None
         except ray.exceptions.RayActorError as exc:
             self.registry.remove_worker.remote(route.worker)
@@ -229,6 +232,35 @@ class AgentRunner:
             agent_pb2_grpc.AgentServiceStub(self.channels.get(start.driver)).Deliver(msg)
         except grpc.RpcError as exc:  # the driver is gone or gave up on the run: nobody to tell
             log.warning("agent %s: %s", self.agent.name, describe_rpc_error(exc, "the driver"))
+
+
+def _await_ready(handle: ray.actor.ActorHandle, deadline: float) -> str:
+    """The worker's address once it answers. While Ray is still restarting it, its calls fail with
+    ActorUnavailableError (a RayActorError, but not a death): ask again until the deadline."""
+    while True:
+        try:
+            return ray.get(handle.ready.remote(), timeout=max(0.0, deadline - time.monotonic()))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() >= deadline:
+                raise ray.exceptions.GetTimeoutError("still restarting") from None
+            time.sleep(0.2)
+
+
+def _node_state(node_id: str, node_ip: str) -> str:
+    """"its node 10.0.0.7 (1a2b3c4d…) left the cluster and Ray found no other node that offers its
+    placement; " when that is what happened, else "" (the GCS is asked; it may lag a dead node by seconds)."""
+    if not node_id:
+        return ""
+    try:
+        alive = next((n["Alive"] for n in ray.nodes() if n["NodeID"] == node_id), False)
+    except Exception:  # the GCS itself is unreachable: say nothing rather than guess
+        return ""
+    if alive:
+        return ""
+    return (
+        f"its node {node_ip or '?'} ({node_id[:8]}…) left the cluster and Ray found no other node that "
+        "offers its placement; "
+    )
 
 
 def _first_line(exc: BaseException) -> str:
