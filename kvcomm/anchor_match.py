@@ -142,24 +142,23 @@ def _spread(anchors: Sequence[Anchor], token_weights: torch.Tensor, config: Matc
     return spread / mean.numel() / float(mean.abs().mean().clamp_min(1e-12))
 
 
-def corrected(base: KVCache, found: Match, min_weight: float = 1e-3) -> KVCache:
-    """base + per-token weighted anchor deviations; layer 0 stays as it is (it depends on nothing before).
+def correct(kv: KVCache, found: Match, min_weight: float = 1e-3) -> None:
+    """In place: a segment's base KV + per-token weighted anchor deviations; layer 0 stays as it is (it
+    depends on nothing before).
 
     Accumulates anchor by anchor (no [A, L, H, T, D] stack: that is ~0.5 GB for 8 anchors of 3K tokens),
     skipping anchors whose weight is negligible at every token.
     """
     assert found.reusable and found.token_weights is not None
-    tokens = base.length
-    out = base.clone()
-    keys, values = out.keys[1:, :, :tokens], out.values[1:, :, :tokens]  # [L-1, H, T, D] views
-    for anchor, weights in zip(found.anchors, found.token_weights.to(base.dtype), strict=True):
+    tokens = kv.length
+    keys, values = kv.keys[1:, :, :tokens], kv.values[1:, :, :tokens]  # [L-1, H, T, D] views
+    for anchor, weights in zip(found.anchors, found.token_weights.to(kv.dtype), strict=True):
         if float(weights.max()) < min_weight:
             continue
         n = min(tokens, anchor.num_tokens)  # its weights are 0 past its end
         w = weights[None, None, :n, None]  # [1, 1, n, 1]
         keys[:, :, :n].add_(w * anchor.delta.keys[1:, :, :n])
         values[:, :, :n].add_(w * anchor.delta.values[1:, :, :n])
-    return out
 
 
 def blended_next_text(found: Match) -> KVCache | None:

@@ -123,6 +123,23 @@ class KVCache:
             raise ValueError(f"slice [{start}, {end}) is outside a {self.length}-token cache")
         return KVCache.from_tensors(self.keys[:, :, start:end], self.values[:, :, start:end])
 
+    def window(self, start: int, end: int) -> KVCache:
+        """Slots [start, end) as a cache of their own that shares this one's memory (writes land here); it
+        is full (length end - start) and must not grow. Lets a caller assemble pieces in place."""
+        if not 0 <= start <= end <= self.capacity:
+            raise ValueError(f"window [{start}, {end}) is outside a cache of capacity {self.capacity}")
+        view = KVCache.__new__(KVCache)
+        view.keys, view.values = self.keys[:, :, start:end], self.values[:, :, start:end]
+        view.length = end - start
+        return view
+
+    def fill_from(self, other: KVCache) -> None:
+        """Overwrite every slot with another cache of the same length (e.g. a window with its piece)."""
+        if other.length != self.length:
+            raise ValueError(f"cannot fill a {self.length}-token cache from a {other.length}-token one")
+        self.keys[:, :, : self.length] = other.keys[:, :, : other.length]
+        self.values[:, :, : self.length] = other.values[:, :, : other.length]
+
     def append(self, other: KVCache) -> None:
         """Concatenate another cache's tokens after ours (no re-rotation: place it first if needed)."""
         self.reserve(other.length)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .anchor import Anchor
-from .anchor_match import Match, MatchConfig, blended_next_text, corrected, match, signature_of
+from .anchor_match import Match, MatchConfig, blended_next_text, correct, match, signature_of
 from .kv_cache import KVCache
 from .rope import RopeSpec
 from .store import Store
@@ -75,36 +75,40 @@ def assemble(
     always a full span: what a blend pass then repairs where it must, while `reasons` still says where.
     """
     outcome = KvcommOutcome(kv=None)
-    pieces: list[KVCache] = []
+    spans = [s for s in layout.spans if s.end > layout.reuse_start and s.start < layout.reuse_end]
+    # one copy: every piece is written, corrected and moved in its place in the output
+    out = KVCache.empty_like(next(iter(bases.values())), capacity=sum(s.end - s.start for s in spans))
+    offset = 0
     previous: Match | None = None
-    for span in layout.spans:
-        if span.end <= layout.reuse_start or span.start >= layout.reuse_end:
-            continue
-        piece: KVCache | None
+    for span in spans:
+        window = out.window(offset, offset + span.end - span.start)
+        offset += window.length
+        source: KVCache | None
         if span.is_segment:
             assert span.segment_id is not None and span.slot is not None
             anchors = store.anchors(span.slot)
             outcome.anchors_consulted += len(anchors)
             found = match(signature_of(bases[span.segment_id], config), anchors, config)
             outcome.matches[span.segment_id] = found
-            if found.reusable:
-                piece, previous = corrected(bases[span.segment_id], found), found
-            else:
+            source = bases[span.segment_id]
+            previous = found if found.reusable else None
+            if not found.reusable:
                 outcome.reasons[span.segment_id] = found.reason
-                piece, previous = None, None
-                if text_bases is not None:
-                    piece = bases[span.segment_id].clone()
+                source = source if text_bases is not None else None
         else:
-            piece = blended_next_text(previous) if previous is not None else None
-            if piece is None or piece.length != span.end - span.start:
+            source = blended_next_text(previous) if previous is not None else None
+            if source is None or source.length != window.length:
                 outcome.reasons.setdefault(f"text@{span.start}", "no anchor holds this template text's KV")
-                piece = text_bases[span.start].clone() if text_bases is not None else None
-        if piece is None:
+                source = text_bases[span.start] if text_bases is not None else None
+        if source is None:  # strict and unvouched: no KV comes of it, but matching goes on to say why
             continue
-        piece.shift(span.start, rope)
-        pieces.append(piece)
+        window.fill_from(source)
+        if span.is_segment and previous is not None:
+            correct(window, previous)
+        window.shift(span.start, rope)
     if not outcome.reasons or text_bases is not None:
-        outcome.kv = KVCache.concat(pieces)
+        out.length = offset
+        outcome.kv = out
     return outcome
 
 

@@ -9,8 +9,10 @@ Layout (prefix `kvmesh` by default):
   {p}:origin         hash anchor id -> the store's `origin` that recorded it (when stores are named)
   {p}:used_by:{o}    hash origin -> anchors of that origin the store named `o` used (cross-worker sharing)
 Anchors never change after they are written, so each worker keeps the ones it fetched in a local
-cache and asks Redis only for the (small) list of ids per slot. Eviction runs under a short per-slot
-lock so that concurrent workers do not evict twice.
+cache and asks Redis only for the (small) list of ids per slot. Segments do not change either (an id names
+its text, and a text's base KV is always the same), so the segments a worker wrote or read stay in a local
+LRU too: a 2K-token prompt's segments are ~100 MB, a quarter second to fetch and decode. Eviction runs
+under a short per-slot lock so that concurrent workers do not evict twice.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class RedisStore:
         prefix: str = "kvmesh",
         segment_ttl_s: int = 3600,
         local_cache_bytes: int = 1 << 30,
+        local_segment_bytes: int = 512 << 20,
         origin: str | None = None,
     ) -> None:
         """origin: this store's user (a worker's name): anchors it records are tagged with it, and the anchors
@@ -54,6 +57,9 @@ class RedisStore:
         self._cache: OrderedDict[str, Anchor] = OrderedDict()
         self._cache_bytes = 0
         self._local_cache_bytes = local_cache_bytes
+        self._segments: OrderedDict[str, StoredSegment] = OrderedDict()
+        self._segments_bytes = 0
+        self._local_segment_bytes = local_segment_bytes
 
     def ping(self) -> None:
         self._call(self._redis.ping)
@@ -155,15 +161,32 @@ class RedisStore:
 
     # -- segments ----------------------------------------------------------------------------------
     def get_segment(self, segment_id: str) -> StoredSegment | None:
+        local = self._segments.get(segment_id)
+        if local is not None:
+            self._segments.move_to_end(segment_id)
+            return local
         blob = self._call(self._redis.get, f"{self._p}:segment:{segment_id}")
         if blob is None:
             return None
         record = msgpack.unpackb(blob)
-        return StoredSegment(record["token_ids"], KVCache.from_bytes(record["kv"]))
+        segment = StoredSegment(record["token_ids"], KVCache.from_bytes(record["kv"]))
+        self._keep_segment(segment_id, segment)
+        return segment
 
     def put_segment(self, segment_id: str, segment: StoredSegment) -> None:
         blob = msgpack.packb({"token_ids": segment.token_ids, "kv": segment.kv.to_bytes()})
         self._call(self._redis.set, f"{self._p}:segment:{segment_id}", blob, px=self._segment_ttl_ms)
+        self._keep_segment(segment_id, segment)
+
+    def _keep_segment(self, segment_id: str, segment: StoredSegment) -> None:
+        old = self._segments.pop(segment_id, None)
+        if old is not None:
+            self._segments_bytes -= old.kv.nbytes()
+        self._segments[segment_id] = segment
+        self._segments_bytes += segment.kv.nbytes()
+        while self._segments_bytes > self._local_segment_bytes and len(self._segments) > 1:
+            _, dropped = self._segments.popitem(last=False)
+            self._segments_bytes -= dropped.kv.nbytes()
 
     def _call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         try:

@@ -132,6 +132,23 @@ def test_append_and_concat():
         KVCache.concat([])
 
 
+def test_windows_write_into_their_cache_in_place():
+    a, ka, va = _random(4, seed=1)
+    b, kb, vb = _random(6, seed=2)
+    out = KVCache.empty_like(a, capacity=10)
+    out.window(0, 4).fill_from(a)
+    second = out.window(4, 10)
+    second.fill_from(b)
+    second.keys.mul_(2)  # an in-place edit of the window (as a correction or a RoPE move does) lands in out
+    out.length = 10
+    _assert_holds(out, torch.cat([ka, 2 * kb], dim=2), torch.cat([va, vb], dim=2))
+    _assert_holds(b, kb, vb)  # the source is untouched
+    with pytest.raises(ValueError, match="cannot fill a 4-token cache from a 6-token"):
+        out.window(0, 4).fill_from(b)
+    with pytest.raises(ValueError, match="outside a cache of capacity 10"):
+        out.window(8, 11)
+
+
 def test_clone_is_independent():
     cache, keys, values = _random(6)
     copy = cache.clone()

@@ -92,6 +92,21 @@ def test_two_workers_share_one_pool_through_redis(redis_url):
     assert first.uses("slot") == {"from-first": 1}
 
 
+def test_segments_a_worker_wrote_or_read_are_served_locally_within_its_budget(redis_url):
+    one = kv(3, 1.0).nbytes()
+    writer = RedisStore(redis_url, prefix="tlocal", local_segment_bytes=2 * one)
+    reader = RedisStore(redis_url, prefix="tlocal", local_segment_bytes=2 * one)
+    for i, name in enumerate("abc"):
+        writer.put_segment(name, StoredSegment([i], kv(3, float(i))))
+    assert reader.get_segment("c").token_ids == [2]  # another worker's segment comes through Redis
+    writer._redis.delete("tlocal:segment:b", "tlocal:segment:c")  # expired in Redis, say
+    assert writer.get_segment("c").token_ids == [2] and writer.get_segment("b").token_ids == [1]  # still local
+    assert reader.get_segment("c").token_ids == [2] and reader.get_segment("b") is None  # b never reached it
+    assert writer.get_segment("a").token_ids == [0]  # evicted locally (budget of two), fetched from Redis again
+    writer._redis.delete("tlocal:segment:a")
+    assert writer.get_segment("c") is None  # the least recently used went to make room for a
+
+
 def test_named_stores_count_whose_anchors_each_one_used(redis_url):
     first = RedisStore(redis_url, prefix="origins", origin="worker-0")
     second = RedisStore(redis_url, prefix="origins", origin="worker-1")

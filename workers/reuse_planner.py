@@ -151,9 +151,10 @@ class ReusePlanner:
         known = self._prefixes.get(key)
         if known is not None and reuse.splice_at == len(prefix):
             self._prefixes.move_to_end(key)
-            if reuse.splice_kv is not None:
-                reuse.splice_kv = KVCache.concat([known, reuse.splice_kv])
-            elif reuse.splice_fn is not None:
+            if reuse.splice_kv is not None:  # appended after the prefix in the engine: no concatenated copy
+                kv = reuse.splice_kv
+                reuse.splice_kv, reuse.splice_fn = None, lambda cache: (_append(cache, kv), 0)
+            if reuse.splice_fn is not None:
                 compute = reuse.splice_fn
 
                 def splice(cache: KVCache) -> tuple[int, int]:
@@ -377,3 +378,9 @@ def _merge_texts(spans: list[PromptSpan]) -> tuple[PromptSpan, ...]:
         else:
             merged.append(span)
     return tuple(merged)
+
+
+def _append(cache: KVCache, kv: KVCache) -> int:
+    """Append `kv` to `cache`; the number of tokens added."""
+    cache.append(kv)
+    return kv.length
