@@ -75,9 +75,7 @@ def assemble(
     always a full span: what a blend pass then repairs where it must, while `reasons` still says where.
     """
     outcome = KvcommOutcome(kv=None)
-    spans = [s for s in layout.spans if s.end > layout.reuse_start and s.start < layout.reuse_end]
-    # one copy: every piece is written, corrected and moved in its place in the output
-    out = KVCache.empty_like(next(iter(bases.values())), capacity=sum(s.end - s.start for s in spans))
+    spans, out = _reused_spans(layout, bases)
     offset = 0
     previous: Match | None = None
     for span in spans:
@@ -161,11 +159,19 @@ def make_anchors(
 def naive(layout: PromptLayout, bases: dict[str, KVCache], text_bases: dict[int, KVCache], rope: RopeSpec) -> KVCache:
     """The baseline KVCOMM improves on, and what CacheBlend starts from: every piece's base KV moved into
     place, no correction at all. text_bases: each template text span's base KV, keyed by its start."""
-    pieces = []
-    for span in layout.spans:
-        if span.end <= layout.reuse_start or span.start >= layout.reuse_end:
-            continue
-        piece = (bases[span.segment_id] if span.segment_id else text_bases[span.start]).clone()
-        piece.shift(span.start, rope)
-        pieces.append(piece)
-    return KVCache.concat(pieces)
+    spans, out = _reused_spans(layout, bases)
+    offset = 0
+    for span in spans:
+        window = out.window(offset, offset + span.end - span.start)
+        offset += window.length
+        window.fill_from(bases[span.segment_id] if span.segment_id else text_bases[span.start])
+        window.shift(span.start, rope)
+    out.length = offset
+    return out
+
+
+def _reused_spans(layout: PromptLayout, bases: dict[str, KVCache]) -> tuple[list[PromptSpan], KVCache]:
+    """The spans of the reused range, and an empty cache with room for all of them: each piece is then
+    written, corrected and moved in its place (one copy, no concatenation)."""
+    spans = [s for s in layout.spans if s.end > layout.reuse_start and s.start < layout.reuse_end]
+    return spans, KVCache.empty_like(next(iter(bases.values())), capacity=sum(s.end - s.start for s in spans))

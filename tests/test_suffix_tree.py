@@ -71,7 +71,9 @@ def test_a_draft_follows_the_most_frequent_continuation_with_count_ratios():
     config = SuffixCacheConfig(max_depth=16, spec_factor=4, tree_drafts=False, global_tokens=0)
     cache = SuffixCache(config)
     prompt = [1, 2, 3, 4, 5, 9, 1, 2, 3, 4, 6, 9, 1, 2, 3, 4, 5, 9]
-    cache.start("r", prompt)
+    cache.start("r", prompt[:-4])
+    cache.extend("r", prompt[-4:])  # output before the first draft joins the prompt in the request's tree
+    assert "r" not in cache.local and cache.running("r")  # built at the first draft, off the first token's path
     draft = cache.draft("r", [0, 1, 2], max_tokens=8)
     # "1 2" occurs 3 times: "3 4" follows with certainty, then 5 (2 of 3 times), then 9
     assert draft.tokens[:4] == [3, 4, 5, 9] and draft.parents[:4] == [-1, 0, 1, 2]

@@ -107,7 +107,7 @@ class Speculator:
         started = time.perf_counter()
         drafts: dict[str, Draft] = {}
         for key, context, limit in requests:
-            if key not in self.cache.local:
+            if not self.cache.running(key):
                 continue
             draft = self.cache.draft(key, context, limit)
             if len(draft):
@@ -148,7 +148,7 @@ class Speculator:
     def add_tokens(self, key: str, prompt: list[int], output: list[int], new: int, role: str | None) -> None:
         """The last `new` tokens of `output` were verified (a request's first call also loads its prompt)."""
         started = time.perf_counter()
-        if key not in self.cache.local:
+        if not self.cache.running(key):
             self.cache.start(key, prompt, role)
             new = len(output)
         self.cache.extend(key, output[len(output) - new :])

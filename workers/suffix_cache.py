@@ -114,7 +114,10 @@ class SuffixCache:
     def __init__(self, config: SuffixCacheConfig | None = None) -> None:
         self.config = config or SuffixCacheConfig()
         depth = self.config.max_depth
-        self.local: dict[str, SuffixTree] = {}
+        self.local: dict[str, SuffixTree] = {}  # running request -> its own tree (prompt + output), once built
+        # running request -> the tokens its tree will hold: built at its first draft, not at its first token,
+        # because a 3K-token prompt takes ~0.2 s of Python to load, which would otherwise delay that token
+        self._unbuilt: dict[str, list[int]] = {}
         self.roles: dict[str, SuffixTree] = {}
         self.all = SuffixTree(depth)
         self._requests: dict[str, tuple[int, str | None]] = {}  # running request -> (global seq id, role)
@@ -124,16 +127,20 @@ class SuffixCache:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, request: str, prompt: Sequence[int], role: str | None = None) -> None:
-        if request in self.local:
+        if self.running(request):
             self.stop(request)
-        tree = SuffixTree(self.config.max_depth)
-        tree.extend(0, prompt)
-        self.local[request] = tree
+        self._unbuilt[request] = list(prompt)
         self._requests[request] = (next(self._ids), role)
+
+    def running(self, request: str) -> bool:
+        return request in self._requests
 
     def extend(self, request: str, tokens: Sequence[int]) -> None:
         """Verified output tokens of a running request."""
-        self.local[request].extend(0, tokens)
+        if request in self._unbuilt:
+            self._unbuilt[request].extend(tokens)
+        else:
+            self.local[request].extend(0, tokens)
         if not self.config.global_tokens:
             return
         seq_id, role = self._requests[request]
@@ -145,6 +152,7 @@ class SuffixCache:
     def stop(self, request: str) -> None:
         """The request ended: drop its own tree; its output stays in the global trees until evicted."""
         self.local.pop(request, None)
+        self._unbuilt.pop(request, None)
         entry = self._requests.pop(request, None)
         if entry is None or not self.config.global_tokens:
             return
@@ -187,8 +195,12 @@ class SuffixCache:
         """The best draft for what follows `context` (the request's prompt + verified output)."""
         max_tokens = min(max_tokens, self.config.max_spec_tokens)
         best = Draft()
-        if max_tokens <= 0 or request not in self.local:
+        if max_tokens <= 0 or not self.running(request):
             return best
+        if request in self._unbuilt:
+            tree = SuffixTree(self.config.max_depth)
+            tree.extend(0, self._unbuilt.pop(request))
+            self.local[request] = tree
         seq_id, role = self._requests[request]
         sources: list[tuple[str, SuffixTree, int]] = [("local", self.local[request], 0)]
         if self.config.global_tokens:
