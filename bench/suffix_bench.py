@@ -1,11 +1,12 @@
 """`kvmesh bench suffix`: SuffixDecoding speculation on agent-loop workloads, with and without, side by side.
 
-For each workload (bench/workloads/suffix/*.json, schema in the README there) three engines share one model:
-`off` (no speculation), `cold` (speculation, trees empty at the start) and `warm` (speculation, after
-the workload's warmup sessions filled the global trees). Each session runs on all three in turn, so
-machine drift hits them alike. Reported per workload: decode tokens/s and the speedups over `off`,
-accepted draft tokens per verify, drafted vs accepted, draft overhead per step, per-stage speedups,
-and whether all outputs are token-identical (with the top-1/top-2 logit margin where they are not).
+For each workload (bench/workloads/suffix/*.json, schema in the README there) three engines share one
+model: `off` (no speculation), `cold` (speculation, trees empty at the start) and `warm` (speculation,
+after the workload's warmup sessions filled the global trees). The engines take turns call by call
+(each feeding its own previous output forward), so machine drift hits them alike. Reported per
+workload: decode tokens/s and the speedups over `off`, accepted draft tokens per verify, drafted vs
+accepted, draft overhead per step, per-stage speedups, and whether all outputs are token-identical
+(with the top-1/top-2 logit margin where they are not).
 Before the workloads, the cost of one verify forward of 1 + k rows is measured against a decode step;
 from its line and the tokens each step yielded, `speedup_estimate` predicts the speedup independently of
 wall-clock noise (a cross-check for this shared machine). A batched pass submits the first stage of all
@@ -39,7 +40,7 @@ from kvmesh.workers.tokenizer import Tokenizer
 
 from . import floors
 from .engine_bench import _log, _machine_info, _setup
-from .workload import Call, Workload, run_session, shipped_workloads
+from .workload import Call, Workload, run_call, run_session, shipped_workloads
 
 Json = dict[str, Any]
 TARGET_REPETITIVE = 2.0  # decode speedup on repetitive workloads
@@ -137,15 +138,19 @@ def _summary(calls: list[Call], before: Any, engine: Engine, line: Json) -> Json
     return out
 
 
-def _batched(model: LlamaModel, engines: dict[str, Engine], workload: Workload) -> Json:
-    """The first stage of every session (up to 8) submitted at once, on the plain and the warm engine."""
+def _batched(engines: dict[str, Engine], workload: Workload) -> Json:
+    """The first stage of every session (up to 8) submitted at once, on a plain and a speculating engine.
+
+    The speculating engine must be fresh: the others have already answered these very prompts, and
+    their trees would hold the answers.
+    """
     stage_name = workload.sessions[0].chain[0]
     stage = workload.stages[stage_name]
     sessions = [s for s in workload.sessions if s.chain[0] == stage_name][:8]
     sampling = SamplingParams(max_tokens=workload.max_tokens)
     out: Json = {"stage": stage_name, "requests": len(sessions)}
     tokens: dict[str, list[list[int]]] = {}
-    for name in ("off", "warm"):
+    for name in ("off", "fresh"):
         engine = engines[name]
         prompts = [engine.chat_prompt(stage.render(s.input, ""), system=workload.system) for s in sessions]
         before = engine.speculator.stats.drafted if engine.speculator else 0
@@ -157,8 +162,8 @@ def _batched(model: LlamaModel, engines: dict[str, Engine], workload: Workload) 
             out["drafted"] = engine.speculator.stats.drafted - before
             out["accepted"] = sum(c.stats.accepted_tokens for c in completions)
         tokens[name] = [c.token_ids for c in completions]
-    out["speedup"] = out["off_s"] / out["warm_s"]  # whole calls, prefill included (the same work in both)
-    out["identical"] = tokens["off"] == tokens["warm"]
+    out["speedup"] = out["off_s"] / out["fresh_s"]  # whole calls, prefill included (the same work in both)
+    out["identical"] = tokens["off"] == tokens["fresh"]
     return out
 
 
@@ -185,8 +190,10 @@ def run_workload(model: LlamaModel, tokenizer: Tokenizer, workload: Workload, sp
     calls: dict[str, list[Call]] = {name: [] for name in engines}
     monitor = floors.CpuMonitor()
     for index, session in enumerate(workload.sessions):
-        for name, engine in engines.items():
-            calls[name] += run_session(engine, workload, session, index)
+        for position, stage in enumerate(session.chain):  # engines take turns call by call: drift hits all alike
+            for name, engine in engines.items():
+                previous = calls[name][-1].completion.text if position else ""
+                calls[name].append(run_call(engine, workload, session, index, stage, previous))
         _log(f"  {workload.name} session {index + 1}/{len(workload.sessions)}: "
              + ", ".join(f"{n} {sum(c.completion.stats.output_tokens for c in calls[n])} tok" for n in engines))
     others = monitor.lap()
@@ -219,7 +226,8 @@ def run_workload(model: LlamaModel, tokenizer: Tokenizer, workload: Workload, sp
         others_cpu=others,
         speedup_estimate=result["warm"].get("speedup_estimate"),
     )
-    result["batched"] = _batched(model, engines, workload)
+    engines["fresh"] = _engine(model, tokenizer, speculation)
+    result["batched"] = _batched(engines, workload)
     result["identical"] = result["identical"] and result["batched"]["identical"]
     return result
 
@@ -258,8 +266,8 @@ def print_table(results: Json) -> None:
         for stage, s in w["by_stage"].items():
             print(f"    stage {stage}: speedup cold {_fmt(s['speedup_cold'])}, warm {_fmt(s['speedup_warm'])}")
         b = w["batched"]
-        print(f"    batched ({b['requests']} x {b['stage']} at once): off {b['off_tok_s']:.1f} tok/s, warm "
-              f"{b['warm_tok_s']:.1f} tok/s ({_fmt(b['speedup'])}x), {b.get('accepted', 0)}/{b.get('drafted', 0)} "
+        print(f"    batched ({b['requests']} x {b['stage']} at once): off {b['off_tok_s']:.1f} tok/s, speculating "
+              f"{b['fresh_tok_s']:.1f} tok/s ({_fmt(b['speedup'])}x), {b.get('accepted', 0)}/{b.get('drafted', 0)} "
               f"draft tokens accepted, identical {b['identical']}")
         for d in w["divergences"]:
             print(f"    DIVERGED session {d['session']} {d['stage']} at token {d['position']}: plain {d['plain']} "

@@ -105,14 +105,18 @@ class Call:
     completion: Completion
 
 
+def run_call(engine: Engine, workload: Workload, session: Session, index: int, stage_name: str,
+             previous: str) -> Call:
+    """One stage of a session; `previous` is the text the session's previous stage produced."""
+    stage = workload.stages[stage_name]
+    prompt = engine.chat_prompt(stage.render(session.input, previous), system=workload.system)
+    sampling = SamplingParams(max_tokens=workload.max_tokens)  # greedy: outputs must match plain decoding
+    return Call(index, stage_name, prompt, engine.generate([prompt], sampling, role=stage.role)[0])
+
+
 def run_session(engine: Engine, workload: Workload, session: Session, index: int) -> list[Call]:
     """Run a session's chain in order, each stage seeing the previous stage's output text."""
-    calls, previous = [], ""
-    sampling = SamplingParams(max_tokens=workload.max_tokens)  # greedy: outputs must match plain decoding
+    calls: list[Call] = []
     for name in session.chain:
-        stage = workload.stages[name]
-        prompt = engine.chat_prompt(stage.render(session.input, previous), system=workload.system)
-        completion = engine.generate([prompt], sampling, role=stage.role)[0]
-        calls.append(Call(index, name, prompt, completion))
-        previous = completion.text
+        calls.append(run_call(engine, workload, session, index, name, calls[-1].completion.text if calls else ""))
     return calls
