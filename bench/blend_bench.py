@@ -29,6 +29,7 @@ from kvmesh.workers.sampling import SamplingParams
 
 from .engine_bench import _log, _machine_info
 from .inprocess_worker import InProcessWorker
+from .json_report import save_json
 from .kvcomm_bench import _continuation, _summarize
 
 Json = dict[str, Any]
@@ -100,9 +101,7 @@ def run_blend_bench(args: argparse.Namespace) -> int:
     results |= {"workload": workload["name"], "machine": _machine_info(model.device),
                 "wall_s": time.perf_counter() - started}
     _print(results)
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(results, indent=2))
-        _log(f"wrote {args.json_path}")
+    save_json(args.json_path, results, _log)
     return 0
 
 

@@ -21,7 +21,6 @@ Reported:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .json_report import save_json
 from .local_cluster import LocalCluster, node_with, wait_for_nodes
 
 Json = dict[str, Any]
@@ -193,9 +193,7 @@ def run_cluster_bench(args: argparse.Namespace) -> int:
     report = _report(summary, uses, concurrency, runs, blocks, ready_s, quick)
     report["wall_s"] = time.perf_counter() - started
     _print(report)
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(report, indent=2))
-        _log(f"wrote {args.json_path}")
+    save_json(args.json_path, report, _log)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,7 @@ from kvmesh.workers.model_files import RawModel, load_raw_model, resolve_model_p
 from kvmesh.workers.sampling import SamplingParams
 
 from . import floors
+from .json_report import save_json
 
 Json = dict[str, Any]
 
@@ -712,7 +712,5 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     results["elapsed_s"] = time.perf_counter() - _STARTED
     print_table(results)
     sys.stdout.flush()  # the table before the last progress line, when both go to one terminal or file
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(results, indent=2))
-        _log(f"wrote {args.json_path}")
+    save_json(args.json_path, results, _log)
     return 0

@@ -40,6 +40,7 @@ from kvmesh.workers.tokenizer import Tokenizer
 
 from .engine_bench import _log, _machine_info
 from .inprocess_worker import CallResult, InProcessWorker
+from .json_report import save_json
 
 Json = dict[str, Any]
 WORKLOADS = Path(__file__).parent / "workloads" / "kvcomm"
@@ -282,9 +283,7 @@ def run_kvcomm_bench(args: argparse.Namespace) -> int:
             redis.stop()
     results["wall_s"] = time.perf_counter() - started
     _print(results)
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(results, indent=2))
-        _log(f"wrote {args.json_path}")
+    save_json(args.json_path, results, _log)
     return 0
 
 

@@ -22,18 +22,17 @@ more and splits its critical path by the spans (runtime_breakdown.py); --quick u
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
 
+from .json_report import save_json
 from .runtime_breakdown import breakdown
 
 Json = dict[str, Any]
@@ -243,9 +242,7 @@ def run_runtime_bench(args: argparse.Namespace) -> int:
         "wall_s": time.perf_counter() - started,
     }
     _print(report)
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(report, indent=2))
-        _log(f"wrote {args.json_path}")
+    save_json(args.json_path, report, _log)
     return 0
 
 

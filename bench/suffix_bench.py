@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +38,7 @@ from kvmesh.workers.tokenizer import Tokenizer
 
 from . import floors
 from .engine_bench import _log, _machine_info, _setup
+from .json_report import save_json
 from .workload import Call, Workload, run_call, run_session, shipped_workloads
 
 Json = dict[str, Any]
@@ -316,7 +315,5 @@ def run_suffix_bench(args: argparse.Namespace) -> int:
     results["elapsed_s"] = time.perf_counter() - started
     print_table(results)
     sys.stdout.flush()
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(results, indent=2))
-        _log(f"wrote {args.json_path}")
+    save_json(args.json_path, results, _log)
     return 0
