@@ -152,8 +152,7 @@ class ReusePlanner:
         if known is not None and reuse.splice_at == len(prefix):
             self._prefixes.move_to_end(key)
             if reuse.splice_kv is not None:  # appended after the prefix in the engine: no concatenated copy
-                kv = reuse.splice_kv
-                reuse.splice_kv, reuse.splice_fn = None, lambda cache: (_append(cache, kv), 0)
+                reuse.splice_kv, reuse.splice_fn = None, _appending(reuse.splice_kv)
             if reuse.splice_fn is not None:
                 compute = reuse.splice_fn
 
@@ -380,7 +379,11 @@ def _merge_texts(spans: list[PromptSpan]) -> tuple[PromptSpan, ...]:
     return tuple(merged)
 
 
-def _append(cache: KVCache, kv: KVCache) -> int:
-    """Append `kv` to `cache`; the number of tokens added."""
-    cache.append(kv)
-    return kv.length
+def _appending(kv: KVCache) -> Callable[[KVCache], tuple[int, int]]:
+    """A splice that appends `kv` as it is: (tokens added, none recomputed)."""
+
+    def splice(cache: KVCache) -> tuple[int, int]:
+        cache.append(kv)
+        return kv.length, 0
+
+    return splice
