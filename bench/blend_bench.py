@@ -138,10 +138,19 @@ def _results(
         if config is not None:
             share = statistics.mean(recomputed[name])
             row["recomputed_share"] = share
-            # layer 0 in full, the rest for the selected share: the compute bound on the speedup
-            row["speedup_bound"] = 1 / (1 / layers + config.share * (layers - 1) / layers)
+            row["speedup_bound"] = _speedup_bound(config, layers)
         out["modes"][name] = row
     return out
+
+
+def _speedup_bound(config: BlendConfig, layers: int) -> float:
+    """The compute bound on the speedup: layer 0 in full, then each layer for the share its last check kept
+    (all rows before the first check)."""
+    checks, share, cost = config.checks(), 1.0, 1.0
+    for layer in range(1, layers):
+        share = checks.get(layer, share)
+        cost += share
+    return layers / cost
 
 
 def _print(results: Json) -> None:
