@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvmesh.kvcomm.kv_cache import KVCache
-from kvmesh.workers.blend import BlendConfig, blend
+from kvmesh.workers.blend import BlendConfig, _attend_causally, blend
 from kvmesh.workers.forward_batch import ForwardBatch
 from kvmesh.workers.segment_base import base_alone
 
@@ -114,3 +114,20 @@ def test_a_bad_schedule_is_refused():
         BlendConfig(schedule=((1, 0.1), (2, 0.3)))
     with pytest.raises(ValueError, match="share must be in"):
         BlendConfig(share=1.5)
+
+
+def test_blocked_attention_equals_one_masked_call():
+    """Enough rows for several blocks: each block's shortened key range must not change any output."""
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(3, 700, 64, generator=generator), torch.randn(3, 700, 64, generator=generator)
+    slots = torch.randperm(600, generator=generator)[:300].sort().values + 50  # [300] rows at increasing slots
+    q = torch.randn(300, 9, 64, generator=generator)
+    visible = torch.arange(700)[None, :] <= slots[:, None]
+    want = (
+        torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=visible, enable_gqa=True
+        )[0]
+        .transpose(0, 1)
+        .reshape(300, -1)
+    )
+    torch.testing.assert_close(_attend_causally(q, keys, values, slots), want, atol=1e-5, rtol=0)

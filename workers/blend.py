@@ -22,6 +22,9 @@ from kvmesh.kvcomm.kv_cache import KVCache
 
 from .llama import LlamaModel
 
+_BLOCK_ROWS = 64  # fewer rows per SDPA call cost more in call overhead than the skipped keys save
+_MAX_BLOCKS = 4
+
 
 @dataclass(frozen=True)
 class BlendConfig:
@@ -59,9 +62,7 @@ class BlendStats:
 
 
 @torch.inference_mode()
-def blend(
-    model: LlamaModel, cache: KVCache, token_ids: list[int], reused: KVCache, config: BlendConfig
-) -> BlendStats:
+def blend(model: LlamaModel, cache: KVCache, token_ids: list[int], reused: KVCache, config: BlendConfig) -> BlendStats:
     """cache holds the exact prefix [0, s); reused: the span's KV at positions s.. . Extends cache in place."""
     start, span = cache.length, len(token_ids)
     if reused.length != span:
@@ -76,8 +77,13 @@ def blend(
     for layer in range(model.config.num_layers):
         q, k, v = model.project_qkv(layer, h, cos, sin)  # for the selected rows only
         if layer in checks:
-            keep = _select(v, cache.values[layer, :, start + rows].transpose(0, 1), round(checks[layer] * span),
-                           config.selection, generator)  # indices into the current rows
+            keep = _select(
+                v,
+                cache.values[layer, :, start + rows].transpose(0, 1),
+                round(checks[layer] * span),
+                config.selection,
+                generator,
+            )  # indices into the current rows
             rows, h, q, k, v, cos, sin = rows[keep], h[keep], q[keep], k[keep], v[keep], cos[keep], sin[keep]
             stats.selected[layer] = len(rows)
         if len(rows) == 0:
@@ -85,16 +91,32 @@ def blend(
         slots = start + rows
         cache.keys[layer, :, slots] = k.transpose(0, 1)  # [Hkv, |S|, D]
         cache.values[layer, :, slots] = v.transpose(0, 1)
-        visible = torch.arange(start + span, device=model.device)[None, :] <= slots[:, None]  # [|S|, s + M]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],  # [1, Hq, |S|, D]
-            cache.keys[layer, :, : start + span][None],
-            cache.values[layer, :, : start + span][None],
+        h = model.finish_layer(layer, h, _attend_causally(q, cache.keys[layer], cache.values[layer], slots))
+    return stats
+
+
+def _attend_causally(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """q [|S|, Hq, D] of rows at increasing cache slots; keys/values [Hkv, capacity, D] -> [|S|, Hq * D].
+
+    Each row sees the slots <= its own. The rows go in a few blocks, each over the keys up to its last row
+    only: an explicit mask makes SDPA score every key it is given, and the later rows' keys are masked for
+    the earlier ones (~40% of the scores of one block at 15% selected, ~35% for layer 0's full span)."""
+    out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+    for block in torch.arange(q.shape[0], device=q.device).tensor_split(
+        min(_MAX_BLOCKS, max(1, q.shape[0] // _BLOCK_ROWS))
+    ):
+        block_slots = slots[block]
+        end = int(block_slots[-1]) + 1
+        visible = torch.arange(end, device=q.device)[None, :] <= block_slots[:, None]  # [b, end]
+        o = F.scaled_dot_product_attention(
+            q[block].transpose(0, 1)[None],  # [1, Hq, b, D]
+            keys[:, :end][None],
+            values[:, :end][None],
             attn_mask=visible,
             enable_gqa=True,
-        )  # [1, Hq, |S|, D]
-        h = model.finish_layer(layer, h, out[0].transpose(0, 1).reshape(len(rows), -1))
-    return stats
+        )  # [1, Hq, b, D]
+        out[block] = o[0].transpose(0, 1).reshape(len(block), -1)
+    return out
 
 
 def _select(
