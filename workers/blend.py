@@ -12,6 +12,7 @@ bottom-right and let middle tokens see the future.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -50,6 +51,11 @@ class BlendConfig:
         return dict(self.schedule) if self.schedule else {1: self.share}
 
 
+# (check layer, span rows still selected [n], their fresh and reused values [n, Hkv, D], how many to keep)
+# -> indices into those rows, any order. The built-in rules are config.selection's; analyses pass others.
+RowChooser = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
 @dataclass
 class BlendStats:
     span_tokens: int = 0
@@ -62,28 +68,32 @@ class BlendStats:
 
 
 @torch.inference_mode()
-def blend(model: LlamaModel, cache: KVCache, token_ids: list[int], reused: KVCache, config: BlendConfig) -> BlendStats:
-    """cache holds the exact prefix [0, s); reused: the span's KV at positions s.. . Extends cache in place."""
+def blend(
+    model: LlamaModel,
+    cache: KVCache,
+    token_ids: list[int],
+    reused: KVCache,
+    config: BlendConfig,
+    choose: RowChooser | None = None,
+) -> BlendStats:
+    """cache holds the exact prefix [0, s); reused: the span's KV at positions s.. . Extends cache in place.
+    choose: which rows stay selected at a check (default: config.selection's rule)."""
     start, span = cache.length, len(token_ids)
     if reused.length != span:
         raise ValueError(f"reused KV has {reused.length} tokens for a span of {span}")
     cache.append(reused)
     stats = BlendStats(span_tokens=span)
     checks = config.checks()
-    generator = torch.Generator().manual_seed(config.seed)
+    choose = choose or _builtin_chooser(config)
     rows = torch.arange(span, device=model.device)  # span rows still selected
     h = model.embed[torch.tensor(token_ids, device=model.device)]  # [M, d]
     cos, sin = model.rotary(torch.arange(start, start + span))
     for layer in range(model.config.num_layers):
         q, k, v = model.project_qkv(layer, h, cos, sin)  # for the selected rows only
         if layer in checks:
-            keep = _select(
-                v,
-                cache.values[layer, :, start + rows].transpose(0, 1),
-                round(checks[layer] * span),
-                config.selection,
-                generator,
-            )  # indices into the current rows
+            count = max(0, min(round(checks[layer] * span), len(rows)))
+            keep = choose(layer, rows, v, cache.values[layer, :, start + rows].transpose(0, 1), count)
+            keep = keep.sort().values.to(model.device)  # indices into the current rows
             rows, h, q, k, v, cos, sin = rows[keep], h[keep], q[keep], k[keep], v[keep], cos[keep], sin[keep]
             stats.selected[layer] = len(rows)
         if len(rows) == 0:
@@ -119,14 +129,14 @@ def _attend_causally(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out
 
 
-def _select(
-    fresh: torch.Tensor, reused: torch.Tensor, count: int, how: str, generator: torch.Generator
-) -> torch.Tensor:
-    """fresh/reused values [n, Hkv, D] of the current rows -> sorted indices of the `count` rows to keep."""
-    count = max(0, min(count, fresh.shape[0]))
-    if how == "random":
-        chosen = torch.randperm(fresh.shape[0], generator=generator)[:count]
-    else:  # the largest squared deviation of the values (they carry no position, so none to undo)
+def _builtin_chooser(config: BlendConfig) -> RowChooser:
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def choose(layer: int, rows: torch.Tensor, fresh: torch.Tensor, reused: torch.Tensor, count: int) -> torch.Tensor:
+        if config.selection == "random":
+            return torch.randperm(len(rows), generator=generator)[:count]
+        # the largest squared deviation of the values (they carry no position, so none to undo)
         deviation = (fresh.float() - reused.float()).pow(2).sum(dim=(1, 2))  # [n]
-        chosen = torch.topk(deviation, count).indices
-    return chosen.sort().values.to(fresh.device)
+        return torch.topk(deviation, count).indices
+
+    return choose

@@ -1,0 +1,223 @@
+"""Why CacheBlend loses retrieval answers on this model: two analyses of the retrieval workload, not benchmarks.
+
+`deviation`: does layer 1's selection pick the rows that deviate at deep layers? The span's KV placed
+naively (bases moved into place) against the dense prefill's, per layer and token: the rows layer 1's value
+deviation selects (top 15%) against each layer's own top 15%: their overlap, and the share of that layer's
+deviation they hold.
+
+`selection`: which rows, recomputed, bring the answers back? The blend pass with the rows chosen by other
+rules, beside dense: layer 1's deviation (CacheBlend), an oracle (each row's true deviation from dense, as
+a share of its layer's, summed over layers 1..L-1), the question's attention (how much the question's
+queries read each row when it is prefilled over the naive KV), and whole chunks (the one holding the
+answer; all the others).
+
+    .venv/bin/python -m kvmesh.bench.blend_analysis deviation [ITEMS]
+    .venv/bin/python -m kvmesh.bench.blend_analysis selection [ITEMS] [RULE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvmesh.kvcomm.kv_cache import KVCache
+from kvmesh.kvcomm.segment_id import segment_id
+from kvmesh.kvcomm.store import MemoryStore
+from kvmesh.workers.blend import BlendConfig, RowChooser, blend
+from kvmesh.workers.engine import Engine
+from kvmesh.workers.forward_batch import ForwardBatch, SequenceChunk
+from kvmesh.workers.llama import LlamaModel
+from kvmesh.workers.reuse_planner import ReusePlanner
+from kvmesh.workers.tokenizer import Tokenizer
+
+from .blend_bench import WORKLOADS, _pieces
+from .kvcomm_bench import _continuation
+
+SHARE = 0.15
+RULES = ("deviation_15", "oracle_15", "question_15", "question_30", "answer_chunk", "other_chunks")
+
+
+@dataclass
+class Item:
+    """One question's prompt: its ids, where the reused span starts, the span's naive KV, the dense KV."""
+
+    ids: list[int]
+    start: int
+    placed: KVCache
+    dense: KVCache
+    chunks: list[tuple[int, int, str]]  # each document's span rows [a, b) and its text
+    answer: str
+
+
+def _items(model: LlamaModel, tokenizer: Tokenizer, count: int) -> Iterator[Item]:
+    workload = json.loads((WORKLOADS / "retrieval.json").read_text())
+    texts = {doc["id"]: doc["text"] for doc in workload["documents"]}
+    planner = ReusePlanner(model, tokenizer, MemoryStore())
+    planner.prefill_segments([(segment_id("doc", text), text) for text in texts.values()])
+    try:
+        for item in workload["items"][:count]:
+            pieces = _pieces(workload, item, texts)
+            planned = planner.plan(workload.get("system"), pieces, "reader", "naive")
+            ids, start, placed = planned.token_ids, planned.reuse.splice_at, planned.reuse.splice_kv
+            assert start is not None and placed is not None
+            dense = model.new_cache(capacity=len(ids))
+            model.forward(ForwardBatch(torch.tensor(ids), torch.arange(len(ids)), [SequenceChunk(dense, len(ids))]))
+            assert planned.layout is not None
+            chunk_texts = {p.segment_id: p.text for p in pieces if p.segment_id is not None}
+            chunks = [
+                (seg.start - start, seg.end - start, chunk_texts[seg.segment_id])
+                for seg in planned.layout.segments()
+                if seg.segment_id is not None
+            ]
+            yield Item(ids, start, placed, dense, chunks, item["answer"])
+    finally:
+        planner.close()
+
+
+def _deviation(item: Item) -> torch.Tensor:
+    """[L, M] squared key + value deviation of the naive placement from dense, per layer and span row."""
+    span, start = item.placed.length, item.start
+    keys = (item.dense.keys[:, :, start : start + span] - item.placed.keys[:, :, :span]).pow(2).sum(dim=(1, 3))
+    values = (item.dense.values[:, :, start : start + span] - item.placed.values[:, :, :span]).pow(2).sum(dim=(1, 3))
+    return keys + values
+
+
+@torch.inference_mode()
+def deviation(model: LlamaModel, tokenizer: Tokenizer, count: int) -> None:
+    layers = model.config.num_layers
+    overlap, held = torch.zeros(layers), torch.zeros(layers)
+    for item in _items(model, tokenizer, count):
+        span, start = item.placed.length, item.start
+        values = (item.dense.values[:, :, start : start + span] - item.placed.values[:, :, :span]).pow(2)
+        picked = set(torch.topk(values.sum(dim=(1, 3))[1], round(SHARE * span)).indices.tolist())  # blend's pick
+        total = _deviation(item)
+        for layer in range(layers):
+            own = torch.topk(total[layer], round(SHARE * span)).indices
+            overlap[layer] += len(picked & set(own.tolist())) / len(own) / count
+            held[layer] += float(total[layer, sorted(picked)].sum() / total[layer].sum()) / count
+    print(f"layer  overlap with its own top {SHARE:.0%}  share of its deviation in the layer-1 pick")
+    for layer in range(layers):
+        print(f"{layer:5d}  {overlap[layer]:32.2f}  {held[layer]:40.2f}")
+
+
+def _true_deviation(item: Item) -> torch.Tensor:
+    """[M] each row's deviation from dense as a share of its layer's, summed over layers 1..L-1."""
+    per_layer = _deviation(item)[1:]  # [L - 1, M]
+    return (per_layer / per_layer.sum(dim=1, keepdim=True)).sum(dim=0)
+
+
+def _question_reads(model: LlamaModel, item: Item) -> torch.Tensor:
+    """[M] the question's attention mass on each span row (summed over heads, its tokens and layers 1..L-1,
+    each layer normalized), with the question prefilled over the naive KV."""
+    span, start = item.placed.length, item.start
+    cache = item.dense.slice(0, start)
+    cache.append(item.placed)
+    rest, first = item.ids[start + span :], start + span
+    cache.reserve(len(rest))
+    h = model.embed[torch.tensor(rest)]  # [n, d]
+    cos, sin = model.rotary(torch.arange(first, first + len(rest)))
+    visible = torch.arange(first + len(rest))[None, :] <= torch.arange(first, first + len(rest))[:, None]  # [n, T]
+    mass = torch.zeros(span)
+    for layer in range(model.config.num_layers):
+        q, k, v = model.project_qkv(layer, h, cos, sin)  # q [n, Hq, D], k/v [n, Hkv, D]
+        cache.write(layer, first, k.transpose(0, 1), v.transpose(0, 1))
+        keys, values = cache.layer(layer, first + len(rest))  # [Hkv, T, D]
+        group = q.shape[1] // keys.shape[0]
+        scores = torch.einsum("nhd,htd->hnt", q, keys.repeat_interleave(group, 0)) * q.shape[-1] ** -0.5
+        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)  # [Hq, n, T]
+        if layer:
+            read = weights[:, :, start:first].sum(dim=(0, 1))
+            mass += read / read.sum()
+        out = torch.einsum("hnt,htd->nhd", weights, values.repeat_interleave(group, 0))
+        h = model.finish_layer(layer, h, out.reshape(len(rest), -1))
+    return mass
+
+
+def _forced(rows: torch.Tensor) -> RowChooser:
+    """A chooser keeping the given span rows at the (single) check."""
+
+    def choose(
+        layer: int, current: torch.Tensor, fresh: torch.Tensor, reused: torch.Tensor, count: int
+    ) -> torch.Tensor:
+        return torch.isin(current, rows).nonzero()[:, 0]
+
+    return choose
+
+
+def _rule(model: LlamaModel, item: Item, rule: str) -> tuple[float, RowChooser | None]:
+    """(share, chooser) for a rule; None: blend's own deviation rule."""
+    span = item.placed.length
+    answer = next((a, b) for a, b, text in item.chunks if item.answer in text)
+    scores: dict[str, Callable[[], torch.Tensor]] = {
+        "oracle": lambda: _true_deviation(item),
+        "question": lambda: _question_reads(model, item),
+    }
+    name, _, share = rule.rpartition("_")
+    if rule == "answer_chunk":
+        return 1.0, _forced(torch.arange(*answer))
+    if rule == "other_chunks":
+        return 1.0, _forced(torch.cat([torch.arange(0, answer[0]), torch.arange(answer[1], span)]))
+    if name == "deviation":
+        return int(share) / 100, None
+    if name in scores:
+        return 1.0, _forced(torch.topk(scores[name](), round(int(share) / 100 * span)).indices)
+    raise SystemExit(f"unknown rule {rule!r}: use one of {', '.join(RULES)} (any _NN share)")
+
+
+@torch.inference_mode()
+def selection(model: LlamaModel, tokenizer: Tokenizer, count: int, rules: list[str]) -> None:
+    results: dict[str, dict[str, Any]] = {r: {"correct": 0, "kl": 0.0, "share": 0.0} for r in ["dense", *rules]}
+    for index, item in enumerate(_items(model, tokenizer, count)):
+        ref_logits, ref_tokens = _continuation(model, item.dense, item.ids)
+        marks = [f"dense={_mark(tokenizer, ref_tokens, item.answer, results['dense'])}"]
+        for rule in rules:
+            share, chooser = _rule(model, item, rule)
+            cache, span = item.dense.slice(0, item.start), item.placed.length
+            stats = blend(
+                model,
+                cache,
+                item.ids[item.start : item.start + span],
+                item.placed.clone(),
+                BlendConfig(share=share),
+                chooser,
+            )
+            rest = item.ids[item.start + span :]
+            model.forward(ForwardBatch.single(cache, rest))
+            logits, tokens = _continuation(model, cache, item.ids)
+            p, q = torch.log_softmax(ref_logits.double(), -1), torch.log_softmax(logits.double(), -1)
+            results[rule]["kl"] += float((p.exp() * (p - q)).sum()) / count
+            results[rule]["share"] += stats.recomputed_tokens / span / count
+            marks.append(f"{rule}={_mark(tokenizer, tokens, item.answer, results[rule])}")
+        print(f"item {index + 1}/{count} ({item.answer}): {' '.join(marks)}", flush=True)
+    print(f"{'rule':>14} {'recomputed':>10} {'KL':>7} {'accuracy':>8}")
+    for rule, row in results.items():
+        kl = f"{row['kl']:.3f}" if rule != "dense" else "-"
+        print(f"{rule:>14} {row['share'] if rule != 'dense' else 1.0:10.0%} {kl:>7} {row['correct'] / count:8.0%}")
+
+
+def _mark(tokenizer: Tokenizer, tokens: list[int], answer: str, row: dict[str, Any]) -> str:
+    right = answer.lower() in tokenizer.decode(tokens).lower()
+    row["correct"] += right
+    return "Y" if right else "n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("analysis", choices=("deviation", "selection"))
+    parser.add_argument("items", type=int, nargs="?", default=8)
+    parser.add_argument("rules", nargs="*", default=list(RULES), help=f"selection rules (default: {' '.join(RULES)})")
+    args = parser.parse_args()
+    loaded = Engine.load("smollm2")
+    if args.analysis == "deviation":
+        deviation(loaded.model, loaded.tokenizer, args.items)
+    else:
+        selection(loaded.model, loaded.tokenizer, args.items, args.rules)
+
+
+if __name__ == "__main__":
+    main()
