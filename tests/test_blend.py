@@ -46,12 +46,12 @@ def prefilled(model, ids) -> KVCache:
     return cache
 
 
-def blended(model, tokenizer, prompt, config: BlendConfig, reused: KVCache | None = None):
+def blended(model, tokenizer, prompt, config: BlendConfig, reused: KVCache | None = None, choose=None):
     prefix, docs, suffix = prompt
     cache = prefilled(model, prefix)
     span = [t for doc in docs for t in doc]
     reused = reused if reused is not None else reused_span(model, tokenizer, prefix, docs)
-    stats = blend(model, cache, span, reused, config)
+    stats = blend(model, cache, span, reused, config, choose)
     logits = model.forward(ForwardBatch.single(cache, suffix))[-1]
     return cache, logits, stats
 
@@ -131,3 +131,18 @@ def test_blocked_attention_equals_one_masked_call():
         .reshape(300, -1)
     )
     torch.testing.assert_close(_attend_causally(q, keys, values, slots), want, atol=1e-5, rtol=0)
+
+
+def test_a_given_chooser_decides_which_rows_are_recomputed(model, tokenizer, prompt):
+    prefix, docs, _ = prompt
+    reused = reused_span(model, tokenizer, prefix, docs)
+    first_doc = torch.arange(len(docs[0]))
+
+    def first_document(layer, rows, fresh, reused_values, count):
+        return torch.isin(rows, first_doc).nonzero()[:, 0]
+
+    cache, _, stats = blended(model, tokenizer, prompt, BlendConfig(share=1.0), reused.clone(), first_document)
+    assert stats.recomputed_tokens == len(docs[0])
+    later = slice(len(prefix) + len(docs[0]), len(prefix) + reused.length)  # never chosen: keep the reused KV
+    torch.testing.assert_close(cache.keys[1:, :, later], reused.keys[1:, :, len(docs[0]) : reused.length])
+    assert not torch.allclose(cache.keys[1:, :, len(prefix) : later.start], reused.keys[1:, :, : len(docs[0])])
