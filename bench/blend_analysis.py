@@ -13,6 +13,7 @@ answer; all the others).
 
     .venv/bin/python -m kvmesh.bench.blend_analysis deviation [ITEMS]
     .venv/bin/python -m kvmesh.bench.blend_analysis selection [ITEMS] [RULE ...]
+    (both take --model DIR and --device cuda for a bigger Llama-family model)
 """
 
 from __future__ import annotations
@@ -119,10 +120,12 @@ def _question_reads(model: LlamaModel, item: Item) -> torch.Tensor:
     cache.append(item.placed)
     rest, first = item.ids[start + span :], start + span
     cache.reserve(len(rest))
-    h = model.embed[torch.tensor(rest)]  # [n, d]
+    device = model.device
+    h = model.embed[torch.tensor(rest, device=device)]  # [n, d]
     cos, sin = model.rotary(torch.arange(first, first + len(rest)))
-    visible = torch.arange(first + len(rest))[None, :] <= torch.arange(first, first + len(rest))[:, None]  # [n, T]
-    mass = torch.zeros(span)
+    every, own = torch.arange(first + len(rest), device=device), torch.arange(first, first + len(rest), device=device)
+    visible = every[None, :] <= own[:, None]  # [n, T]
+    mass = torch.zeros(span, device=device)
     for layer in range(model.config.num_layers):
         q, k, v = model.project_qkv(layer, h, cos, sin)  # q [n, Hq, D], k/v [n, Hkv, D]
         cache.write(layer, first, k.transpose(0, 1), v.transpose(0, 1))
@@ -144,7 +147,7 @@ def _forced(rows: torch.Tensor) -> RowChooser:
     def choose(
         layer: int, current: torch.Tensor, fresh: torch.Tensor, reused: torch.Tensor, count: int
     ) -> torch.Tensor:
-        return torch.isin(current, rows).nonzero()[:, 0]
+        return torch.isin(current, rows.to(current.device)).nonzero()[:, 0]
 
     return choose
 
@@ -211,8 +214,10 @@ def main() -> None:
     parser.add_argument("analysis", choices=("deviation", "selection"))
     parser.add_argument("items", type=int, nargs="?", default=8)
     parser.add_argument("rules", nargs="*", default=list(RULES), help=f"selection rules (default: {' '.join(RULES)})")
+    parser.add_argument("--model", default="smollm2", help="'smollm2' (bundled), a .gguf file or an HF directory")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args()
-    loaded = Engine.load("smollm2")
+    loaded = Engine.load(args.model, device=args.device)
     if args.analysis == "deviation":
         deviation(loaded.model, loaded.tokenizer, args.items)
     else:
