@@ -75,12 +75,9 @@ def assemble(
     always a full span: what a blend pass then repairs where it must, while `reasons` still says where.
     """
     outcome = KvcommOutcome(kv=None)
-    spans, out = _reused_spans(layout, bases)
-    offset = 0
+    out, windows = _placed_windows(layout, bases)
     previous: Match | None = None
-    for span in spans:
-        window = out.window(offset, offset + span.end - span.start)
-        offset += window.length
+    for span, window in windows:
         source: KVCache | None
         if span.is_segment:
             assert span.segment_id is not None and span.slot is not None
@@ -105,7 +102,6 @@ def assemble(
             correct(window, previous)
         window.shift(span.start, rope)
     if not outcome.reasons or text_bases is not None:
-        out.length = offset
         outcome.kv = out
     return outcome
 
@@ -159,19 +155,24 @@ def make_anchors(
 def naive(layout: PromptLayout, bases: dict[str, KVCache], text_bases: dict[int, KVCache], rope: RopeSpec) -> KVCache:
     """The baseline KVCOMM improves on, and what CacheBlend starts from: every piece's base KV moved into
     place, no correction at all. text_bases: each template text span's base KV, keyed by its start."""
-    spans, out = _reused_spans(layout, bases)
-    offset = 0
-    for span in spans:
-        window = out.window(offset, offset + span.end - span.start)
-        offset += window.length
+    out, windows = _placed_windows(layout, bases)
+    for span, window in windows:
         window.fill_from(bases[span.segment_id] if span.segment_id else text_bases[span.start])
         window.shift(span.start, rope)
-    out.length = offset
     return out
 
 
-def _reused_spans(layout: PromptLayout, bases: dict[str, KVCache]) -> tuple[list[PromptSpan], KVCache]:
-    """The spans of the reused range, and an empty cache with room for all of them: each piece is then
-    written, corrected and moved in its place (one copy, no concatenation)."""
+def _placed_windows(
+    layout: PromptLayout, bases: dict[str, KVCache]
+) -> tuple[KVCache, list[tuple[PromptSpan, KVCache]]]:
+    """A cache for the whole reused range and, per span in it, the window of that cache it goes to: each
+    piece is then written, corrected and moved in its place (one copy, no concatenation)."""
     spans = [s for s in layout.spans if s.end > layout.reuse_start and s.start < layout.reuse_end]
-    return spans, KVCache.empty_like(next(iter(bases.values())), capacity=sum(s.end - s.start for s in spans))
+    total = sum(s.end - s.start for s in spans)
+    out = KVCache.empty_like(next(iter(bases.values())), capacity=total)
+    out.length = total
+    windows, offset = [], 0
+    for span in spans:
+        windows.append((span, out.window(offset, offset + span.end - span.start)))
+        offset += span.end - span.start
+    return out, windows
