@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,10 +156,6 @@ def _rule(model: LlamaModel, item: Item, rule: str) -> tuple[float, RowChooser |
     """(share, chooser) for a rule; None: blend's own deviation rule."""
     span = item.placed.length
     answer = next((a, b) for a, b, text in item.chunks if item.answer in text)
-    scores: dict[str, Callable[[], torch.Tensor]] = {
-        "oracle": lambda: _true_deviation(item),
-        "question": lambda: _question_reads(model, item),
-    }
     name, _, share = rule.rpartition("_")
     if rule == "answer_chunk":
         return 1.0, _forced(torch.arange(*answer))
@@ -167,8 +163,9 @@ def _rule(model: LlamaModel, item: Item, rule: str) -> tuple[float, RowChooser |
         return 1.0, _forced(torch.cat([torch.arange(0, answer[0]), torch.arange(answer[1], span)]))
     if name == "deviation":
         return int(share) / 100, None
-    if name in scores:
-        return 1.0, _forced(torch.topk(scores[name](), round(int(share) / 100 * span)).indices)
+    if name in ("oracle", "question"):
+        scores = _true_deviation(item) if name == "oracle" else _question_reads(model, item)
+        return 1.0, _forced(torch.topk(scores, round(int(share) / 100 * span)).indices)
     raise SystemExit(f"unknown rule {rule!r}: use one of {', '.join(RULES)} (any _NN share)")
 
 
