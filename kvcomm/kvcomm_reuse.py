@@ -61,47 +61,35 @@ class KvcommOutcome:
 
 
 def assemble(
-    layout: PromptLayout,
-    bases: dict[str, KVCache],
-    store: Store,
-    rope: RopeSpec,
-    config: MatchConfig,
-    text_bases: dict[int, KVCache] | None = None,
+    layout: PromptLayout, bases: dict[str, KVCache], store: Store, rope: RopeSpec, config: MatchConfig
 ) -> KvcommOutcome:
-    """The corrected KV of the reusable span, or the reasons it cannot be. Does not touch anchors' usage.
-
-    Strict (no text_bases): any piece the anchors cannot vouch for leaves `kv` None. With text_bases (the
-    base KV of each template text span, by start), unvouched pieces keep their base KV instead, so `kv` is
-    always a full span: what a blend pass then repairs where it must, while `reasons` still says where.
-    """
+    """The corrected KV of the reusable span, or (kv None) the reasons it cannot be, per segment: any piece
+    the anchors cannot vouch for makes the call dense. Does not touch anchors' usage."""
     outcome = KvcommOutcome(kv=None)
     out, windows = _placed_windows(layout, bases)
-    previous: Match | None = None
+    previous: tuple[str, Match] | None = None  # the segment before a text span, when its anchors vouched
     for span, window in windows:
-        source: KVCache | None
         if span.is_segment:
             assert span.segment_id is not None and span.slot is not None
             anchors = store.anchors(span.slot)
             outcome.anchors_consulted += len(anchors)
             found = match(signature_of(bases[span.segment_id], config), anchors, config)
             outcome.matches[span.segment_id] = found
-            source = bases[span.segment_id]
-            previous = found if found.reusable else None
-            if not found.reusable:
+            previous = (span.segment_id, found) if found.reusable else None
+            if not found.reusable:  # matching goes on, to say why for every segment
                 outcome.reasons[span.segment_id] = found.reason
-                source = source if text_bases is not None else None
+                continue
+            window.fill_from(bases[span.segment_id])
+            correct(window, found)
         else:
-            source = blended_next_text(previous) if previous is not None else None
-            if source is None or source.length != window.length:
-                outcome.reasons.setdefault(f"text@{span.start}", "no anchor holds this template text's KV")
-                source = text_bases[span.start] if text_bases is not None else None
-        if source is None:  # strict and unvouched: no KV comes of it, but matching goes on to say why
-            continue
-        window.fill_from(source)
-        if span.is_segment and previous is not None:
-            correct(window, previous)
+            text = blended_next_text(previous[1]) if previous is not None else None
+            if text is None or text.length != window.length:
+                if previous is not None:  # the text's KV is the vouching segment's to give: it could not
+                    outcome.reasons[previous[0]] = "its anchors hold no KV of the template text after it"
+                continue
+            window.fill_from(text)
         window.shift(span.start, rope)
-    if not outcome.reasons or text_bases is not None:
+    if not outcome.reasons:
         outcome.kv = out
     return outcome
 

@@ -30,6 +30,7 @@ class CallRecord:
     reused_tokens: int = 0  # prompt tokens whose KV came from other agents' segments (KVCOMM, blend)
     anchors_consulted: int = 0
     segment_modes: dict[str, str] = field(default_factory=dict)  # segment id -> what served its KV
+    segment_reasons: dict[str, str] = field(default_factory=dict)  # segment id -> why (what held reuse back)
 
     @classmethod
     def from_stats(cls, agent: str, phase: Phase, stats: worker_pb2.CallStats) -> CallRecord:
@@ -51,6 +52,7 @@ class CallRecord:
             reused_tokens=stats.reused_tokens,
             anchors_consulted=stats.anchors_consulted,
             segment_modes=dict(stats.segment_modes),
+            segment_reasons=dict(stats.segment_reasons),
         )
 
 

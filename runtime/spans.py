@@ -162,6 +162,7 @@ def _call_attributes(stats: worker_pb2.CallStats) -> dict[str, Any]:
         "kvmesh.reuse.anchors_consulted": stats.anchors_consulted,
         # what served each segment's KV; attribute values cannot be maps, so "segment id=mode" strings
         "kvmesh.reuse.segment_modes": [f"{key}={mode}" for key, mode in sorted(stats.segment_modes.items())],
+        "kvmesh.reuse.segment_reasons": [f"{key}={why}" for key, why in sorted(stats.segment_reasons.items())],
         "kvmesh.ttft_s": stats.ttft_s,
         "kvmesh.decode_tok_s": stats.decode_tok_s,
         "kvmesh.spec.drafted_tokens": stats.drafted_tokens,

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import grpc
+import torch
 from opentelemetry import trace
 
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
@@ -109,6 +110,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             worker=self._address(),
             anchors_consulted=planned.stats.anchors_consulted,
             segment_modes=planned.stats.segment_modes,
+            segment_reasons=planned.stats.segment_reasons,
         )
 
     # -- Stats -----------------------------------------------------------------------------------------
@@ -124,6 +126,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             waiting=len(scheduler.waiting),
             requests_total=total,
             prefix_cache_bytes=engine.prefix_cache.nbytes if engine.prefix_cache is not None else 0,
+            threads=torch.get_num_threads(),  # any thread's: the session sets them process-wide
+            device=str(engine.model.device),
+            weights=engine.model.weight_format,
         )
 
 

@@ -12,8 +12,9 @@ from kvmesh.kvcomm.store import MemoryStore
 from kvmesh.workers.engine import Engine, EngineConfig
 from kvmesh.workers.forward_batch import ForwardBatch
 from kvmesh.workers.prompt_reuse import PromptReuse
-from kvmesh.workers.reuse_planner import PromptPiece, ReusePlanner
+from kvmesh.workers.reuse_planner import PromptPiece
 from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.worker import WorkerConfig, build_worker
 
 pytestmark = pytest.mark.slow
 GREEDY = SamplingParams(max_tokens=12)
@@ -59,11 +60,13 @@ def test_a_splice_that_leaves_no_token_to_compute_is_refused(model, tokenizer):
 
 
 class TwoAgents:
-    """researcher(query) -> answerer(query, researcher): the worker side of a 2-agent pipeline, in-process."""
+    """researcher(query) -> answerer(query, researcher): the worker side of a 2-agent pipeline, in-process,
+    put together as the runtime's worker is (build_worker), without speculation or warm-up."""
 
     def __init__(self, model, tokenizer, store, config: MatchConfig | None = None) -> None:
-        self.engine = make_engine(model, tokenizer)
-        self.planner = ReusePlanner(model, tokenizer, store, config or MatchConfig())
+        settings = WorkerConfig(engine=EngineConfig(speculation=None), match=config or MatchConfig(), warm_up=False)
+        worker = build_worker(settings, store, model=model, tokenizer=tokenizer)
+        self.engine, self.planner = worker.engine, worker.planner
 
     def call(self, agent: str, system: str, pieces: list[PromptPiece], mode: str, max_tokens: int):
         planned = self.planner.plan(system, pieces, agent, mode)
@@ -90,11 +93,14 @@ def test_anchors_learned_from_dense_calls_serve_later_calls_close_to_dense(model
     agents = TwoAgents(model, tokenizer, MemoryStore(), MatchConfig(max_distance=5.0, entropy_gamma=1.0))
     first = [agents.pipeline(c, "kvcomm")[1].stats for c in COUNTRIES[:4]]
     # no anchors yet: served by the prefix cache and prefill, and the real KV recorded as anchors
-    assert [s.mode for s in first[:2]] == ["prefix", "prefix"] and "0 anchors, longest 0" in str(first[0].reasons)
+    assert [s.mode for s in first[:2]] == ["prefix", "prefix"]
+    assert set(first[0].segment_modes.values()) == {"dense"}
+    assert all("0 anchors, longest 0" in why for why in first[0].segment_reasons.values())
     served = agents.pipeline(COUNTRIES[6], "kvcomm")
     dense = TwoAgents(model, tokenizer, MemoryStore()).pipeline(COUNTRIES[6], "dense")
     text, planned, stats = served
-    assert planned.stats.mode == "kvcomm", planned.stats.reasons
+    assert planned.stats.mode == "kvcomm", planned.stats.segment_reasons
+    assert all(why.startswith("vouched for by") for why in planned.stats.segment_reasons.values())
     assert stats.reused_tokens == planned.stats.reused_tokens > 0
     assert stats.prefix_hit_tokens > 0  # the template head before the first segment came from the exact cache
     assert text.split()[:4] == dense[0].split()[:4], (text, dense[0])
@@ -115,7 +121,9 @@ def test_a_lost_store_degrades_to_dense_with_correct_output(model, tokenizer):
     server.stop()
     text, planned, _ = agents.pipeline(COUNTRIES[0], "kvcomm")
     dense_text, _, _ = TwoAgents(model, tokenizer, MemoryStore()).pipeline(COUNTRIES[0], "dense")
-    assert planned.stats.mode in ("dense", "prefix") and "unreachable" in planned.stats.reasons.get("store", "")
+    assert planned.stats.mode in ("dense", "prefix")
+    reasons = planned.stats.segment_reasons
+    assert reasons and all(why.startswith("KV store unavailable") and "unreachable" in why for why in reasons.values())
     assert text == dense_text
 
 
@@ -130,9 +138,22 @@ def test_blend_mode_repairs_the_moved_segments_in_the_engine(model, tokenizer):
     assert text.split()[:3] == dense_text.split()[:3], (text, dense_text)
 
 
-def test_auto_warms_cold_pools_densely_then_blends_where_anchors_do_not_fit(model, tokenizer):
+def test_auto_never_blends_where_anchors_do_not_fit_it_runs_dense_and_says_why(model, tokenizer):
     never_fits = MatchConfig(max_distance=1e-6)  # warm pools, but no segment is ever close enough
     agents = TwoAgents(model, tokenizer, MemoryStore(), never_fits)
-    modes = [agents.pipeline(country, "auto")[1].stats.mode for country in COUNTRIES[:3]]
-    assert modes[:2] == ["prefix", "prefix"]  # cold: dense prefills that record anchors
-    assert modes[2] == "blend"  # warm but unfit: repaired by a blend pass, not dense
+    calls = [agents.pipeline(country, "auto") for country in COUNTRIES[:3]]
+    assert [planned.stats.mode for _, planned, _ in calls] == ["prefix"] * 3  # cold, then warm but unfit: dense
+    _, warm, stats = calls[2]
+    assert stats.reused_tokens == 0 and warm.stats.blend_recomputed == 0
+    assert set(warm.stats.segment_modes.values()) == {"dense"}
+    assert all("nearest anchor is" in why for why in warm.stats.segment_reasons.values()), warm.stats.segment_reasons
+    dense_text, _, _ = TwoAgents(model, tokenizer, MemoryStore()).pipeline(COUNTRIES[2], "dense")
+    assert calls[2][0] == dense_text  # dense KV (prefix cache + prefill): the same greedy reply
+
+
+def test_dense_and_prefix_calls_say_why_their_segments_were_not_reused(model, tokenizer):
+    agents = TwoAgents(model, tokenizer, MemoryStore())
+    for mode in ("dense", "prefix"):
+        _, planned, _ = agents.pipeline(COUNTRIES[3], mode)
+        assert len(planned.stats.segment_reasons) == 2  # the query and the researcher's notes
+        assert all(f"reuse={mode!r} was asked" in why for why in planned.stats.segment_reasons.values())

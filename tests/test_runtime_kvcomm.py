@@ -39,6 +39,10 @@ def test_a_session_starts_its_own_redis_and_calls_reuse_other_agents_kv_once_anc
     assert answerer.reuse_mode == "kvcomm" and answerer.reused_tokens > 0, modes
     assert answerer.anchors_consulted >= 4 and set(answerer.segment_modes.values()) == {"kvcomm"}
     assert len(answerer.segment_modes) == 2  # the query and the researcher's notes
+    assert answerer.segment_reasons.keys() == answerer.segment_modes.keys()  # the why travels with the what
+    assert all(why.startswith("vouched for by") for why in answerer.segment_reasons.values())
+    first = next(c for c in runs[0].calls if c.agent == "answerer")
+    assert all("0 anchors" in why for why in first.segment_reasons.values()), first.segment_reasons
     # the same segments in the same slots: the anchors' deviations restore the dense KV, so the reply is the same
     assert runs[2].outputs == runs[0].outputs
 

@@ -92,6 +92,7 @@ def _chunks(finish: str = "stop", fail: bool = False):
         prompt_tokens=40, cached_tokens=16, reused_tokens=8, recomputed_tokens=16, output_tokens=2, ttft_s=0.05,
         drafted_tokens=3, accepted_tokens=1, reuse_mode="kvcomm", model="smollm2", worker="127.0.0.1:1",
         anchors_consulted=5, segment_modes={"s2": "kvcomm", "s1": "dense"},
+        segment_reasons={"s2": "vouched for by 5 anchors", "s1": "nearest anchor is 0.70 away (> 0.5)"},
     )
     yield worker_pb2.GenerateChunk(text="a")
     if fail:
@@ -127,6 +128,7 @@ def test_a_chat_span_carries_the_genai_and_kvmesh_attributes_of_the_call():
         "kvmesh.reuse.recomputed_tokens": 16,
         "kvmesh.reuse.anchors_consulted": 5,
         "kvmesh.reuse.segment_modes": ["s1=dense", "s2=kvcomm"],
+        "kvmesh.reuse.segment_reasons": ["s1=nearest anchor is 0.70 away (> 0.5)", "s2=vouched for by 5 anchors"],
         "kvmesh.ttft_s": pytest.approx(0.05),
         "kvmesh.spec.drafted_tokens": 3,
         "kvmesh.spec.accepted_tokens": 1,

@@ -6,9 +6,9 @@ Modes (`reuse=` per call):
   for all of them; else a dense call whose real KV becomes new anchors.
 - `blend`: prefix, then the segments' base KV moved into place and repaired by a CacheBlend pass
   (blend.py) that recomputes the tokens deviating most.
-- `auto` (the default): exact prefix; kvcomm where the anchors vouch for every segment; while a slot's
-  pool is still cold, dense (which fills it); otherwise blend, starting from kvcomm-corrected KV for the
-  segments the anchors do vouch for.
+- `auto` (the default): exact prefix; kvcomm where the anchors vouch for every segment; dense otherwise
+  (recording anchors). No approximate mode joins `auto` until `kvmesh bench fidelity` shows it keeps dense's
+  answers: blend lost them on held-out traffic, so it runs only when asked for.
 - `naive`: every piece's base KV moved into place, uncorrected: the baseline the others are measured
   against, for benchmarks; never a good idea in production.
 After every call the response is published as a segment (its KV from this decode, normalized), so a
@@ -23,11 +23,11 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from kvmesh.kvcomm.anchor_match import MatchConfig
+from kvmesh.kvcomm.anchor_match import Match, MatchConfig
 from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, PromptSpan, assemble, make_anchors, mark_used, naive
 from kvmesh.kvcomm.segment_id import segment_id
@@ -62,11 +62,17 @@ class ReuseStats:
     blend_recomputed: int = 0  # of those, recomputed by the blend pass (known once the engine ran it)
     anchors_consulted: int = 0
     preprocess_s: float = 0.0  # base KVs, matching and assembly, before the engine saw the request
-    reasons: dict[str, str] = field(default_factory=dict)  # why segments were not reused
     # per segment: (nearest anchor distance, weight entropy in bits, deviation spread) where matched
     matches: dict[str, tuple[float, float, float]] = field(default_factory=dict)
-    # per segment: what served its KV: kvcomm, blend (repaired from its base), kvcomm+blend, naive, dense
+    # per segment: what served its KV: kvcomm, blend (repaired from its base), naive, dense
     segment_modes: dict[str, str] = field(default_factory=dict)
+    # per segment: why it was served that way (what held reuse back, or what vouched for it)
+    segment_reasons: dict[str, str] = field(default_factory=dict)
+
+    def serve_all(self, segments: Iterable[str], mode: str, reason: str) -> None:
+        """Every segment served one way, for one reason."""
+        for key in segments:
+            self.segment_modes[key], self.segment_reasons[key] = mode, reason
 
 
 @dataclass
@@ -121,7 +127,11 @@ class ReusePlanner:
         ids, layout, segment_tokens, stored = self._layout(head, pieces, tail, agent)
         validate_prompt(ids, self.model.config)  # before any base KV is computed for it
         reuse.on_finished = self._publisher(agent, len(ids))
-        if mode not in ("dense", "prefix") and layout is not None and self.store is not None:
+        if mode in ("dense", "prefix"):
+            stats.serve_all(segment_tokens, "dense", f"reuse={mode!r} was asked: segments are prefilled")
+        elif self.store is None:
+            stats.serve_all(segment_tokens, "dense", "this worker has no KV store")
+        elif layout is not None:
             try:
                 bases = self._bases(segment_tokens, stored)
                 if mode in ("naive", "blend"):
@@ -129,15 +139,19 @@ class ReusePlanner:
                     if mode == "naive":
                         reuse.splice_at, reuse.splice_kv = layout.reuse_start, kv
                         stats.mode, stats.reused_tokens = "naive", kv.length
-                        stats.segment_modes = dict.fromkeys(segment_tokens, "naive")
+                        stats.serve_all(segment_tokens, "naive", "reuse='naive': base KV moved into place, uncorrected")
                     else:
                         self._plan_blend(layout, ids, kv, reuse, stats)
-                        stats.segment_modes = dict.fromkeys(segment_tokens, "blend")
+                        stats.serve_all(
+                            segment_tokens, "blend",
+                            f"reuse='blend': base KV moved into place, ~{self.blend_config.share:.0%} "
+                            "of it recomputed",
+                        )
                 else:
-                    self._plan_kvcomm(layout, ids, bases, reuse, stats, auto=mode == "auto")
+                    self._plan_kvcomm(layout, ids, bases, reuse, stats)
             except StoreUnavailable as exc:
                 self._warn_store(exc)
-                stats.reasons["store"] = str(exc)
+                stats.serve_all(segment_tokens, "dense", f"KV store unavailable: {exc}")
         if layout is not None and mode != "dense":
             self._with_known_prefix(ids[: layout.reuse_start], reuse)
         stats.preprocess_s = time.perf_counter() - started
@@ -227,37 +241,28 @@ class ReusePlanner:
         return ids, layout if layout.segments() else None, segment_tokens, stored
 
     def _plan_kvcomm(
-        self,
-        layout: PromptLayout,
-        ids: list[int],
-        bases: dict[str, KVCache],
-        reuse: PromptReuse,
-        stats: ReuseStats,
-        auto: bool,
+        self, layout: PromptLayout, ids: list[int], bases: dict[str, KVCache], reuse: PromptReuse, stats: ReuseStats
     ) -> None:
+        """kvcomm and auto: every segment corrected by its slot's anchors when they vouch for all of them; else
+        dense, and the call's real KV becomes anchors for the segments they did not vouch for."""
         assert self.store is not None
-        rope = self.model.config.rope
-        outcome = assemble(layout, bases, self.store, rope, self.config)
+        outcome = assemble(layout, bases, self.store, self.model.config.rope, self.config)
         stats.anchors_consulted = outcome.anchors_consulted
         stats.matches = {key: (m.nearest, m.entropy_bits, m.spread) for key, m in outcome.matches.items()}
         if outcome.kv is not None:
             reuse.splice_at, reuse.splice_kv = layout.reuse_start, outcome.kv
             mark_used(self.store, layout, outcome)
             stats.mode, stats.reused_tokens = "kvcomm", outcome.kv.length
-            stats.segment_modes = dict.fromkeys(bases, "kvcomm")
+            for key in bases:
+                stats.segment_modes[key], stats.segment_reasons[key] = "kvcomm", _vouched(outcome.matches[key])
             return
-        stats.reasons.update(outcome.reasons)
-        unvouched = {s.segment_id for s in layout.segments() if s.segment_id in outcome.reasons}
-        cold = any(outcome.matches[key].anchor_weights is None for key in unvouched if key is not None)
-        if auto and not cold:  # the pools are warm, they just do not fit everything: repair by blending
-            partial = assemble(layout, bases, self.store, rope, self.config, self._text_bases(layout, ids))
-            assert partial.kv is not None
-            mark_used(self.store, layout, partial)
-            self._plan_blend(layout, ids, partial.kv, reuse, stats)
-            stats.segment_modes = {key: "blend" if key in unvouched else "kvcomm+blend" for key in bases}
-            return
-        reuse.on_prefilled = self._recorder(layout, bases, {i for i in unvouched if i is not None})
-        stats.segment_modes = dict.fromkeys(bases, "dense")
+        for key in bases:
+            stats.segment_modes[key] = "dense"
+            stats.segment_reasons[key] = outcome.reasons.get(key) or (
+                f"{_vouched(outcome.matches[key])}, but another segment was not: the call ran dense"
+            )
+        unvouched = {key for key in bases if key in outcome.reasons}
+        reuse.on_prefilled = self._recorder(layout, bases, unvouched)
 
     def _plan_blend(
         self, layout: PromptLayout, ids: list[int], kv: KVCache, reuse: PromptReuse, stats: ReuseStats
@@ -364,6 +369,13 @@ class ReusePlanner:
         if not self._warned:
             log.warning("KV store unavailable, serving calls with dense prefill: %s", exc)
             self._warned = True
+
+
+def _vouched(found: Match) -> str:
+    return (
+        f"vouched for by {len(found.anchors)} anchors (nearest {found.nearest:.2f} away, "
+        f"entropy {found.entropy_bits:.2f} bits)"
+    )
 
 
 def _merge_texts(spans: list[PromptSpan]) -> tuple[PromptSpan, ...]:

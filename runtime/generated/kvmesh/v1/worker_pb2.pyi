@@ -61,8 +61,15 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., agent: _Optional[str] = ..., system: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[PromptPart, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., reuse: _Optional[str] = ..., workflow: _Optional[str] = ...) -> None: ...
 
 class CallStats(_message.Message):
-    __slots__ = ("prompt_tokens", "cached_tokens", "reused_tokens", "recomputed_tokens", "output_tokens", "ttft_s", "decode_tok_s", "drafted_tokens", "accepted_tokens", "reuse_mode", "model", "worker", "wall_s", "attempts", "anchors_consulted", "segment_modes")
+    __slots__ = ("prompt_tokens", "cached_tokens", "reused_tokens", "recomputed_tokens", "output_tokens", "ttft_s", "decode_tok_s", "drafted_tokens", "accepted_tokens", "reuse_mode", "model", "worker", "wall_s", "attempts", "anchors_consulted", "segment_modes", "segment_reasons")
     class SegmentModesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class SegmentReasonsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +92,7 @@ class CallStats(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     ANCHORS_CONSULTED_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_MODES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_REASONS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     cached_tokens: int
     reused_tokens: int
@@ -101,7 +109,8 @@ class CallStats(_message.Message):
     attempts: int
     anchors_consulted: int
     segment_modes: _containers.ScalarMap[str, str]
-    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., reused_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., reuse_mode: _Optional[str] = ..., model: _Optional[str] = ..., worker: _Optional[str] = ..., wall_s: _Optional[float] = ..., attempts: _Optional[int] = ..., anchors_consulted: _Optional[int] = ..., segment_modes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    segment_reasons: _containers.ScalarMap[str, str]
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., reused_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., reuse_mode: _Optional[str] = ..., model: _Optional[str] = ..., worker: _Optional[str] = ..., wall_s: _Optional[float] = ..., attempts: _Optional[int] = ..., anchors_consulted: _Optional[int] = ..., segment_modes: _Optional[_Mapping[str, str]] = ..., segment_reasons: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("text", "token_ids", "finished", "finish_reason", "stats")
@@ -122,17 +131,23 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("model", "address", "running", "waiting", "requests_total", "prefix_cache_bytes")
+    __slots__ = ("model", "address", "running", "waiting", "requests_total", "prefix_cache_bytes", "threads", "device", "weights")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     address: str
     running: int
     waiting: int
     requests_total: int
     prefix_cache_bytes: int
-    def __init__(self, model: _Optional[str] = ..., address: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., requests_total: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ...) -> None: ...
+    threads: int
+    device: str
+    weights: str
+    def __init__(self, model: _Optional[str] = ..., address: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., requests_total: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., device: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...
