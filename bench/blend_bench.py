@@ -24,8 +24,9 @@ from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.kvcomm.store import MemoryStore
 from kvmesh.workers.blend import BlendConfig
 from kvmesh.workers.engine import Engine
-from kvmesh.workers.reuse_planner import PromptPiece, ReusePlanner
+from kvmesh.workers.reuse_planner import PromptPiece
 from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.worker import WorkerConfig, build_worker
 
 from .engine_bench import _log, _machine_info
 from .inprocess_worker import InProcessWorker
@@ -68,9 +69,10 @@ def run_blend_bench(args: argparse.Namespace) -> int:
     segments = [(segment_id("doc", text), text) for text in texts.values()]
     workers: dict[str, InProcessWorker] = {}
     for name, (_, config) in modes.items():
-        planner = ReusePlanner(model, tokenizer, MemoryStore(), blend_config=config)
-        _log(f"{name}: prefilling {planner.prefill_segments(segments)} chunks alone")
-        workers[name] = InProcessWorker(Engine(model, tokenizer), planner)
+        settings = WorkerConfig(blend=config, warm_up=False)
+        worker = build_worker(settings, MemoryStore(), model=model, tokenizer=tokenizer)
+        _log(f"{name}: prefilling {worker.planner.prefill_segments(segments)} chunks alone")
+        workers[name] = InProcessWorker(worker)
     ttft: dict[str, list[float]] = {name: [] for name in modes}
     fidelity: dict[str, list[Json]] = {name: [] for name in modes if name != "dense"}
     correct = dict.fromkeys(modes, 0)

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmesh.kvcomm.kv_cache import KVCache
-from kvmesh.workers.engine import Engine
-from kvmesh.workers.reuse_planner import PromptPiece, ReusePlanner, ReuseStats
+from kvmesh.workers.reuse_planner import PromptPiece, ReuseStats
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.sequence import RequestStats
+from kvmesh.workers.worker import Worker
 
 
 @dataclass
@@ -24,9 +24,11 @@ class CallResult:
 
 
 class InProcessWorker:
-    def __init__(self, engine: Engine, planner: ReusePlanner) -> None:
-        self.engine = engine
-        self.planner = planner
+    """A worker (workers/worker.py: build_worker) driven call by call from the caller's thread."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.engine = worker.engine
+        self.planner = worker.planner
 
     def call(
         self,

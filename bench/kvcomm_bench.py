@@ -34,8 +34,9 @@ from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.kvcomm.store import MemoryStore
 from kvmesh.workers.engine import Engine
 from kvmesh.workers.forward_batch import ForwardBatch
-from kvmesh.workers.reuse_planner import PromptPiece, ReusePlanner
+from kvmesh.workers.reuse_planner import PromptPiece
 from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.worker import WorkerConfig, build_worker
 from kvmesh.workers.tokenizer import Tokenizer
 
 from .engine_bench import _log, _machine_info
@@ -267,8 +268,9 @@ def run_kvcomm_bench(args: argparse.Namespace) -> int:
     workers = {}
     for mode in TTFT_MODES:
         forced = mode == "forced"
-        planner = ReusePlanner(loaded.model, loaded.tokenizer, stores[forced], FORCED if forced else config)
-        workers[mode] = InProcessWorker(Engine(loaded.model, loaded.tokenizer), planner)
+        settings = WorkerConfig(match=FORCED if forced else config, warm_up=False)
+        worker = build_worker(settings, stores[forced], model=loaded.model, tokenizer=loaded.tokenizer)
+        workers[mode] = InProcessWorker(worker)
     results: Json = {"workload": workload["name"], "machine": _machine_info(loaded.model.device),
                      "match_config": config.__dict__, "store": "redis" if redis else "memory"}
     try:

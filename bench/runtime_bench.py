@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 
 from .json_report import save_json
+from .prefill_parity import TARGET_PREFILL_PARITY, bench_prefill_parity
 from .runtime_breakdown import breakdown
 
 Json = dict[str, Any]
@@ -205,7 +206,9 @@ def run_runtime_bench(args: argparse.Namespace) -> int:
     _log("starting a session (Ray, 1 worker) …")
     with Session(workers=1, model=args.model, address=args.address, config=plain) as session:
         ready_s = time.perf_counter() - started
-        _log(f"ready in {ready_s:.1f} s; message latency …")
+        _log(f"ready in {ready_s:.1f} s ({session.worker_threads} thread(s) per worker); prefill parity …")
+        parity = bench_prefill_parity(session, rounds=1 if quick else 5, log=_log)
+        _log("message latency …")
         latency = bench_latency(session, calls=400 if quick else 2000)
         _log("10-agent chains …")
         short = bench_chain(session, 1, runs=1 if quick else 5)
@@ -227,6 +230,7 @@ def run_runtime_bench(args: argparse.Namespace) -> int:
         "long_max_tokens": long_tokens,
         "overhead_share_traced": {"1": traced_short["median"]["overhead_share"],
                                   str(long_tokens): traced_long["median"]["overhead_share"]},
+        "prefill_parity": parity,
         "floor": {"grpc_bare_p50_ms": latency["bare"]["p50_ms"], "grpc_bare_p99_ms": latency["bare"]["p99_ms"]},
         "latency": latency,
         "chain_1": short,
@@ -235,6 +239,7 @@ def run_runtime_bench(args: argparse.Namespace) -> int:
         "targets": {
             "grpc_p50_ms": _target(latency["grpc"]["p50_ms"], TARGET_GRPC_P50_MS),
             "overhead_share_long": None if quick else _target(long["median"]["overhead_share"], TARGET_OVERHEAD_SHARE),
+            "prefill_parity": None if quick else _target(parity["ratio"], TARGET_PREFILL_PARITY),
         },
         "definitions": DEFINITIONS,
         "session": {"token": bool(plain.token), "tls": plain.tls, "trace": plain.trace, "ready_s": ready_s},
@@ -256,6 +261,8 @@ DEFINITIONS = {
     "session.run() as its caller sees it; overhead_share: 1-token chain, overhead_share_long: long_max_tokens",
     "in_calls_s": "sum of the agents' call wall times minus model_s",
     "between_calls_s": "wall_s minus the sum of the agents' call wall times",
+    "prefill_parity": "median dense TTFT (worker-reported: planning + engine) of one ~1.5K-token prompt through "
+    "the session's worker actor / the same in an in-process worker built alike (build_worker), alternating",
     "breakdown": "critical path of one traced run (bench/runtime_breakdown.py): lead_in, chat (= model + "
     "worker_wait + worker_other), hops between calls, tail",
 }
@@ -282,6 +289,10 @@ def _print(report: Json) -> None:
         t = b["totals_ms"]
         print(f"  {tokens:>2} token(s) per agent       {t['model']:6.0f}  {t['worker_wait']:11.0f}  "
               f"{t['worker_other']:12.0f}  {t['hops']:5.0f}  {t['lead_in_and_tail']:12.0f}  {b['hop_mean_ms']:9.1f}")
+    parity = report["prefill_parity"]
+    print(f"\nprefill parity ({parity['prompt_tokens']} tokens, dense, {parity['worker_threads']} thread(s) per "
+          f"worker): session {statistics.median(parity['session_ttft_s']):.3f} s / in-process "
+          f"{statistics.median(parity['inprocess_ttft_s']):.3f} s = {parity['ratio']:.2f}")
     for name, target in report["targets"].items():
         if target is not None:
             verdict = "PASS" if target["pass"] else "MISS"

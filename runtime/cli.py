@@ -13,8 +13,13 @@ from kvmesh.workers.model_files import ModelLoadError
 from kvmesh.workers.sampling import InvalidRequestError
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="'smollm2' (bundled), a .gguf file or an HF directory")
+def _add_model_options(parser: argparse.ArgumentParser, model_default: str | None = "smollm2") -> None:
+    parser.add_argument(
+        "--model",
+        default=model_default,
+        help="'smollm2' (bundled), a .gguf file or an HF directory"
+        + (f" (default {model_default})" if model_default else " (default: KVMESH_MODEL, else smollm2)"),
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument(
         "--weights", choices=WEIGHT_FORMATS, default=None, help="weight format (default: fp32 on CPU, bf16 on CUDA)"
@@ -61,7 +66,10 @@ def _add_run_options(parser: argparse.ArgumentParser, max_tokens_default: int | 
         default=max_tokens_default,
         help="cap every agent's max_tokens" + (f" (default {max_tokens_default})" if max_tokens_default else ""),
     )
-    parser.add_argument("--model", default="smollm2", help="'smollm2' (bundled), a .gguf file or an HF directory")
+    _add_model_options(parser, model_default=None)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads per worker (default: the node's cores shared)"
+    )
     parser.add_argument("--timeout", type=float, default=None, help="give up on the run after this many seconds")
     parser.add_argument("--tokens", action="store_true", help="stream the agents' text as it decodes")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the result as JSON here")
@@ -132,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(blend_bench)
     blend_bench.set_defaults(handler=_bench_blend)
 
+    fidelity_bench = bench_kinds.add_parser(
+        "fidelity", help="do the reuse modes keep dense's answers? relay, retrieval and critique, paired"
+    )
+    fidelity_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    fidelity_bench.add_argument("--quick", action="store_true", help="4 items per shape (2 per split)")
+    fidelity_bench.add_argument("--modes", default="dense,auto,kvcomm,blend", help="comma-separated; dense is required")
+    fidelity_bench.add_argument("--shapes", default="relay,retrieval,critique", help="comma-separated item shapes")
+    fidelity_bench.add_argument("--split", choices=("tune", "holdout"), default=None, help="one split (default both)")
+    fidelity_bench.add_argument("--limit", type=int, default=None, help="at most N items per shape")
+    fidelity_bench.add_argument("--seed", type=int, default=0, help="the items' and the bootstrap's seed")
+    _add_model_options(fidelity_bench)
+    fidelity_bench.set_defaults(handler=_bench_fidelity)
+
     runtime_bench = bench_kinds.add_parser("runtime", help="agent-to-agent latency and orchestration overhead")
     runtime_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
     runtime_bench.add_argument("--quick", action="store_true", help="fewer calls, one run per chain, 4 tokens")
@@ -177,6 +198,12 @@ def _bench_blend(args: argparse.Namespace) -> int:
     from kvmesh.bench.blend_bench import run_blend_bench
 
     return run_blend_bench(args)
+
+
+def _bench_fidelity(args: argparse.Namespace) -> int:
+    from kvmesh.bench.fidelity_bench import run_fidelity_bench
+
+    return run_fidelity_bench(args)
 
 
 def _bench_kvcomm(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ class ClusterInfo:
     num_cpus: float
     resources: dict[str, float] = field(default_factory=dict)  # ray.cluster_resources() when connected
     node_ips: tuple[str, ...] = ()  # of the alive nodes: several distinct ones mean several machines
+    nodes: tuple[dict[str, float], ...] = ()  # each alive node's resources (CPU, GPU, custom)
 
 
 def connect(address: str | None = None) -> ClusterInfo:
@@ -54,12 +55,14 @@ def connect(address: str | None = None) -> ClusterInfo:
                 atexit.register(shutdown)
         context = ray.get_runtime_context()
         resources = {name: float(amount) for name, amount in ray.cluster_resources().items()}
+        alive = [node for node in ray.nodes() if node["Alive"]]
         return ClusterInfo(
             address=context.gcs_address,
             embedded=_started_here,
             num_cpus=resources.get("CPU", 0.0),
             resources=resources,
-            node_ips=tuple(node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]),
+            node_ips=tuple(node["NodeManagerAddress"] for node in alive),
+            nodes=tuple({name: float(amount) for name, amount in node["Resources"].items()} for node in alive),
         )
 
 

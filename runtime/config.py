@@ -1,10 +1,11 @@
 """RuntimeConfig: how the runtime's gRPC servers bind and secure themselves, deadlines and actor sizes.
 
 Defaults come from the environment where one is named (KVMESH_HOST, KVMESH_TOKEN, KVMESH_TLS_CERT,
-KVMESH_TLS_KEY, KVMESH_TLS_CA, KVMESH_MAX_MESSAGE_MB, KVMESH_REDIS_URL, KVMESH_TRACE, and the placements'
-KVMESH_{WORKER,AGENT}_{CPUS,GPUS,MEMORY_MB,RESOURCES}), so a cluster can be configured without code; every
-variable is listed in env_vars.py. The config is pickled into every actor: all servers of a session share one
-token and one TLS setting, and every process traces alike (the driver's OTEL_* settings travel in `trace_env`).
+KVMESH_TLS_KEY, KVMESH_TLS_CA, KVMESH_MAX_MESSAGE_MB, KVMESH_REDIS_URL, KVMESH_TRACE, the workers' KVMESH_MODEL
+and KVMESH_WORKER_{DEVICE,WEIGHTS,THREADS}, the placements' KVMESH_{WORKER,AGENT}_{CPUS,GPUS,MEMORY_MB,RESOURCES}),
+so a cluster can be configured without code; every variable is listed in env_vars.py. The config is pickled
+into every actor: all servers of a session share one token and one TLS setting, and every process traces
+alike (the driver's OTEL_* settings travel in `trace_env`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmesh.agents import Placement
+from kvmesh.workers.worker import WorkerConfig
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 TRACE_EXPORTERS = ("console", "otlp", "memory")  # KVMESH_TRACE: "off", or one or more of these, comma-separated
@@ -81,6 +83,22 @@ def _agent_placement() -> Placement:
     return _env_placement("KVMESH_AGENT_CPUS", "KVMESH_AGENT_GPUS", "KVMESH_AGENT_MEMORY_MB", "KVMESH_AGENT_RESOURCES")
 
 
+def _worker_config() -> WorkerConfig:
+    """The workers' settings from KVMESH_MODEL and KVMESH_WORKER_{DEVICE,WEIGHTS,THREADS}; errors name the variable."""
+    threads = _env("KVMESH_WORKER_THREADS")
+    if threads is not None and not threads.isdigit():
+        raise ConfigError(f"KVMESH_WORKER_THREADS={threads!r}: give a number of threads >= 1")
+    try:
+        return WorkerConfig(
+            model=_env("KVMESH_MODEL") or WorkerConfig.model,
+            device=_env("KVMESH_WORKER_DEVICE"),
+            weights=_env("KVMESH_WORKER_WEIGHTS"),  # type: ignore[arg-type]  # validated by WorkerConfig
+            threads=int(threads) if threads else None,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"KVMESH_MODEL / KVMESH_WORKER_DEVICE / KVMESH_WORKER_WEIGHTS / THREADS: {exc}") from None
+
+
 def _otel_env() -> tuple[tuple[str, str], ...]:
     """The standard OpenTelemetry settings of this process (endpoint, headers, service name, batching)."""
     return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("OTEL_")))
@@ -129,6 +147,9 @@ class RuntimeConfig:
     worker_placement: Placement | Mapping[str, Any] = field(default_factory=_worker_placement)
     agent_placement: Placement | Mapping[str, Any] = field(default_factory=_agent_placement)
     startup_timeout_s: float = 180.0  # an actor up and serving (a worker loads its model first)
+    # what every inference worker runs: model, device, weight format, threads (None: the cores of its node
+    # shared among the session's workers there), engine budgets, speculation, match and blend settings
+    worker: WorkerConfig = field(default_factory=_worker_config)
     # where KVCOMM's anchors and segment KVs live, shared by the workers: a redis:// URL; None: the session
     # starts a private redis-server for itself; "memory": each worker keeps its own (nothing shared)
     redis_url: str | None = field(default_factory=lambda: _env("KVMESH_REDIS_URL"))
@@ -177,6 +198,8 @@ class RuntimeConfig:
             if placement is None:
                 raise ConfigError(f"RuntimeConfig.{name} must be a kvmesh Placement (Placement() for the defaults)")
             object.__setattr__(self, name, placement)
+        if not isinstance(self.worker, WorkerConfig):
+            raise ConfigError(f"RuntimeConfig.worker must be a kvmesh WorkerConfig, got {type(self.worker).__name__}")
         parse_trace(self.trace)
         if not all(isinstance(kv, tuple) and len(kv) == 2 and kv[0].startswith("OTEL_") for kv in self.trace_env):
             raise ConfigError("RuntimeConfig.trace_env must be (name, value) pairs of OTEL_* variables")

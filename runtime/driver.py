@@ -37,7 +37,7 @@ from .errors import AgentDiedError, RuntimeFailure
 from .events import RunFinished, StreamEvent
 from .grpc_client import Channels
 from .grpc_server import start_server
-from .placement import ActorOptions, describe_cluster, resolve, warn_if_short
+from .placement import ActorOptions, describe_cluster, resolve, warn_if_short, worker_threads
 from .reachability import check_reachable
 from .registry import NAMESPACE, Registry, registry_name
 from .results import PipelineResult
@@ -60,15 +60,19 @@ class Session:
     def __init__(
         self,
         workers: int = 1,
-        model: str = "smollm2",
+        model: str | None = None,
         *,
         address: str | None = None,
         config: RuntimeConfig | None = None,
     ) -> None:
+        """`model` overrides config.worker.model (default: KVMESH_MODEL, else smollm2); the rest of what a
+        worker runs (device, weights, threads, engine settings) is config.worker, a WorkerConfig."""
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         self.config = config or RuntimeConfig()
-        self.model = model
+        if model is not None:
+            self.config = dataclasses.replace(self.config, worker=dataclasses.replace(self.config.worker, model=model))
+        self.model = self.config.worker.model
         self.cluster: ClusterInfo = connect(address)
         check_reachable(self.config, self.cluster.node_ips)  # loopback defaults cannot span machines
         self.worker_options: ActorOptions = resolve("worker", [self.config.worker_placement], self.cluster.resources)
@@ -146,15 +150,17 @@ class Session:
         actor = ray.remote(WorkerActor)
         options = self.worker_options
         warn_if_short(options, count, self.cluster.resources)
+        self.worker_threads = self.config.worker.threads or worker_threads(options, count, self.cluster.nodes)
+        threads = str(self.worker_threads)  # process-wide, before torch loads: torch keeps its setting per thread
         for i in range(count):
             name = f"worker-{i}"
             self.workers[name] = actor.options(
                 name=f"kvmesh-{self.id}-{name}",
                 namespace=NAMESPACE,
                 max_restarts=1,  # a crashed worker comes back once (fresh engine, new port, registered again)
-                runtime_env={"env_vars": dict(ACTOR_ENV)},
+                runtime_env={"env_vars": {**ACTOR_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
                 **options.ray_options(),
-            ).remote(name, self.model, self.id, self.config)
+            ).remote(name, self.id, self.config, self.worker_threads)
         self._wait_ready(self.workers, "worker", f"each asks for {options.describe()}")
 
     def _agents_for(self, pipeline: Pipeline) -> AgentGroup:

@@ -27,9 +27,13 @@ ENV_VARS: dict[str, str] = {
     "KVMESH_AGENT_GPUS": "GPUs each agent actor reserves (default 0)",
     "KVMESH_AGENT_MEMORY_MB": "memory each agent actor reserves, in MB (default: none)",
     "KVMESH_AGENT_RESOURCES": 'custom resources per agent, JSON (default {"kvmesh-agent": 0.01} where offered)',
+    # the inference workers (RuntimeConfig.worker, a WorkerConfig)
+    "KVMESH_MODEL": "the workers' model: smollm2 (default), a .gguf file or an HF directory",
+    "KVMESH_WORKER_DEVICE": "cpu or cuda (default: cuda where available)",
+    "KVMESH_WORKER_WEIGHTS": "fp32, bf16, int8 or int4 (default: fp32 on CPU, bf16 on CUDA)",
+    "KVMESH_WORKER_THREADS": "torch CPU threads per worker (default: its node's cores shared among its workers)",
     # Pipeline.run without a session (executor.py)
     "KVMESH_WORKERS": "workers of the default session (default 1)",
-    "KVMESH_MODEL": "model of the default session (default smollm2)",
     # the engine and the CLI
     "KVMESH_CACHE_DIR": "where dequantized weights are cached (default ~/.cache/kvmesh)",
     "KVMESH_DEMO_MAX_TOKENS": "max_tokens of `kvmesh demo`'s agents",

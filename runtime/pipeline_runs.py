@@ -7,11 +7,12 @@ import json
 import runpy
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from kvmesh.agents import Pipeline, PipelineError
 
+from .config import RuntimeConfig
 from .progress import Progress, result_table
 from .results import PipelineResult
 
@@ -37,12 +38,19 @@ def run_pipeline(pipeline: Pipeline, query: str, args: argparse.Namespace, demo:
 
     if args.max_tokens is not None:
         pipeline = pipeline.with_agent_options(max_tokens=args.max_tokens)
+    config = session_config(args)
+    worker = config.worker
     started = time.perf_counter()
-    print(f"kvmesh: starting {args.workers} worker(s) ({args.model}) …", file=sys.stderr, flush=True)
-    with Session(workers=args.workers, model=args.model, address=args.address) as session:
+    print(f"kvmesh: starting {args.workers} worker(s) ({worker.model}) …", file=sys.stderr, flush=True)
+    with Session(workers=args.workers, address=args.address, config=config) as session:
         ready = time.perf_counter() - started
         where = "embedded local Ray" if session.cluster.embedded else f"Ray at {session.cluster.address}"
-        print(f"kvmesh: {where}, ready in {ready:.1f} s; running {pipeline.name!r}", file=sys.stderr, flush=True)
+        print(
+            f"kvmesh: {where}, ready in {ready:.1f} s, {session.worker_threads} thread(s) per worker; "
+            f"running {pipeline.name!r}",
+            file=sys.stderr,
+            flush=True,
+        )
         progress = Progress(sys.stderr, show_tokens=args.tokens)
         with session.ctrl_c_cancels():
             result = progress.follow(session.stream(pipeline, query, timeout_s=args.timeout))
@@ -51,6 +59,17 @@ def run_pipeline(pipeline: Pipeline, query: str, args: argparse.Namespace, demo:
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result_json(pipeline, query, result), indent=2))
     return 0
+
+
+def session_config(args: argparse.Namespace) -> RuntimeConfig:
+    """The environment's RuntimeConfig with the command line's worker settings on top (those it names)."""
+    config = RuntimeConfig()
+    given = {"model": args.model, "device": args.device, "weights": args.weights, "threads": args.threads}
+    try:
+        worker = replace(config.worker, **{name: value for name, value in given.items() if value is not None})
+    except ValueError as exc:
+        raise ValueError(f"--model/--device/--weights/--threads: {exc}") from None
+    return replace(config, worker=worker)
 
 
 def _print_result(pipeline: Pipeline, query: str, result: PipelineResult, demo: bool) -> None:

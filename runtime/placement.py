@@ -16,8 +16,9 @@ yet should say GPUs and resources explicitly (the deploy/ files do, through the 
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -77,6 +78,19 @@ def resolve(kind: Kind, levels: list[Placement | None], cluster: Mapping[str, fl
         resources = {name: units} if cluster.get(name, 0) > 0 else {}
     assert placement.num_cpus is not None
     return ActorOptions(kind, float(placement.num_cpus), float(num_gpus), placement.memory_bytes, dict(resources))
+
+
+def worker_threads(options: ActorOptions, count: int, nodes: Sequence[Mapping[str, float]]) -> int:
+    """Torch threads per worker by default: the cores of a node that can host workers, shared among the
+    `count` workers spread over such nodes. Not Ray's CPU reservation, which only packs actors (Ray would
+    give a 0.5-CPU actor OMP_NUM_THREADS=1: one core of many). `nodes`: each alive node's resources."""
+    wanted = {**options.resources, **({"GPU": options.num_gpus} if options.num_gpus else {})}
+    hosts = [n for n in nodes if all(n.get(name, 0.0) >= amount for name, amount in wanted.items())] or list(nodes)
+    if not hosts:
+        return 1
+    per_node = math.ceil(count / len(hosts))
+    cores = min(node.get("CPU", 1.0) for node in hosts)
+    return max(1, int(cores // per_node))
 
 
 def shortfall(options: ActorOptions, count: int, cluster: Mapping[str, float]) -> list[str]:

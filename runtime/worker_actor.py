@@ -7,6 +7,7 @@ port, a new registration). Its Ray methods are for lifecycle and traces only; LL
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -14,10 +15,8 @@ import ray
 from kvmesh.kvcomm.redis_store import RedisStore
 from kvmesh.kvcomm.store import MemoryStore, Store
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
-from kvmesh.workers.engine import Engine
 from kvmesh.workers.engine_loop import EngineLoop
-from kvmesh.workers.reuse_planner import ReusePlanner
-from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.worker import build_worker
 
 from .config import RuntimeConfig
 from .grpc_server import start_server
@@ -34,17 +33,17 @@ def model_label(spec: str) -> str:
 
 
 class WorkerActor(TracedActor):
-    def __init__(self, name: str, model: str, session_id: str, config: RuntimeConfig) -> None:
+    def __init__(self, name: str, session_id: str, config: RuntimeConfig, threads: int) -> None:
+        """`threads`: torch's CPU threads, also in the process's OMP_NUM_THREADS (set by the session, so
+        every thread of the process uses them: torch keeps the setting per thread)."""
         self.name = name
         install(config, name)
-        engine = Engine.load(model)
-        _warm_up(engine)
-        self.loop = EngineLoop(engine)
-        self.planner = ReusePlanner(engine.model, engine.tokenizer, kv_store(config.redis_url, name))
+        worker = build_worker(replace(config.worker, threads=threads), kv_store(config.redis_url, name))
+        self.loop = EngineLoop(worker.engine)
+        self.planner = worker.planner
         self._address = ""
-        servicer = WorkerServicer(
-            self.loop, self.planner, model_label(model), lambda: self._address, tracer(config)
-        )
+        label = model_label(config.worker.model)
+        servicer = WorkerServicer(self.loop, self.planner, label, lambda: self._address, tracer(config))
         self.server = start_server(
             config,
             {WORKER_SERVICE: lambda server: worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)},
@@ -56,7 +55,7 @@ class WorkerActor(TracedActor):
         node_ip = ray.util.get_node_ip_address()
         ray.get(
             registry.register_worker.remote(
-                name, self._address, model_label(model), context.current_actor, context.get_node_id(), node_ip
+                name, self._address, label, context.current_actor, context.get_node_id(), node_ip
             )
         )
 
@@ -78,14 +77,3 @@ def kv_store(url: str | None, worker: str) -> Store:
     if url is None or url == "memory":
         return MemoryStore()
     return RedisStore(url, origin=worker)  # unreachable Redis is survivable: calls then run dense, with a warning
-
-
-def _warm_up(engine: Engine) -> None:
-    """Two short calls before serving: the first calls after a load run several times slower (kernel
-    set-up per shape), which would otherwise land on the first agents' TTFT. The prefix cache is then
-    emptied, so no call reports hits it did not earn."""
-    prompt = engine.tokenizer.encode("Warm-up: count from one to twenty, then name the colours of a rainbow.")
-    for _ in range(2):
-        engine.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))
-    if engine.prefix_cache is not None:
-        engine.prefix_cache.clear()

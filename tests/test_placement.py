@@ -18,8 +18,10 @@ from kvmesh.runtime.placement import (
     resolve,
     shortfall,
     warn_if_short,
+    worker_threads,
 )
 from kvmesh.runtime.reachability import check_reachable
+from kvmesh.workers.worker import WorkerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_ONLY = {"CPU": 2.0, "memory": 8.0 * (1 << 30)}
@@ -112,6 +114,35 @@ def test_shortfall_names_what_the_cluster_lacks_in_total(capsys):
     assert "3 worker actor(s) ask for 0.5 CPU, 1 GPU, 1 GiB memory, 'kvmesh-worker': 1" in capsys.readouterr().err
     offered = describe_cluster(KVMESH_CLUSTER | {"node:10.0.0.1": 1.0, "object_store_memory": 1e9})
     assert offered == "'CPU': 8, 'GPU': 2, 'kvmesh-agent': 100, 'kvmesh-worker': 2, 'memory': 64 GiB"
+
+
+def test_workers_share_their_nodes_cores_not_rays_cpu_reservation():
+    one_node = [{"CPU": 8.0}]
+    plain = resolve("worker", [Placement()], one_node[0])  # reserves 0.5 CPU: Ray alone would give 1 thread
+    assert [worker_threads(plain, n, one_node) for n in (1, 2, 3, 8, 9)] == [8, 4, 2, 1, 1]
+    gpu_nodes = [{"CPU": 16.0, "GPU": 1.0, WORKER_RESOURCE: 1.0}, {"CPU": 16.0, "GPU": 1.0, WORKER_RESOURCE: 1.0}]
+    head = {"CPU": 4.0, AGENT_RESOURCE: 1000.0}  # hosts no worker: its cores do not count
+    options = resolve("worker", [Placement()], KVMESH_CLUSTER)
+    assert worker_threads(options, 2, [head, *gpu_nodes]) == 16  # one worker per GPU node
+    assert worker_threads(options, 3, [head, *gpu_nodes]) == 8  # two on one of them
+    env = RuntimeConfig(worker=WorkerConfig(threads=3))
+    assert env.worker.threads == 3
+
+
+def test_worker_settings_come_from_the_environment_and_bad_values_name_the_variable(monkeypatch):
+    monkeypatch.setenv("KVMESH_WORKER_THREADS", "6")
+    monkeypatch.setenv("KVMESH_WORKER_WEIGHTS", "bf16")
+    monkeypatch.setenv("KVMESH_WORKER_DEVICE", "cpu")
+    worker = RuntimeConfig().worker
+    assert (worker.threads, worker.weights, worker.device, worker.model) == (6, "bf16", "cpu", "smollm2")
+    for name, bad in (("KVMESH_WORKER_THREADS", "many"), ("KVMESH_WORKER_WEIGHTS", "fp8"),
+                      ("KVMESH_WORKER_DEVICE", "tpu")):
+        with monkeypatch.context() as patch:
+            patch.setenv(name, bad)
+            with pytest.raises(ConfigError, match=bad):
+                RuntimeConfig()
+    with pytest.raises(ValueError, match="threads must be an int >= 1"):
+        WorkerConfig(threads=0)
 
 
 def test_loopback_defaults_are_refused_on_a_cluster_of_several_machines():

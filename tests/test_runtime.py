@@ -21,8 +21,9 @@ from kvmesh.runtime.events import AgentFinished, PhaseStarted, RunFinished, Toke
 from kvmesh.runtime.worker_actor import WORKER_SERVICE
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.workers.engine import Engine
-from kvmesh.workers.reuse_planner import PromptPiece, ReusePlanner
+from kvmesh.workers.reuse_planner import PromptPiece
 from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.worker import WorkerConfig, build_worker
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +31,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def reference(model, tokenizer):
     """An LLM function for run_locally: the same engine, in this process, on the same part-wise prompt ids."""
-    engine = Engine(model, tokenizer)
-    planner = ReusePlanner(model, tokenizer, store=None)  # part-wise ids, no cross-agent reuse
+    worker = build_worker(WorkerConfig(warm_up=False), None, model=model, tokenizer=tokenizer)  # no cross-agent reuse
+    engine, planner = worker.engine, worker.planner
 
     def llm(agent: Agent, prompt) -> str:
         parts = [PromptPiece(p.text, segment_id(p.producer, p.text) if isinstance(p, SegmentPart) else None)
@@ -201,6 +202,9 @@ def test_the_workers_server_wants_the_token_and_speaks_health_and_reflection(run
         assert WORKER_SERVICE in ProtoReflectionDescriptorDatabase(channel).get_services()
         stats = worker_pb2_grpc.WorkerServiceStub(channel).Stats(worker_pb2.StatsRequest())
     assert stats.model == "smollm2" and stats.address == worker.address and stats.running == 0
+    # torch computes on the node's cores (one worker here), not on Ray's 1 thread for a 0.5-CPU actor
+    assert stats.threads == runtime_session.worker_threads == int(runtime_session.cluster.num_cpus)
+    assert (stats.device, stats.weights) == ("cpu", "fp32")
 
 
 def test_an_interrupt_cancels_the_run_stops_its_llm_call_and_releases_its_agents(runtime_session):
