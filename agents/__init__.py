@@ -2,7 +2,7 @@
 
 from .agent import Agent
 from .documents import Chunk, DocumentStore
-from .errors import PipelineError
+from .errors import InvalidTextError, PipelineError
 from .local import run_locally
 from .parts import Prompt, SegmentPart, TextPart
 from .pipeline import Phase, Pipeline
@@ -15,6 +15,7 @@ __all__ = [
     "Agent",
     "Chunk",
     "DocumentStore",
+    "InvalidTextError",
     "Phase",
     "Pipeline",
     "PipelineError",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import PipelineError
+from kvmesh.workers.sampling_limits import InvalidRequestError, check_sampling
+
+from .errors import PipelineError, check_text
 from .template import QUERY, Placeholder, Template
 
 ReuseMode = Literal["auto", "dense", "prefix", "kvcomm", "blend"]
@@ -36,16 +37,19 @@ class Agent:
             raise PipelineError(
                 f"agent name {self.name!r} must be a Python identifier other than 'query' (templates write {{name}})"
             )
-        if self.max_tokens < 1:
-            raise PipelineError(f"agent {self.name!r}: max_tokens must be >= 1, got {self.max_tokens}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise PipelineError(f"agent {self.name!r}: temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise PipelineError(f"agent {self.name!r}: top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        try:  # the engine's own rules, so nothing the worker or the wire would refuse gets past here
+            check_sampling(self.max_tokens, self.temperature, self.top_p, self.seed, self.stop)
+        except InvalidRequestError as exc:
+            raise PipelineError(f"agent {self.name!r}: {exc}") from None
+        texts = {"template": self.template, "system": self.system or "", **{f"stop {s!r}": s for s in self.stop}}
+        for field_name, text in texts.items():
+            if not isinstance(text, str):
+                raise PipelineError(f"agent {self.name!r}: {field_name} must be a str, got {type(text).__name__}")
+            check_text(text, f"agent {self.name!r}: {field_name}", PipelineError)
         if self.reuse not in REUSE_MODES:
             raise PipelineError(f"agent {self.name!r}: reuse={self.reuse!r}; choose one of {', '.join(REUSE_MODES)}")
         if self.runs not in RUNS_IN:
             raise PipelineError(f"agent {self.name!r}: runs={self.runs!r}; choose one of {', '.join(RUNS_IN)}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "placeholders", tuple(Template(self.template).placeholders()))

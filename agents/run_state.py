@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import check_text
 from .pipeline import Phase, Pipeline
 from .template import QUERY
 
@@ -26,6 +27,9 @@ class RunState:
     phase: Phase | None = field(default=Phase(0))
     history: list[dict[str, str]] = field(default_factory=lambda: [{}])
     rounds_run: int = 0
+
+    def __post_init__(self) -> None:
+        check_text(self.query, "the query")  # before anything is sent: it would fail to encode on the wire
 
     @property
     def finished(self) -> bool:
@@ -58,6 +62,7 @@ class RunState:
 
     def record(self, name: str, text: str) -> None:
         assert self.phase is not None and self.phase.runs(self.pipeline.agents[name]), f"{name} does not run now"
+        check_text(text, f"the output of agent {name!r}")
         self.history[-1][name] = text
 
     def phase_complete(self) -> bool:

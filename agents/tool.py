@@ -3,7 +3,8 @@
 A tool's parameters name what it reads (`query` or agent names), e.g. `def search(query): ...`; the
 runtime calls it with those values, in the process of the agent whose template uses it. A tool that
 returns a list of texts (retrieved chunks) fills its placeholder with one segment per text, so each
-keeps its own identity (and its KV can be reused) in whatever order and position it lands.
+keeps its own identity (and its KV can be reused) in whatever order and position it lands. Anything else
+(None, a dict, a number) is refused rather than str()-ed into the prompt: that is almost always a bug.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import PipelineError
+from .errors import PipelineError, check_text
+
+_RETURNS = "return a str (its text) or a list of str (one segment each); convert other values yourself"
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,19 @@ class Tool:
             result = self.fn(**{name: values[name] for name in self.inputs})
         except Exception as exc:
             raise ToolError(f"tool {self.name!r} failed: {type(exc).__name__}: {exc}") from exc
-        if isinstance(result, list | tuple):
-            return tuple(str(item) for item in result)
-        return str(result)
+        if isinstance(result, str):
+            check_text(result, f"the output of tool {self.name!r}", ToolError)
+            return result
+        if not isinstance(result, list | tuple):
+            raise ToolError(f"tool {self.name!r} returned a value of type {type(result).__name__}; {_RETURNS}")
+        for index, item in enumerate(result):
+            if not isinstance(item, str):
+                raise ToolError(
+                    f"tool {self.name!r} returned a {type(result).__name__} whose item {index} is of type "
+                    f"{type(item).__name__}; {_RETURNS}"
+                )
+            check_text(item, f"item {index} of the output of tool {self.name!r}", ToolError)
+        return tuple(result)
 
 
 def tool(fn: Callable[..., object]) -> Tool:
@@ -50,4 +63,4 @@ def tool(fn: Callable[..., object]) -> Tool:
 
 
 class ToolError(RuntimeError):
-    """A tool raised; the message names the tool and the cause."""
+    """A tool raised, or returned what cannot fill a placeholder; the message names the tool and the cause."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmesh.kvcomm.kv_cache import KVCache
+from kvmesh.workers.engine import RequestFailed
 from kvmesh.workers.reuse_planner import PromptPiece, ReuseStats
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.sequence import RequestStats
@@ -62,6 +63,8 @@ class InProcessWorker:
                 pieces_out.append(event.text)
                 if event.finished:
                     self.planner.drain()  # anchors and segments are in the store before the next call
+                    if event.error is not None:
+                        raise RequestFailed(f"{agent}'s call failed in the engine: {event.error}")
                     stats = event.stats or RequestStats()
                     return CallResult(
                         text="".join(pieces_out),

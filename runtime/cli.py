@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 
 from kvmesh.workers.linear import WEIGHT_FORMATS
 from kvmesh.workers.model_config import UnsupportedModelError
 from kvmesh.workers.model_files import ModelLoadError
 from kvmesh.workers.sampling import InvalidRequestError
+
+_terminated = threading.Event()
 
 
 def _add_model_options(parser: argparse.ArgumentParser, model_default: str | None = "smollm2") -> None:
@@ -235,11 +239,22 @@ def _bench_suffix(args: argparse.Namespace) -> int:
         return 2
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM stops a command as Ctrl-C does: a run is cancelled, its session closed; then main exits 143.
+    Raised as KeyboardInterrupt, the one exception Ray's blocking calls pass on as it is."""
+    _terminated.set()
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
+        if _terminated.is_set():
+            print("\nterminated (SIGTERM): the run was cancelled and its actors released", file=sys.stderr)
+            return 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
         print("\ninterrupted: the run was cancelled and its actors released", file=sys.stderr)
         return 130
     except (ModelLoadError, UnsupportedModelError, InvalidRequestError, ValueError) as exc:  # these say what to do
@@ -251,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:  # a run that failed: the message names the agent or worker and the cause
         print(f"kvmesh: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ _HINTS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: "no answer within the deadline (RuntimeConfig.call_deadline_s / "
     "generate_deadline_s)",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "a message over the size limit (RuntimeConfig.max_message_bytes, env "
-    "KVMESH_MAX_MESSAGE_MB)",
+    "KVMESH_MAX_MESSAGE_MB), or a server at its limit of calls or queued requests (retry later)",
 }
 
 

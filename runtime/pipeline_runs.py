@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import runpy
+import signal
 import sys
 import time
+import traceback
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from kvmesh.agents import Pipeline, PipelineError
+from kvmesh.agents.errors import check_text
 
 from .config import RuntimeConfig
 from .progress import Progress, result_table
@@ -26,6 +29,13 @@ def load_pipeline(path: str) -> Pipeline:
         namespace = runpy.run_path(str(file), run_name="__kvmesh_pipeline__")
     except PipelineError as exc:
         raise ValueError(f"{path}: the pipeline is not valid: {exc}") from exc
+    except SyntaxError as exc:  # (in the file or in a module it imports): where, and what
+        raise ValueError(f"{exc.filename}:{exc.lineno}: {exc.msg}") from None
+    except Exception as exc:  # the file raised: its line that did, not a traceback through runpy
+        line = next((f.lineno for f in reversed(traceback.extract_tb(exc.__traceback__)) if f.filename == str(file)), 0)
+        raise ValueError(
+            f"{path}:{line}: {type(exc).__name__}: {exc} (`python {path}` shows the whole traceback)"
+        ) from None
     pipeline = namespace.get("pipeline")
     if not isinstance(pipeline, Pipeline):
         found = "nothing" if pipeline is None else f"a {type(pipeline).__name__}"
@@ -36,13 +46,16 @@ def load_pipeline(path: str) -> Pipeline:
 def run_pipeline(pipeline: Pipeline, query: str, args: argparse.Namespace, demo: bool = False) -> int:
     from .driver import Session
 
+    check_text(query, "--query")  # now, not after the workers have started
     if args.max_tokens is not None:
         pipeline = pipeline.with_agent_options(max_tokens=args.max_tokens)
     config = session_config(args)
     worker = config.worker
     started = time.perf_counter()
     print(f"kvmesh: starting {args.workers} worker(s) ({worker.model}) …", file=sys.stderr, flush=True)
+    on_sigterm = signal.getsignal(signal.SIGTERM)  # the CLI's: it cancels the run and closes the session
     with Session(workers=args.workers, address=args.address, config=config) as session:
+        signal.signal(signal.SIGTERM, on_sigterm or signal.SIG_DFL)  # Ray put in its own (a C++ stack dump)
         ready = time.perf_counter() - started
         where = "embedded local Ray" if session.cluster.embedded else f"Ray at {session.cluster.address}"
         print(

@@ -23,6 +23,7 @@ from kvmesh.agents import (
     self_refine,
     tool,
 )
+from kvmesh.agents.errors import InvalidTextError
 
 
 class Recorder:
@@ -56,12 +57,56 @@ class Recorder:
         (lambda: Agent("bad name"), "must be a Python identifier"),
         (lambda: Agent("a", reuse="magic"), "reuse='magic'"),
         (lambda: Agent("a", temperature=-1), "temperature"),
+        # sampling fields: the engine's ranges and the wire's (max_tokens uint32, seed uint64), named here
+        (lambda: Agent("a", max_tokens=2**32), r"agent 'a': max_tokens must be an integer in \[1, 4294967295\]"),
+        (lambda: Agent("a", max_tokens=0), r"max_tokens must be an integer in \[1, 4294967295\], got 0"),
+        (lambda: Agent("a", seed=-1), r"agent 'a': seed must be None or an integer in \[0, 2\*\*64 - 1\], got -1"),
+        (lambda: Agent("a", seed=2**64), r"seed must be None or an integer in \[0, 2\*\*64 - 1\]"),
+        (lambda: Agent("a", temperature=float("inf")), r"temperature must be a finite number >= 0.*got inf"),
+        (lambda: Agent("a", temperature=float("nan")), r"temperature must be a finite number >= 0.*got nan"),
+        (lambda: Agent("a", temperature="0.5"), "temperature must be a finite number"),
+        (lambda: Agent("a", top_p=0), r"top_p must be in \(0, 1\], got 0"),
+        (lambda: Agent("a", top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+        (lambda: Agent("a", top_p=float("nan")), r"top_p must be in \(0, 1\], got nan"),
+        (lambda: Agent("a", stop=("",)), "stop strings must be non-empty"),
+        (lambda: Agent("a", "Q: \ud800 {query}"), r"agent 'a': template is not valid Unicode: .* U\+D800 at"),
+        (lambda: Agent("a", system="\udcff"), "agent 'a': system is not valid Unicode"),
         (lambda: Tool("t", lambda *args: ""), r"\*args"),
     ],
 )
 def test_mistakes_are_caught_when_the_pipeline_is_built(build, message):
     with pytest.raises(PipelineError, match=message):
         build()
+
+
+def echo(agent, prompt) -> str:
+    return prompt.user_text
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        (None, "tool 't' returned a value of type NoneType; return a str"),
+        ({"k": "v"}, "tool 't' returned a value of type dict; return a str"),
+        (3, "tool 't' returned a value of type int"),
+        (["ok", None], "tool 't' returned a list whose item 1 is of type NoneType; return a str"),
+        ("bad \udcff", "the output of tool 't' is not valid Unicode: a lone surrogate U\\+DCFF at character 4"),
+        (["ok", "\ud800"], "item 1 of the output of tool 't' is not valid Unicode"),
+    ],
+)
+def test_a_tool_must_return_text(returned, message):
+    pipeline = Pipeline("p", [Agent("a", "{t} {query}")], tools=[Tool("t", lambda query: returned)])
+    with pytest.raises(ToolError, match=message):
+        run_locally(pipeline, "q", echo)
+
+
+def test_text_that_is_not_valid_unicode_is_refused_where_it_enters():
+    pipeline = Pipeline("p", [Agent("a", "Q: {query}"), Agent("b", "{a}")])
+    with pytest.raises(InvalidTextError, match=r"the query is not valid Unicode: a lone surrogate U\+DCFF at char"):
+        run_locally(pipeline, "why\udcff", echo)
+    with pytest.raises(InvalidTextError, match="the output of agent 'a' is not valid Unicode"):
+        run_locally(pipeline, "why", lambda agent, prompt: "\ud800")
+    assert run_locally(pipeline, "why \u00e9\U0001f600", echo).outputs == {"b": "Q: why \u00e9\U0001f600"}
 
 
 # -- semantics ---------------------------------------------------------------------------------------

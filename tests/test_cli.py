@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def kvmesh(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def kvmesh(*args: str | bytes, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kvmesh", *args], capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, "-m", "kvmesh", *args], capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT
     )
 
 
@@ -45,3 +50,67 @@ def test_engine_benchmark_quick_run_writes_the_promised_keys(tmp_path):
     assert report["batch8_tok_s"] > 0 and report["floor"]["decode_ms"] > 0
     assert report["floor"]["matmul_gflops"] > 0 and report["floor"]["bandwidth_gbs"] > 0
     assert "vs_transformers" in report
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("import kvmesh\npipeline = (\n", ":2: '(' was never closed"),
+        ("import kvmesh\n\npipeline = kvmesh.Pipeline('p', [kvmesh.Agent('a')], rounds=nope)\n", ":3: NameError:"),
+    ],
+)
+def test_a_pipeline_file_that_does_not_run_is_reported_in_one_line(tmp_path, source, expected):
+    path = tmp_path / "broken.py"
+    path.write_text(source)
+    result = kvmesh("run", str(path), "--query", "hi")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(f"kvmesh: error: {path}{expected}")
+
+
+def test_a_query_that_is_not_valid_unicode_is_refused_before_anything_starts():
+    # undecodable bytes on the command line arrive as lone surrogates (surrogateescape)
+    result = kvmesh("run", "examples/debate.py", "--query", b"caf\xe9 or tea?")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--query is not valid Unicode: a lone surrogate U+DCE9 at character 3" in result.stderr
+    assert "starting" not in result.stderr  # refused before Ray or a worker was started
+
+
+# The child gets SIGTERM as `kill` or Kubernetes would give it: not blocked (a signal mask is inherited through
+# fork and exec, and this process's threads may block signals).
+_UNBLOCKED = (
+    "import runpy, signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM}); "
+    "sys.argv[0] = 'kvmesh'; runpy.run_module('kvmesh', run_name='__main__')"
+)
+
+
+def test_sigterm_cancels_the_run_closes_the_session_and_exits_143():
+    process = subprocess.Popen(
+        [sys.executable, "-c", _UNBLOCKED, "run", "examples/debate.py", "--query", "Is tea better than coffee?"],
+        cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=os.environ | {"RAY_ADDRESS": ""},  # its own embedded Ray
+    )  # fmt: skip
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith("round 0:"):
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert started.wait(180), "".join(lines)
+    process.send_signal(signal.SIGTERM)
+    try:
+        code = process.wait(90)
+    finally:
+        process.kill()
+    reader.join(10)
+    stderr = "".join(lines)
+    assert code == 143, stderr
+    assert "terminated (SIGTERM): the run was cancelled and its actors released" in stderr
+    assert "SIGTERM received" not in stderr and "Traceback" not in stderr  # no Ray C++ stack dump, no traceback
+    assert process.stdout is not None and "TTFT s" not in process.stdout.read()  # cancelled: no result table

@@ -1,19 +1,24 @@
-"""The engine on the real SmolLM2: continuous batching, chunked prefill, prefix cache, sampling, errors."""
+"""The engine on the real SmolLM2: continuous batching, chunked prefill, prefix cache, sampling, errors,
+and faults: a request that fails inside a step fails alone; a full waiting queue refuses more."""
 
 from __future__ import annotations
 
 import threading
+from collections import defaultdict
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from kvmesh.workers.engine import Engine, EngineConfig
+from kvmesh.workers.engine import Engine, EngineConfig, RequestFailed, TokenEvent
 from kvmesh.workers.engine_loop import EngineLoop
 from kvmesh.workers.forward_batch import ForwardBatch
 from kvmesh.workers.kv_slots import SlotKVCache
 from kvmesh.workers.prefix_cache import PrefixCache, PrefixCacheConfig
-from kvmesh.workers.sampling import InvalidRequestError, SamplingParams
-from kvmesh.workers.scheduler import SchedulerConfig
+from kvmesh.workers.prompt_reuse import PromptReuse
+from kvmesh.workers.sampling import InvalidRequestError, SamplingParams, probabilities
+from kvmesh.workers.sampling_limits import GREEDY_BELOW
+from kvmesh.workers.scheduler import EngineOverloaded, SchedulerConfig
 
 pytestmark = pytest.mark.slow
 
@@ -167,7 +172,13 @@ def test_bad_requests_are_refused_with_a_reason(model, tokenizer, prompt, sampli
         ({"temperature": -1.0}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
+        ({"top_p": float("nan")}, r"top_p must be in \(0, 1\]"),
         ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 2**32}, r"max_tokens must be an integer in \[1, 4294967295\]"),  # the wire's uint32
+        ({"max_tokens": True}, "max_tokens must be an integer"),
+        ({"seed": -1}, r"seed must be None or an integer in \[0, 2\*\*64 - 1\]"),  # the wire's uint64
+        ({"seed": 2**64}, r"seed must be None or an integer in \[0, 2\*\*64 - 1\]"),
         ({"stop": ("",)}, "stop strings"),
     ],
 )
@@ -192,3 +203,122 @@ def test_engine_loop_serves_concurrent_callers(model, tokenizer, prompts, alone)
         list(loop.submit([], GREEDY))
     loop.close()
     assert [results[i] for i in range(len(prompts))] == alone
+
+
+def test_a_tiny_temperature_samples_greedily_and_sampling_cannot_overflow(model, tokenizer, prompts, alone):
+    # 1e-45 used to pass validation and divide the logits into inf, then NaN
+    tiny = SamplingParams(max_tokens=10, temperature=1e-45, seed=1)
+    assert tiny.greedy and make_engine(model, tokenizer).generate([prompts[1]], tiny)[0].token_ids == alone[1]
+    logits = torch.tensor([30.0, 29.0, -5.0, float("-inf")])
+    for top_p in (1.0, 0.5):
+        probs = probabilities(logits, SamplingParams(temperature=GREEDY_BELOW, top_p=top_p))
+        assert torch.isfinite(probs).all() and probs[0] == pytest.approx(1.0)
+
+
+# -- faults: one request's failure is its own ------------------------------------------------------------------
+def poisoned(sampling: SamplingParams) -> SamplingParams:
+    """`sampling` with a NaN temperature, as a bug past validation would leave it: drawing from it raises."""
+    object.__setattr__(sampling, "temperature", float("nan"))
+    return sampling
+
+
+def drain(engine: Engine) -> dict[str, list[TokenEvent]]:
+    events: dict[str, list[TokenEvent]] = defaultdict(list)
+    while engine.has_work():
+        for event in engine.step():
+            events[event.request_id].append(event)
+    return events
+
+
+def tokens_of(events: list[TokenEvent]) -> list[int]:
+    return [e.token_id for e in events if e.token_id is not None]
+
+
+def assert_engine_is_clean(engine: Engine, failed_prompt: list[int], neighbour: list[int]) -> None:
+    """Every KV slot is free again, and the failed request's KV did not enter the prefix cache."""
+    assert not engine.has_work()
+    assert all(engine.kv_slots.acquire() is not None for _ in range(engine.config.scheduler.max_running))
+    assert engine.prefix_cache is not None
+    shared = next(i for i, (a, b) in enumerate(zip(failed_prompt, neighbour, strict=False)) if a != b)
+    match = engine.prefix_cache.match(failed_prompt)
+    assert match.num_tokens <= shared  # at most what the neighbour put there
+    engine.prefix_cache.release(match)
+
+
+def test_a_request_whose_sampling_fails_fails_alone(model, tokenizer, prompts, alone):
+    engine = make_engine(model, tokenizer)
+    good = engine.add_request(prompts[0], GREEDY)
+    bad = engine.add_request(prompts[1], poisoned(SamplingParams(max_tokens=10, temperature=0.7, seed=1)))
+    first = engine.step()  # both prefill in this one step; the bad one fails at its first draw
+    assert {e.request_id for e in first} == {good, bad}
+    events = drain(engine)
+    (failure,) = [e for e in first if e.request_id == bad]
+    assert failure.finished and failure.finish_reason == "error" and "nan" in (failure.error or "")
+    assert tokens_of([e for e in first if e.request_id == good] + events[good]) == alone[0]
+    assert events[good][-1].finish_reason == "stop" and bad not in events
+    assert_engine_is_clean(engine, prompts[1], prompts[0])
+
+
+def test_through_the_loop_only_the_failed_request_s_caller_gets_the_error(model, tokenizer, prompts, alone):
+    loop = EngineLoop(make_engine(model, tokenizer))
+    good = loop.submit(prompts[2], GREEDY)
+    bad = loop.submit(prompts[3], poisoned(SamplingParams(max_tokens=10, temperature=0.7)))
+    with pytest.raises(RequestFailed, match=r"request 'loop-2' failed: RuntimeError: .*nan"):
+        list(bad)
+    assert tokens_of(list(good)) == alone[2]
+    again = loop.submit(prompts[3], GREEDY)  # the loop and the engine go on serving
+    assert tokens_of(list(again)) == alone[3]
+    loop.close()
+
+
+def _raises(*args: object) -> tuple[int, int]:
+    raise RuntimeError("the reuse hook exploded")
+
+
+REUSE_FAULTS: dict[str, Callable[[], PromptReuse]] = {
+    "splice at admission": lambda: PromptReuse(splice_at=0, splice_fn=_raises),
+    "splice after a prefill chunk": lambda: PromptReuse(splice_at=10, splice_fn=_raises),
+    "on_prefilled": lambda: PromptReuse(on_prefilled=_raises),
+    "on_finished": lambda: PromptReuse(on_finished=_raises),
+}
+
+
+@pytest.mark.parametrize("fault", list(REUSE_FAULTS))
+def test_a_request_whose_reuse_hook_raises_fails_alone(model, tokenizer, prompts, alone, fault):
+    engine = make_engine(model, tokenizer)
+    good = engine.add_request(prompts[0], GREEDY)
+    bad = engine.add_request(prompts[1], GREEDY, reuse=REUSE_FAULTS[fault]())
+    events = drain(engine)
+    assert tokens_of(events[good]) == alone[0] and events[good][-1].finish_reason == "stop"
+    end = events[bad][-1]
+    assert end.finish_reason == "error" and end.error == "RuntimeError: the reuse hook exploded"
+    assert_engine_is_clean(engine, prompts[1], prompts[0])
+
+
+def test_the_waiting_queue_is_bounded_and_what_it_took_completes(model, tokenizer, prompts):
+    max_waiting = 4
+    config = SchedulerConfig(max_running=2, max_batch_tokens=128, max_waiting=max_waiting)
+    engine = Engine(model, tokenizer, EngineConfig(scheduler=config))
+    quick = SamplingParams(max_tokens=2, ignore_eos=True)
+    taken, refused = [], []
+    for i in range(max_waiting + 50):
+        try:
+            taken.append(engine.add_request(prompts[i % len(prompts)], quick))
+        except EngineOverloaded as exc:
+            refused.append(str(exc))
+    assert len(taken) == max_waiting and len(refused) == 50
+    assert "4 requests already wait (SchedulerConfig.max_waiting=4)" in refused[0]
+    events = drain(engine)
+    assert all(len(tokens_of(events[i])) == 2 and events[i][-1].finish_reason == "length" for i in taken)
+
+    # through the loop, as the worker service sees it: the excess is refused on its own stream, the rest complete
+    loop = EngineLoop(Engine(model, tokenizer, EngineConfig(scheduler=config)))
+    streams = [loop.submit(prompts[i % len(prompts)], quick) for i in range(max_waiting + 50)]
+    completed = overloaded = 0
+    for stream in streams:
+        try:
+            completed += len(tokens_of(list(stream))) == 2
+        except EngineOverloaded:
+            overloaded += 1
+    loop.close()
+    assert completed + overloaded == max_waiting + 50 and completed >= max_waiting and overloaded >= 1

@@ -9,11 +9,19 @@ On finish its KV goes into the prefix cache for later requests. Not thread-safe:
 Speculation (EngineConfig.speculation, on by default): a decoding request may run its pending token plus
 a draft from the suffix trees (speculation.py) as one tree-masked chunk; the accepted path's tokens are
 then emitted one by one through the same stop logic as plain decoding, and its KV is cut back to them.
+
+Faults: what is done for one request alone (admission and its prefix-cache load, a splice or CacheBlend
+pass, the reuse hooks, sampling, draft verification, stop strings) fails that request alone: it ends with
+finish_reason "error" and TokenEvent.error, its slot is freed and its KV never enters the prefix cache,
+while the rest of the batch goes on. A failed batched forward fails the requests of that step. Drafting is
+only an offer: when it fails the step runs without drafts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import time
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
@@ -36,6 +44,8 @@ from .speculation import SpeculationConfig, Speculator, tree_inputs, verify
 from .suffix_cache import Draft
 from .text_stream import TextStream
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def validate_prompt(prompt: Seq[int], config: ModelConfig) -> None:
@@ -69,6 +79,10 @@ class EngineConfig:
             raise ValueError(f"kv_slot_tokens must be >= 1 or None, got {self.kv_slot_tokens}")
 
 
+class RequestFailed(RuntimeError):
+    """The engine failed while serving this request alone (its sampling, a reuse hook, ...); others went on."""
+
+
 @dataclass
 class TokenEvent:
     """One streamed step of a request: a token (and the text it completes), or its end."""
@@ -77,8 +91,9 @@ class TokenEvent:
     token_id: int | None
     text: str
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled"
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled", "error"
     stats: RequestStats | None = None
+    error: str | None = None  # with finish_reason "error": what failed ("ExceptionType: message")
 
 
 @dataclass
@@ -88,6 +103,7 @@ class Completion:
     text: str
     finish_reason: str
     stats: RequestStats
+    error: str | None = None  # with finish_reason "error"
 
 
 class Engine:
@@ -140,7 +156,8 @@ class Engine:
         reuse: PromptReuse | None = None,
     ) -> str:
         """Queue a request; `role` (an agent role) picks the suffix tree its outputs share for speculation;
-        `reuse` (from the reuse planner) splices precomputed KV into the prompt and sets hooks."""
+        `reuse` (from the reuse planner) splices precomputed KV into the prompt and sets hooks. Raises
+        InvalidRequestError for a request no step could serve, EngineOverloaded when the queue is full."""
         sampling = sampling or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         validate_prompt(prompt, self.model.config)
@@ -170,8 +187,9 @@ class Engine:
         seq = self.scheduler.find(request_id)
         if seq is None:
             return False
-        self._finish(seq, "cancelled")
-        self._pending_events.append(self._end_event(seq, ""))
+        with self._fails_alone(seq, self._pending_events):
+            self._finish(seq, "cancelled")
+            self._pending_events.append(self._end_event(seq, ""))
         return True
 
     def has_work(self) -> bool:
@@ -180,35 +198,30 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """One forward over the scheduled chunks; returns the tokens and endings it produced."""
-        events, self._pending_events = self._pending_events, []
         chunks = self.scheduler.schedule(self._admit)
+        events, self._pending_events = self._pending_events, []  # (admissions that failed included)
         if not chunks:
             return events
         drafts = self._propose(chunks)
-        batch = self._forward_batch(chunks, drafts)
-        started = time.perf_counter()
-        logits = self.model.forward(batch)  # [M, V]: a row per completing chunk, 1 + draft per verify
+        try:
+            batch = self._forward_batch(chunks, drafts)
+            started = time.perf_counter()
+            logits = self.model.forward(batch)  # [M, V]: a row per completing chunk, 1 + draft per verify
+        except Exception as exc:  # the shared part: every request in it fails; those waiting go on
+            log.exception("engine step failed: the %d request(s) in it fail", len(chunks))
+            for chunk in chunks:
+                events.append(self._fail(chunk.seq, exc))
+            return events
         now = time.perf_counter()
         if self.speculator is not None:
             self.speculator.observe_step(len(batch.token_ids), now - started)
         row = 0
         for chunk in chunks:
-            seq = chunk.seq
-            draft = drafts.get(seq.request_id)
-            if draft is not None:
-                events.extend(self._accept(seq, draft, logits[row : row + 1 + len(draft)], now))
-                row += 1 + len(draft)
-                continue
-            completes = chunk.completes_prompt  # (before num_computed moves)
-            seq.num_computed += chunk.num_tokens
-            self._splice_if_due(seq)
-            if not completes:
-                continue
-            if not seq.output_ids and seq.reuse.on_prefilled is not None:
-                seq.reuse.on_prefilled(seq.cache)  # the whole prompt's KV, before decoding appends to it
-            token = sample(logits[row], seq.sampling, seq.generator)
-            row += 1
-            events.append(self._append_token(seq, token, now))
+            draft = drafts.get(chunk.seq.request_id)
+            rows = 1 + len(draft) if draft is not None else int(chunk.completes_prompt)
+            with self._fails_alone(chunk.seq, events):
+                self._advance(chunk, draft, logits[row : row + rows] if rows else None, now, events)
+            row += rows
         return events
 
     def stream(
@@ -226,7 +239,8 @@ class Engine:
     def generate(
         self, prompts: Seq[Seq[int]], sampling: SamplingParams | None = None, role: str | None = None
     ) -> list[Completion]:
-        """Run several requests together (continuously batched) and return their completions in order."""
+        """Run several requests together (continuously batched) and return their completions in order (one
+        that failed has finish_reason "error" and says why in `error`; the others are unaffected)."""
         ids = [self.add_request(prompt, sampling, role=role) for prompt in prompts]
         tokens: dict[str, list[int]] = {i: [] for i in ids}
         texts: dict[str, list[str]] = {i: [] for i in ids}
@@ -245,10 +259,50 @@ class Engine:
                         "".join(texts[event.request_id]),
                         event.finish_reason or "",
                         event.stats or RequestStats(),
+                        event.error,
                     )
         return [done[i] for i in ids]
 
     # -- internals ------------------------------------------------------------------------------------
+    def _advance(
+        self,
+        chunk: ScheduledChunk,
+        draft: Draft | None,
+        logits: torch.Tensor | None,
+        now: float,
+        events: list[TokenEvent],
+    ) -> None:
+        """One request's part of a step, after the forward: logits [its rows, V] (None: a chunk mid-prompt)."""
+        seq = chunk.seq
+        if draft is None:
+            completes = chunk.completes_prompt  # (before num_computed moves)
+            seq.num_computed += chunk.num_tokens
+            self._splice_if_due(seq)
+            if not completes:
+                return
+            if not seq.output_ids and seq.reuse.on_prefilled is not None:
+                seq.reuse.on_prefilled(seq.cache)  # the whole prompt's KV, before decoding appends to it
+        assert logits is not None  # a chunk that reaches its last known token, or verifies a draft, has rows
+        if draft is not None:
+            self._accept(seq, draft, logits, now, events)
+        else:
+            events.append(self._append_token(seq, sample(logits[0], seq.sampling, seq.generator), now))
+
+    @contextlib.contextmanager
+    def _fails_alone(self, seq: Sequence, events: list[TokenEvent]) -> Iterator[None]:
+        """What raises inside ends `seq` alone with finish_reason "error" (its end event goes to `events`)."""
+        try:
+            yield
+        except Exception as exc:
+            log.warning("request %s failed (the others go on)", seq.request_id, exc_info=exc)
+            events.append(self._fail(seq, exc))
+
+    def _fail(self, seq: Sequence, exc: Exception) -> TokenEvent:
+        if seq.status is not Status.FINISHED:
+            self._finish(seq, "error")
+        seq.finish_reason = "error"  # also when a hook of an ending that was under way raised
+        return TokenEvent(seq.request_id, None, "", True, "error", seq.stats, error=f"{type(exc).__name__}: {exc}")
+
     def _make_slots(self) -> KVSlots:
         c, model = self.model.config, self.model
         tokens = self.config.kv_slot_tokens or (
@@ -264,19 +318,21 @@ class Engine:
             device=model.device,
         )
 
-    def _admit(self, seq: Sequence) -> None:
-        slot = self.kv_slots.acquire()  # (not `or`: an empty cache is falsy)
-        seq.cache = slot if slot is not None else self.model.new_cache(capacity=len(seq.prompt_ids) + 64)
-        if self.prefix_cache is not None and seq.reuse.use_prefix_cache:
-            # the last prompt token is always computed: its logits give the first output token; and the
-            # exact cache never serves past a splice point
-            limit = seq.reuse.splice_at if seq.reuse.splice_at is not None else len(seq.prompt_ids) - 1
-            match = self.prefix_cache.match(seq.prompt_ids, max_tokens=limit)
-            self.prefix_cache.load(match, seq.cache)
-            seq.prefix_match = match
-            seq.num_computed = match.num_tokens
-            seq.stats.prefix_hit_tokens = match.num_tokens
-        self._splice_if_due(seq)
+    def _admit(self, seq: Sequence) -> bool:
+        """Give a waiting request its KV; False if that failed (the request has then ended with an error)."""
+        with self._fails_alone(seq, self._pending_events):
+            slot = self.kv_slots.acquire()  # (not `or`: an empty cache is falsy)
+            seq.cache = slot if slot is not None else self.model.new_cache(capacity=len(seq.prompt_ids) + 64)
+            if self.prefix_cache is not None and seq.reuse.use_prefix_cache:
+                # the last prompt token is always computed: its logits give the first output token; and the
+                # exact cache never serves past a splice point
+                limit = seq.reuse.splice_at if seq.reuse.splice_at is not None else len(seq.prompt_ids) - 1
+                seq.prefix_match = match = self.prefix_cache.match(seq.prompt_ids, max_tokens=limit)  # pinned
+                self.prefix_cache.load(match, seq.cache)
+                seq.num_computed = match.num_tokens
+                seq.stats.prefix_hit_tokens = match.num_tokens
+            self._splice_if_due(seq)
+        return seq.status is not Status.FINISHED
 
     def _splice_if_due(self, seq: Sequence) -> None:
         """Append (or compute) the planner's KV once the prompt before it is in the cache."""
@@ -304,7 +360,11 @@ class Engine:
             if not c.seq.in_prefill  # a decode: the pending token is the last sampled one
         ]
         rows = sum(c.num_tokens for c in chunks)
-        return self.speculator.propose(requests, rows, self.config.scheduler.max_batch_tokens - rows)
+        try:
+            return self.speculator.propose(requests, rows, self.config.scheduler.max_batch_tokens - rows)
+        except Exception:  # a draft is only an offer: without one each request decodes as plain decoding
+            log.exception("drafting failed: this step runs without speculation")
+            return {}
 
     def _forward_batch(self, chunks: list[ScheduledChunk], drafts: dict[str, Draft]) -> ForwardBatch:
         ids: list[int] = []
@@ -334,7 +394,9 @@ class Engine:
             logit_rows=torch.tensor(logit_rows) if logit_rows else None,
         )
 
-    def _accept(self, seq: Sequence, draft: Draft, logits: torch.Tensor, now: float) -> list[TokenEvent]:
+    def _accept(
+        self, seq: Sequence, draft: Draft, logits: torch.Tensor, now: float, events: list[TokenEvent]
+    ) -> None:
         """Verify a draft (logits [1 + n, V]), keep the accepted path's KV, emit its tokens in order."""
         assert self.speculator is not None
         path, tokens = verify(draft, logits, seq.sampling, seq.generator)
@@ -347,13 +409,11 @@ class Engine:
         seq.stats.verify_steps += 1
         seq.stats.drafted_tokens += len(draft)
         seq.stats.accepted_tokens += len(path)
-        events = []
         for n, token in enumerate(tokens, 1):
             seq.num_computed = past + 1 + min(n, len(path))  # tokens with KV once this one is appended
             events.append(self._append_token(seq, token, now))
             if seq.status is Status.FINISHED:
                 break
-        return events
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> TokenEvent:
         seq.output_ids.append(token)
@@ -376,20 +436,23 @@ class Engine:
         return TokenEvent(seq.request_id, token, text, True, seq.finish_reason, seq.stats)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        """End a request and free its KV; a hook that raises does so after the KV is freed."""
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.stats.finish_s = time.perf_counter()
         self.scheduler.remove(seq)
-        if self.speculator is not None:
-            self.speculator.finish(seq.request_id)
-        if seq.reuse.on_finished is not None and reason != "cancelled":
-            seq.reuse.on_finished(seq.cache, list(seq.output_ids))
-        if self.prefix_cache is not None:
-            exact = seq.num_computed if seq.reuse.splice_at is None else min(seq.num_computed, seq.reuse.splice_at)
-            if exact:  # spliced KV is approximate: only what precedes it enters the exact cache
-                self.prefix_cache.insert(seq.all_ids[:exact], seq.cache)
-            if seq.prefix_match is not None:
+        try:
+            if self.speculator is not None:
+                self.speculator.finish(seq.request_id)
+            if seq.reuse.on_finished is not None and reason in ("stop", "length"):
+                seq.reuse.on_finished(seq.cache, list(seq.output_ids))
+            if self.prefix_cache is not None and reason != "error":  # a failed request's KV is not trusted
+                exact = seq.num_computed if seq.reuse.splice_at is None else min(seq.num_computed, seq.reuse.splice_at)
+                if exact:  # spliced KV is approximate: only what precedes it enters the exact cache
+                    self.prefix_cache.insert(seq.all_ids[:exact], seq.cache)
+        finally:
+            if self.prefix_cache is not None and seq.prefix_match is not None:
                 self.prefix_cache.release(seq.prefix_match)
-        if isinstance(seq.cache, SlotKVCache):
-            seq.cache.free_slot()
-        seq.cache = self.model.new_cache(capacity=1)  # free the KV now, not when the caller drops the seq
+            if isinstance(seq.cache, SlotKVCache):
+                seq.cache.free_slot()
+            seq.cache = self.model.new_cache(capacity=1)  # free the KV now, not when the caller drops the seq

@@ -1,7 +1,8 @@
 """Drives an Engine from one background thread so that many callers can stream concurrently.
 
 Callers submit requests from any thread and iterate over their own token events; the loop thread is
-the only one touching the engine, so the engine itself needs no locks.
+the only one touching the engine, so the engine itself needs no locks. A request the engine failed alone
+raises RequestFailed on its own stream; an engine step that raises fails every request in the loop.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 
-from .engine import Engine, TokenEvent
+from .engine import Engine, RequestFailed, TokenEvent
 from .prompt_reuse import PromptReuse
 from .sampling import SamplingParams
 
@@ -20,7 +21,8 @@ _IDLE_WAIT_S = 0.05
 
 
 class RequestStream:
-    """Token events of one request, in order; raises the request's error if it failed."""
+    """Token events of one request, in order; raises the request's error if it failed (InvalidRequestError,
+    EngineOverloaded when it was refused; RequestFailed when it failed while being served)."""
 
     def __init__(self, loop: EngineLoop, request_id: str) -> None:
         self.request_id = request_id
@@ -93,9 +95,12 @@ class EngineLoop:
                 stream = self._streams.get(event.request_id)
                 if stream is None:
                     continue
-                stream._events.put(event)
                 if event.finished:
                     del self._streams[event.request_id]
+                if event.error is not None:
+                    stream._events.put(RequestFailed(f"request {event.request_id!r} failed: {event.error}"))
+                else:
+                    stream._events.put(event)
         self._fail_all(RuntimeError("the engine loop was closed"))
 
     def _drain_inbox(self, block: bool) -> None:
@@ -115,7 +120,7 @@ class EngineLoop:
             _, prompt, sampling, stream, role, reuse = item
             try:
                 self.engine.add_request(prompt, sampling, stream.request_id, role=role, reuse=reuse)
-            except Exception as exc:  # invalid request: its caller gets the error
+            except Exception as exc:  # invalid or refused (queue full): its caller gets the error
                 stream._events.put(exc)
                 return
             self._streams[stream.request_id] = stream

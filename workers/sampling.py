@@ -2,42 +2,31 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-
-class InvalidRequestError(ValueError):
-    """A request the engine cannot serve as given; the message names the field and what to do."""
+from .sampling_limits import GREEDY_BELOW, check_sampling
+from .sampling_limits import InvalidRequestError as InvalidRequestError  # its home for the engine's callers
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidRequestError(
-                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
-            )
-        if not 0 < self.top_p <= 1:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.stop, str):  # a lone string is a common slip: treat it as one stop string
             object.__setattr__(self, "stop", (self.stop,))
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InvalidRequestError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        check_sampling(self.max_tokens, self.temperature, self.top_p, self.seed, self.stop)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -47,7 +36,12 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    logits = logits.float()
+    top = logits.max(dim=-1, keepdim=True).values
+    if not torch.isfinite(top).all():  # NaN or inf logits: there is no distribution to draw from
+        raise RuntimeError("the model's logits are not finite (NaN or inf): this request cannot be sampled")
+    # the max subtracted first, (logits - max) / T <= 0: no overflow however small T is
+    probs = torch.softmax((logits - top) / params.temperature, dim=-1)
     if params.top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the token crossing the line stays in)

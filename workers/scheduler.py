@@ -2,7 +2,8 @@
 
 Every step runs the pending token of each decoding request plus, within a token budget, the next
 prompt chunk of requests still prefilling. A long prompt is thus spread over several steps and never
-stalls the decodes running beside it; new requests join as soon as there is room.
+stalls the decodes running beside it; new requests join as soon as there is room. At most `max_waiting`
+requests wait for room: beyond that a request is refused (EngineOverloaded) rather than queued without end.
 """
 
 from __future__ import annotations
@@ -14,14 +15,21 @@ from dataclasses import dataclass
 from .sequence import Sequence, Status
 
 
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full: the request was not queued; retry later or spread the load over more workers."""
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_running: int = 16  # requests holding KV and taking part in steps
     max_batch_tokens: int = 256  # tokens per forward: one per decode, the rest for prompt chunks
+    max_waiting: int = 256  # requests queued for room; more are refused, so a flood cannot grow memory unbounded
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {self.max_running}")
+        if self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
         if self.max_batch_tokens < self.max_running:
             raise ValueError(
                 f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_running ({self.max_running}) "
@@ -47,13 +55,19 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_waiting:
+            raise EngineOverloaded(
+                f"the engine is overloaded: {len(self.waiting)} requests already wait "
+                f"(SchedulerConfig.max_waiting={self.config.max_waiting}); retry later or add workers"
+            )
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, admit: Callable[[Sequence], None]) -> list[ScheduledChunk]:
-        """The next step's chunks. `admit` prepares a waiting request's KV (e.g. from the prefix cache)."""
+    def schedule(self, admit: Callable[[Sequence], bool]) -> list[ScheduledChunk]:
+        """The next step's chunks. `admit` prepares a waiting request's KV (e.g. from the prefix cache); False
+        when that failed and the request has been ended."""
         chunks = [ScheduledChunk(seq, seq.num_pending) for seq in self.running if not seq.in_prefill]
         budget = self.config.max_batch_tokens - sum(c.num_tokens for c in chunks)
         for seq in self.running:
@@ -62,7 +76,8 @@ class Scheduler:
                 budget -= chunks[-1].num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.waiting.popleft()
-            admit(seq)
+            if not admit(seq):
+                continue
             seq.status = Status.RUNNING
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, min(seq.num_schedulable, budget)))
