@@ -156,13 +156,13 @@ def run_cluster_bench(args: argparse.Namespace) -> int:
     runs = args.runs or (6 if quick else 16)
     if concurrency < 1 or runs < 1:
         raise ValueError(f"--concurrency and --runs must be >= 1, got {concurrency} and {runs}")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the cluster is this process's own, on loopback
     blocks = 1 if quick else 2
     pipeline, prompts = travel_pipeline(0.5 if quick else 1.0), queries()
     started = time.perf_counter()
     with LocalCluster() as cluster:
         address = cluster.start_head(num_cpus=1, resources={AGENT_RESOURCE: 8})
         cluster.add_node(num_cpus=2, resources={WORKER_RESOURCE: 3}, name="workers")  # 1 + 2 workers
+        os.environ.update(cluster.driver_env())  # this process joins it: Ray reads its token from there
         connect(address)
         nodes = wait_for_nodes(2)
         _log(

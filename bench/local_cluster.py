@@ -6,11 +6,12 @@
         ...                      # a driver connects with ray.init(address) (or Session(address=...))
         cluster.kill(workers)    # the node dies as a machine would: raylet and everything on it
 
-Each node is `ray start --block` in its own process group, bound to 127.0.0.1 (so the cluster is private to
-this machine and needs no Ray token), with its own ports and a private temp dir. It is stopped by killing
-those process groups, never by `ray stop`, which stops every Ray process of the machine: a test session's
-embedded Ray, or another benchmark's. This process does not connect to the cluster (it may hold another
-Ray already): whoever connects checks the nodes joined (`wait_for_nodes`).
+Each node is `ray start --block` in its own process group, with node address 127.0.0.1, its own ports and a
+private temp dir, and Ray's token authentication on with a token generated for this cluster (Ray's gRPC
+servers listen on every interface: the token keeps other drivers out); a driver joins with `driver_env()`.
+It is stopped by killing those process groups, never by `ray stop`, which stops every Ray process of the
+machine: a test session's embedded Ray, or another benchmark's. This process does not connect to the cluster
+(it may hold another Ray already): whoever connects checks the nodes joined (`wait_for_nodes`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_WAIT_POLICY": "PASSIVE"}
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_WAIT_POLICY": "PASSIVE"}
 _HOST = "127.0.0.1"
 
 
@@ -51,6 +53,11 @@ class LocalCluster:
         self.root = Path(root or tempfile.mkdtemp(prefix="kvr-"))
         self.address = ""
         self.nodes: list[Node] = []
+        self._token = secrets.token_hex(32)
+
+    def driver_env(self) -> dict[str, str]:
+        """What a process needs in its environment to join this cluster (Ray reads the token from there)."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self._token}
 
     def start_head(self, num_cpus: float, resources: Mapping[str, float]) -> str:
         port = _free_port()
@@ -91,9 +98,8 @@ class LocalCluster:
             *extra,
         ]
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (the node's lifetime, closed in kill())
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | RAY_ENV, start_new_session=True
-        )
+        env = os.environ | RAY_ENV | self.driver_env()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         node = Node(name, process, dict(resources))
         self.nodes.append(node)
         time.sleep(0.5)

@@ -52,10 +52,11 @@ def _log(text: str) -> None:
 class LatencyProbe:
     """Runs as its own actor and times calls from there, as an agent's process would make them."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, driver_key: str) -> None:
         from kvmesh.runtime.grpc_client import Channels
 
         self.channels = Channels(config)
+        self.driver_key = driver_key  # its CANCEL (clearing the inbox it filled) is the driver's to send
 
     def deliver_ms(self, address: str, run_id: str, n: int) -> list[float]:
         from kvmesh.agents import Phase
@@ -69,11 +70,13 @@ class LatencyProbe:
         return _timed(lambda: stub.Deliver(msg), n)
 
     def cancel(self, address: str, run_id: str) -> None:
+        from kvmesh.runtime.call_metadata import from_driver
         from kvmesh.runtime.wire import Kind
         from kvmesh.v1 import agent_pb2, agent_pb2_grpc
 
         stub = agent_pb2_grpc.AgentServiceStub(self.channels.get(address))
-        stub.Deliver(agent_pb2.Message(kind=Kind.CANCEL, run_id=run_id, source="probe"))
+        cancel = agent_pb2.Message(kind=Kind.CANCEL, run_id=run_id, source="probe")
+        stub.Deliver(cancel, metadata=from_driver(self.driver_key))
 
     def ray_ms(self, handle: Any, n: int) -> list[float]:
         import ray
@@ -124,7 +127,7 @@ def bench_latency(session: Any, calls: int, block: int = 200, warmup: int = 50) 
     pipeline = Pipeline("latency", [Agent("target", "{query}", max_tokens=1)])
     handle = session.agent_actors(pipeline)["target"]
     address = ray.get(handle.ready.remote())
-    probe = ray.remote(LatencyProbe).options(num_cpus=0).remote(session.config)
+    probe = ray.remote(LatencyProbe).options(num_cpus=0).remote(session.config, session.driver_key)
     server, bare_address = _bare_server()
     run_id = f"bench-latency-{os.getpid()}"
     measured: dict[str, list[float]] = {"grpc": [], "ray": [], "bare": []}

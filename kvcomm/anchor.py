@@ -8,9 +8,11 @@ we do not repeat.
 
 from __future__ import annotations
 
+import math
+
 import msgpack
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, KVLayout, RecordInvalid, unpack_map
 
 
 class Anchor:
@@ -51,13 +53,30 @@ class Anchor:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes, device: str = "cpu") -> Anchor:
-        record = msgpack.unpackb(data)
-        next_text = record["next_text"]
-        return cls(
-            record["id"],
-            KVCache.from_bytes(record["signature"], device),
-            KVCache.from_bytes(record["delta"], device),
-            KVCache.from_bytes(next_text, device) if next_text is not None else None,
-            record["created"],
+    def from_bytes(cls, data: bytes | memoryview, layout: KVLayout, device: str = "cpu") -> Anchor:
+        """Decode a to_bytes record as the model's KV (`layout`); RecordInvalid if it does not fit."""
+        record = unpack_map(data, "anchor record", ("id", "created", "signature", "delta", "next_text"))
+        anchor_id, created, next_text = record["id"], record["created"], record["next_text"]
+        if not isinstance(anchor_id, str) or type(created) not in (int, float):
+            raise RecordInvalid(f"anchor record id {anchor_id!r} / created {created!r} are not a str and a number")
+        anchor = cls(
+            anchor_id,
+            KVCache.from_bytes(record["signature"], layout.dtype, device),
+            KVCache.from_bytes(record["delta"], layout.dtype, device),
+            KVCache.from_bytes(next_text, layout.dtype, device) if next_text is not None else None,
+            float(created),
         )
+        anchor.check(layout)
+        return anchor
+
+    def check(self, layout: KVLayout) -> None:
+        """Raise RecordInvalid unless every tensor is the model's KV for this anchor's tokens."""
+        layout.check(self.delta, f"anchor {self.anchor_id} delta")
+        layout.check(
+            self.signature, f"anchor {self.anchor_id} signature", tokens=self.delta.length,
+            layers=layout.signature_layers,
+        )
+        if self.next_text is not None:
+            layout.check(self.next_text, f"anchor {self.anchor_id} next_text")
+        if not math.isfinite(self.created):
+            raise RecordInvalid(f"anchor {self.anchor_id} was created at {self.created}, not a time")

@@ -7,7 +7,10 @@ verify forward and `keep`). Buffers grow by doubling so appends are amortized O(
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -16,6 +19,59 @@ import torch
 from .rope import RopeSpec, shift_keys
 
 _MIN_CAPACITY = 64
+_STORABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class RecordInvalid(ValueError):
+    """Stored bytes that do not decode, or decode to KV that does not fit the model: the entry is unusable."""
+
+    fault = "malformed"
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What every stored KV of one model must look like. Records are decoded as `dtype` (never a dtype a
+    record names) and must be [num_layers, num_kv_heads, n, head_dim] with n the entry's token count (an
+    anchor's signature: signature_layers deep); token ids lie in [0, vocab_size)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    vocab_size: int
+    signature_layers: int
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "signature_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"KVLayout.{name} must be an int >= 1, got {value!r}")
+        if self.signature_layers > self.num_layers:
+            raise ValueError(
+                f"KVLayout.signature_layers ({self.signature_layers}) exceeds num_layers ({self.num_layers})"
+            )
+        if self.dtype not in _STORABLE:
+            raise ValueError(f"KVLayout.dtype must be one of {', '.join(map(str, _STORABLE))}, got {self.dtype}")
+
+    def check(self, kv: KVCache, what: str, *, tokens: int | None = None, layers: int | None = None) -> None:
+        """Raise RecordInvalid unless `kv` is this model's KV: `layers` deep (default: every layer), `tokens`
+        long when given."""
+        depth = self.num_layers if layers is None else layers
+        length = kv.length if tokens is None else tokens
+        expected = [depth, self.num_kv_heads, length, self.head_dim]
+        actual = [kv.num_layers, kv.keys.shape[1], kv.length, kv.keys.shape[3]]
+        if kv.dtype != self.dtype or actual != expected:
+            raise RecordInvalid(
+                f"{what} is {_dtype_name(kv.dtype)} {actual}; the model's is {_dtype_name(self.dtype)} {expected}"
+            )
+
+    def check_tokens(self, token_ids: object, what: str) -> list[int]:
+        """`token_ids` as a list of this model's token ids, or RecordInvalid."""
+        if not isinstance(token_ids, list) or not all(
+            type(t) is int and 0 <= t < self.vocab_size for t in token_ids  # bools are not token ids
+        ):
+            raise RecordInvalid(f"{what} are not a list of token ids in [0, {self.vocab_size})")
+        return token_ids
 
 
 class KVCache:
@@ -172,7 +228,7 @@ class KVCache:
         keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
         return msgpack.packb(
             {
-                "dtype": str(self.dtype).removeprefix("torch."),
+                "dtype": _dtype_name(self.dtype),
                 "shape": list(keys.shape),
                 "keys": _tensor_bytes(keys),
                 "values": _tensor_bytes(values),
@@ -180,13 +236,41 @@ class KVCache:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes, device: torch.device | str = "cpu") -> KVCache:
-        record = msgpack.unpackb(data)
-        dtype = getattr(torch, record["dtype"])
-        shape = tuple(record["shape"])
-        keys = _tensor_from_bytes(record["keys"], dtype, shape).to(device)
-        values = _tensor_from_bytes(record["values"], dtype, shape).to(device)
+    def from_bytes(cls, data: bytes, dtype: torch.dtype, device: torch.device | str = "cpu") -> KVCache:
+        """Decode a to_bytes record as `dtype`, the caller's (a record whose dtype differs is refused, never
+        obeyed); its shape must account for its bytes exactly. Raises RecordInvalid saying what is wrong;
+        the caller checks the shape against the model (KVLayout.check)."""
+        record = unpack_map(data, "KV record", ("dtype", "shape", "keys", "values"))
+        if record["dtype"] != _dtype_name(dtype):
+            raise RecordInvalid(f"KV record of dtype {record['dtype']!r}; the model's KV is {_dtype_name(dtype)}")
+        shape = record["shape"]
+        if not (isinstance(shape, list) and len(shape) == 4 and all(type(n) is int and n >= 0 for n in shape)):
+            raise RecordInvalid(f"KV record shape {shape!r} is not [layers, kv_heads, tokens, head_dim]")
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        for name in ("keys", "values"):
+            if not isinstance(record[name], bytes) or len(record[name]) != size:
+                raise RecordInvalid(f"KV record {name} do not hold the {size} bytes its shape {shape} needs")
+        keys = _tensor_from_bytes(record["keys"], dtype, tuple(shape)).to(device)
+        values = _tensor_from_bytes(record["values"], dtype, tuple(shape)).to(device)
         return cls.from_tensors(keys, values)
+
+
+def unpack_map(data: bytes | memoryview, what: str, fields: Sequence[str]) -> dict[str, Any]:
+    """A msgpack map holding at least `fields`, or RecordInvalid (stored bytes are not trusted to be one)."""
+    try:
+        record = msgpack.unpackb(data)
+    except (msgpack.UnpackException, ValueError, TypeError) as exc:  # ExtraData, FormatError, bad UTF-8, ...
+        raise RecordInvalid(f"{what} does not decode ({type(exc).__name__}: {exc})") from None
+    if not isinstance(record, dict):
+        raise RecordInvalid(f"{what} is a {type(record).__name__}, not a map")
+    missing = [name for name in fields if name not in record]
+    if missing:
+        raise RecordInvalid(f"{what} lacks {', '.join(missing)}")
+    return record
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:

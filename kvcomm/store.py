@@ -2,7 +2,12 @@
 
 The Redis implementation (redis_store.py) shares pools across workers; this one serves a single
 worker and the tests. Both follow the same eviction rule (per slot: at most `max_anchors`, and when
-full the least-used of the `window` oldest goes; overall: a byte budget enforced the same way).
+full the least-used of the `window` oldest goes; overall: a byte budget enforced the same way), the same
+per-record cap, and check what they hold against the model's KV layout once a planner binds it.
+
+A store never fails a call over a bad entry: one that does not verify or decode is dropped and reads as a
+miss, and the store reports it (take_rejections) for the call to say so. It raises StoreError only when the
+store itself fails (unreachable, or answering errors); callers then serve dense.
 """
 
 from __future__ import annotations
@@ -11,12 +16,20 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgpack
+import torch
+
 from .anchor import Anchor
-from .kv_cache import KVCache
+from .byte_lru import ByteLRU
+from .kv_cache import KVCache, KVLayout, unpack_map
 
 
-class StoreUnavailable(RuntimeError):
-    """The store cannot be reached; callers fall back to dense prefill and say so."""
+class StoreError(RuntimeError):
+    """The store failed a call (unreachable, or it answered an error); callers serve dense and say so."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached."""
 
 
 @dataclass(frozen=True)
@@ -24,13 +37,26 @@ class PoolConfig:
     max_anchors: int = 8  # per slot
     window: int = 4  # eviction looks at this many of the oldest anchors and drops the least used
     budget_bytes: int = 2 << 30  # all anchors together
-    segment_budget_bytes: int = 1 << 30  # segment KVs kept for reuse
+    segment_budget_bytes: int = 1 << 30  # segment KVs kept for reuse (Redis: those this store wrote, until they expire)
+    record_max_bytes: int = 128 << 20  # one segment's KV or one anchor; a larger one is not stored
 
     def __post_init__(self) -> None:
         if self.max_anchors < 1 or self.window < 1:
-            raise ValueError("max_anchors and window must be >= 1")
-        if self.budget_bytes <= 0 or self.segment_budget_bytes <= 0:
-            raise ValueError("byte budgets must be positive")
+            raise ValueError("PoolConfig.max_anchors and window must be >= 1")
+        for name in ("budget_bytes", "segment_budget_bytes", "record_max_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"PoolConfig.{name} must be a positive number of bytes, got {getattr(self, name)}")
+
+    def refuse(self, nbytes: int) -> str | None:
+        """Why a record of `nbytes` is not stored, or None if it may be."""
+        if nbytes <= self.record_max_bytes:
+            return None
+        cap = _size(self.record_max_bytes)
+        return f"{_size(nbytes)}, over the per-record cap of {cap} (PoolConfig.record_max_bytes)"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.0f} MiB" if nbytes >= 1 << 20 else f"{nbytes / 1024:.1f} KiB"
 
 
 @dataclass
@@ -40,13 +66,58 @@ class StoredSegment:
     token_ids: list[int]
     kv: KVCache
 
+    def check(self, layout: KVLayout) -> None:
+        """Raise RecordInvalid unless the tokens are the model's and the KV is theirs."""
+        layout.check_tokens(self.token_ids, "segment token ids")
+        layout.check(self.kv, "segment KV", tokens=len(self.token_ids))
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb({"token_ids": self.token_ids, "kv": self.kv.to_bytes()})
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes | memoryview, layout: KVLayout, device: torch.device | str = "cpu"
+    ) -> StoredSegment:
+        """Decode a to_bytes record as the model's KV (`layout`); RecordInvalid if it does not fit."""
+        record = unpack_map(data, "segment record", ("token_ids", "kv"))
+        token_ids = layout.check_tokens(record["token_ids"], "segment token ids")
+        segment = cls(token_ids, KVCache.from_bytes(record["kv"], layout.dtype, device))
+        segment.check(layout)
+        return segment
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A stored entry that failed to verify or decode: it was dropped and read as a miss."""
+
+    kind: str  # "segment" or "anchor"
+    key: str  # its id
+    fault: str  # "tampered" (its HMAC does not verify) or "malformed" (it does not decode or fit the model)
+    detail: str
+
+    def line(self) -> str:
+        """What a call that met it reports (ReuseStats.degradations)."""
+        return f"dropped a {self.fault} {self.kind} {self.key} ({self.detail})"
+
 
 class Store(Protocol):
+    def bind_layout(self, layout: KVLayout) -> None: ...
     def anchors(self, slot: str) -> list[Anchor]: ...
     def add_anchor(self, slot: str, anchor: Anchor) -> None: ...
     def mark_used(self, slot: str, anchor_ids: list[str]) -> None: ...
     def get_segment(self, segment_id: str) -> StoredSegment | None: ...
-    def put_segment(self, segment_id: str, segment: StoredSegment) -> None: ...
+    def put_segment(self, segment_id: str, segment: StoredSegment) -> str | None: ...  # None, or why not stored
+    def take_rejections(self) -> list[Rejection]: ...  # the entries dropped since the last take
+
+
+def bound_layout(current: KVLayout | None, layout: KVLayout) -> KVLayout:
+    """A store holds one model's KV: binding it to another model's layout is a deployment error."""
+    if current is not None and current != layout:
+        raise ValueError(
+            f"this KV store already holds KV of layout {current}; a model with {layout} needs a store of its "
+            "own (another Redis key prefix, or another store)"
+        )
+    return layout
 
 
 @dataclass
@@ -58,10 +129,19 @@ class _Entry:
 class MemoryStore:
     def __init__(self, config: PoolConfig | None = None) -> None:
         self.config = config or PoolConfig()
+        self.layout: KVLayout | None = None
         self._pools: dict[str, OrderedDict[str, _Entry]] = {}
-        self._segments: OrderedDict[str, StoredSegment] = OrderedDict()
+        self._segments: ByteLRU[str, StoredSegment] = ByteLRU(
+            self.config.segment_budget_bytes, lambda segment: segment.kv.nbytes()
+        )
         self._anchor_bytes = 0
-        self._segment_bytes = 0
+
+    def bind_layout(self, layout: KVLayout) -> None:
+        """Check what is stored from now on against the model's KV layout (a wrong shape is a bug: raises)."""
+        self.layout = bound_layout(self.layout, layout)
+
+    def take_rejections(self) -> list[Rejection]:
+        return []  # entries never leave this process as bytes: nothing to verify or decode
 
     # -- anchors -----------------------------------------------------------------------------------
     def anchors(self, slot: str) -> list[Anchor]:
@@ -71,6 +151,10 @@ class MemoryStore:
         return {anchor_id: entry.uses for anchor_id, entry in self._pools.get(slot, {}).items()}
 
     def add_anchor(self, slot: str, anchor: Anchor) -> None:
+        if self.config.refuse(anchor.nbytes()):
+            return  # not kept: calls of this slot stay dense rather than hold one huge anchor
+        if self.layout is not None:
+            anchor.check(self.layout)
         pool = self._pools.setdefault(slot, OrderedDict())
         while len(pool) >= self.config.max_anchors:
             self._evict_from(slot)
@@ -109,16 +193,14 @@ class MemoryStore:
 
     # -- segments ----------------------------------------------------------------------------------
     def get_segment(self, segment_id: str) -> StoredSegment | None:
-        segment = self._segments.get(segment_id)
-        if segment is not None:
-            self._segments.move_to_end(segment_id)
-        return segment
+        return self._segments.get(segment_id)
 
-    def put_segment(self, segment_id: str, segment: StoredSegment) -> None:
-        if segment_id in self._segments:
-            return
-        self._segments[segment_id] = segment
-        self._segment_bytes += segment.kv.nbytes()
-        while self._segment_bytes > self.config.segment_budget_bytes and len(self._segments) > 1:
-            _, dropped = self._segments.popitem(last=False)
-            self._segment_bytes -= dropped.kv.nbytes()
+    def put_segment(self, segment_id: str, segment: StoredSegment) -> str | None:
+        refused = self.config.refuse(segment.kv.nbytes())
+        if refused is not None:
+            return refused
+        if self.layout is not None:
+            segment.check(self.layout)
+        if segment_id not in self._segments:
+            self._segments.put(segment_id, segment)
+        return None

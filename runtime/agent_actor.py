@@ -24,15 +24,18 @@ AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
 
 class AgentActor(TracedActor):
-    def __init__(self, payload: bytes, group: str, workflow: str, session_id: str, config: RuntimeConfig) -> None:
-        """payload: portable.dumps((agent, {tool name: Tool})) of the tools this agent's template uses."""
+    def __init__(
+        self, payload: bytes, group: str, workflow: str, session_id: str, config: RuntimeConfig, driver_key: str
+    ) -> None:
+        """payload: portable.dumps((agent, {tool name: Tool})) of the tools this agent's template uses;
+        driver_key: the session driver's own secret, without which START and CANCEL are refused."""
         logging.basicConfig(level=logging.WARNING)
         agent, tools = portable.loads(payload)
         install(config, f"agent {group}/{agent.name}")
         registry = ray.get_actor(registry_name(session_id), namespace=NAMESPACE)
         self._address = ""
         runner = AgentRunner(agent, tools, group, workflow, registry, config)
-        self.servicer = AgentServicer(runner, lambda: self._address)
+        self.servicer = AgentServicer(runner, lambda: self._address, driver_key)
         self.server = start_server(
             config,
             {AGENT_SERVICE: lambda server: agent_pb2_grpc.add_AgentServiceServicer_to_server(self.servicer, server)},

@@ -17,7 +17,13 @@ from .config import RuntimeConfig
 from .tracing import context_from_headers, current_context_headers
 
 TOKEN_KEY = "authorization"
+DRIVER_KEY = "kvmesh-driver-key"  # START and CANCEL carry the session driver's own key (agents check it)
 _BEARER = "Bearer "
+
+
+def from_driver(driver_key: str) -> tuple[tuple[str, str], ...]:
+    """Extra metadata for the driver's START and CANCEL messages."""
+    return ((DRIVER_KEY, driver_key),)
 
 
 def outgoing(config: RuntimeConfig) -> tuple[tuple[str, str], ...]:

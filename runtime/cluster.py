@@ -1,16 +1,26 @@
 """Connecting to Ray: an embedded local cluster by default, an existing one by `address=` or RAY_ADDRESS.
 
-The embedded cluster is quiet (no dashboard, actors' logs stay in Ray's log files, warnings only) and
-is shut down at exit — only if this process started it. A Ray already initialized in this process
-(by the user, or an earlier Session) is reused as it is.
+The embedded cluster is private to this process: it is always a new one (never a `ray start` cluster that
+happens to run on this machine), its node address is 127.0.0.1, and Ray's token authentication is on with
+a token generated for it (RAY_AUTH_TOKEN in this process's environment, which Ray's processes inherit; never
+on a command line). Ray 2.60's own gRPC servers still listen on every interface, so the token is what keeps
+other machines' and other users' drivers out. It is quiet (no dashboard, actors' logs stay in Ray's log
+files, warnings only) and shut down at exit. A cluster kvmesh did not start (address=, RAY_ADDRESS) is joined
+as it is: kvmesh never changes its authentication settings. A Ray already initialized in this process (by
+the user, or an earlier Session) is reused as it is.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import secrets
+import signal
+import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .registry import NAMESPACE
@@ -19,7 +29,9 @@ from .registry import NAMESPACE
 # (measured 10-40x slowdowns on 2 cores). Every actor runs with this environment.
 ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
+LOOPBACK = "127.0.0.1"
 _lock = threading.Lock()
+_saved_env: dict[str, str | None] = {}
 _started_here = False
 
 
@@ -46,13 +58,15 @@ def connect(address: str | None = None) -> ClusterInfo:
                 "logging_level": logging.WARNING,
                 "runtime_env": {"env_vars": dict(ACTOR_ENV)},
             }
-            if address:
-                ray.init(address=address, **common)
-            else:
-                os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only cluster
-                ray.init(include_dashboard=False, **common)
-                _started_here = True
-                atexit.register(shutdown)
+            with _keeping_sigterm():
+                if address:
+                    ray.init(address=address, **common)
+                else:
+                    _require_token_auth()
+                    # "local": a new cluster of our own even when `ray start` left one running here
+                    ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, **common)
+                    _started_here = True
+                    atexit.register(shutdown)
         context = ray.get_runtime_context()
         resources = {name: float(amount) for name, amount in ray.cluster_resources().items()}
         alive = [node for node in ray.nodes() if node["Alive"]]
@@ -66,6 +80,53 @@ def connect(address: str | None = None) -> ClusterInfo:
         )
 
 
+@contextlib.contextmanager
+def _keeping_sigterm() -> Iterator[None]:
+    """ray.init replaces the process's SIGTERM handler with one that dumps stacks and exits; the caller's
+    (e.g. the CLI's clean cancel) is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _require_token_auth() -> None:
+    """Token auth for the embedded cluster, with a token of its own, unless the user chose otherwise."""
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    if mode == "disabled":  # the user's explicit choice: respected, but said out loud
+        print(
+            "kvmesh: RAY_AUTH_MODE=disabled: the embedded Ray cluster accepts drivers without a token from any "
+            "machine that can reach this one",
+            file=sys.stderr,
+        )
+        return
+    _set_env("RAY_AUTH_MODE", "token")
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        _set_env("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    _reload_ray_auth()
+
+
+def _reload_ray_auth() -> None:
+    """Ray's C++ side read RAY_AUTH_MODE and the token when ray was imported, and would go on connecting
+    without one: have it read them again (as Ray does when it turns token auth on itself)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication: nothing to reload
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _set_env(name: str, value: str) -> None:
+    """Set for the embedded cluster's lifetime: shutdown() puts back what was there (a later connect to
+    another cluster must not carry this one's token)."""
+    _saved_env.setdefault(name, os.environ.get(name))
+    os.environ[name] = value
+
+
 def shutdown() -> None:
     """Stop the embedded cluster, if this process started it; leave anyone else's alone."""
     global _started_here
@@ -75,3 +136,11 @@ def shutdown() -> None:
         if _started_here and ray.is_initialized():
             ray.shutdown()
         _started_here = False
+        for name, value in _saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if _saved_env:
+            _reload_ray_auth()
+        _saved_env.clear()

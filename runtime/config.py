@@ -1,11 +1,11 @@
 """RuntimeConfig: how the runtime's gRPC servers bind and secure themselves, deadlines and actor sizes.
 
 Defaults come from the environment where one is named (KVMESH_HOST, KVMESH_TOKEN, KVMESH_TLS_CERT,
-KVMESH_TLS_KEY, KVMESH_TLS_CA, KVMESH_MAX_MESSAGE_MB, KVMESH_REDIS_URL, KVMESH_TRACE, the workers' KVMESH_MODEL
-and KVMESH_WORKER_{DEVICE,WEIGHTS,THREADS}, the placements' KVMESH_{WORKER,AGENT}_{CPUS,GPUS,MEMORY_MB,RESOURCES}),
-so a cluster can be configured without code; every variable is listed in env_vars.py. The config is pickled
-into every actor: all servers of a session share one token and one TLS setting, and every process traces
-alike (the driver's OTEL_* settings travel in `trace_env`).
+KVMESH_TLS_KEY, KVMESH_TLS_CA, KVMESH_MAX_MESSAGE_MB, KVMESH_REDIS_URL, KVMESH_STORE_SECRET, KVMESH_TRACE, the
+workers' KVMESH_MODEL and KVMESH_WORKER_{DEVICE,WEIGHTS,THREADS}, the placements'
+KVMESH_{WORKER,AGENT}_{CPUS,GPUS,MEMORY_MB,RESOURCES}), so a cluster can be configured without code; every
+variable is listed in env_vars.py. The config is pickled into every actor: all servers of a session share one
+token and one TLS setting, and every process traces alike (the driver's OTEL_* settings travel in `trace_env`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from kvmesh.agents import Placement
+from kvmesh.kvcomm.record_seal import check_secret
+from kvmesh.kvcomm.redis_store import redact_url
+from kvmesh.kvcomm.store import PoolConfig
 from kvmesh.workers.worker import WorkerConfig
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -135,24 +138,33 @@ class RuntimeConfig:
     tls_cert: str | None = field(default_factory=lambda: _env("KVMESH_TLS_CERT"))  # server cert (PEM)
     tls_key: str | None = field(default_factory=lambda: _env("KVMESH_TLS_KEY"))  # its private key (PEM)
     tls_ca: str | None = field(default_factory=lambda: _env("KVMESH_TLS_CA"))  # what clients trust (PEM)
-    tls_server_name: str | None = None  # the name clients expect in the cert, if not the address's host
+    # the name clients expect in the servers' cert instead of each address's host: one cert for every node
+    tls_server_name: str | None = field(default_factory=lambda: _env("KVMESH_TLS_SERVER_NAME"))
     max_message_bytes: int = field(default_factory=lambda: _env_mb("KVMESH_MAX_MESSAGE_MB", 16))
     call_deadline_s: float = 30.0  # every unary call (messages between agents and the driver, stats)
     generate_deadline_s: float = 600.0  # one LLM call, queueing included
-    server_threads: int = 16  # handler threads per server (handlers never block on long work)
+    server_threads: int = 16  # handler threads per server (a worker's Generate holds one while it streams)
+    max_concurrent_rpcs: int = 256  # per server, running or queued for a thread; beyond: RESOURCE_EXHAUSTED
     # where actors run (placement.py resolves them): what each worker and, by default, each agent asks Ray
     # for; fields left None take the built-in defaults (workers: 0.5 CPU, 1 GiB, a GPU on a GPU cluster, the
     # kvmesh-worker resource where nodes offer it). Ray's CPU accounting only packs actors: a CPU worker's
     # torch uses the cores it finds. A pipeline's own agent_placement wins over agent_placement here.
     worker_placement: Placement | Mapping[str, Any] = field(default_factory=_worker_placement)
     agent_placement: Placement | Mapping[str, Any] = field(default_factory=_agent_placement)
-    startup_timeout_s: float = 180.0  # an actor up and serving (a worker loads its model first)
+    # an actor up and serving (a worker loads its model first; an autoscaler may be adding its node)
+    startup_timeout_s: float = field(default_factory=lambda: _env_float("KVMESH_STARTUP_TIMEOUT_S") or 180.0)
     # what every inference worker runs: model, device, weight format, threads (None: the cores of its node
     # shared among the session's workers there), engine budgets, speculation, match and blend settings
     worker: WorkerConfig = field(default_factory=_worker_config)
     # where KVCOMM's anchors and segment KVs live, shared by the workers: a redis:// URL; None: the session
-    # starts a private redis-server for itself; "memory": each worker keeps its own (nothing shared)
-    redis_url: str | None = field(default_factory=lambda: _env("KVMESH_REDIS_URL"))
+    # starts a private redis-server for itself; "memory": each worker keeps its own (nothing shared).
+    # repr=False: the URL may carry the Redis password (the private server's always does)
+    redis_url: str | None = field(default_factory=lambda: _env("KVMESH_REDIS_URL"), repr=False)
+    # the HMAC key of every record the workers store (kvcomm/record_seal.py); None: the session derives it from
+    # the token (sessions sharing a token share a Redis pool) or makes one
+    store_secret: str | None = field(default_factory=lambda: _env("KVMESH_STORE_SECRET"), repr=False)
+    kv_pool: PoolConfig = field(default_factory=PoolConfig)  # anchors per slot, byte budgets, per-record cap
+    redis_max_memory_bytes: int = 1 << 30  # the private redis-server's maxmemory (least recently used go first)
     worker_restart_timeout_s: float = 120.0  # how long an agent waits for Ray to restart a crashed worker
     # tracing (see tracing.py): which exporters every process of the session uses, and the OTEL_* settings
     # they read (the OTLP endpoint, headers, service name); repr=False: headers may hold an API key
@@ -185,11 +197,26 @@ class RuntimeConfig:
                 raise ConfigError(f"RuntimeConfig.{name} must be a positive number of seconds, got {value!r}")
         if self.redis_url not in (None, "memory") and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(
-                f"KVMESH_REDIS_URL={self.redis_url!r}: give redis://host:port[/db], 'memory', or leave it unset "
-                "(kvmesh then starts a local redis-server)"
+                f"KVMESH_REDIS_URL={redact_url(self.redis_url)!r}: give redis://host:port[/db], 'memory', or leave it "
+                "unset (kvmesh then starts a local redis-server)"
+            )
+        if self.store_secret is not None:
+            try:
+                check_secret(self.store_secret)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if not isinstance(self.kv_pool, PoolConfig):
+            raise ConfigError(f"RuntimeConfig.kv_pool must be a kvmesh PoolConfig, got {type(self.kv_pool).__name__}")
+        if not isinstance(self.redis_max_memory_bytes, int) or self.redis_max_memory_bytes < 1 << 20:
+            raise ConfigError(
+                f"RuntimeConfig.redis_max_memory_bytes must be an int >= 1 MiB, got {self.redis_max_memory_bytes!r}"
             )
         if self.server_threads < 2:
             raise ConfigError(f"server_threads must be >= 2, got {self.server_threads}")
+        if self.max_concurrent_rpcs < self.server_threads:
+            raise ConfigError(
+                f"max_concurrent_rpcs ({self.max_concurrent_rpcs}) must be >= server_threads ({self.server_threads})"
+            )
         for name in ("worker_placement", "agent_placement"):  # a Placement, or a plain dict of its fields
             try:
                 placement = Placement.of(getattr(self, name))

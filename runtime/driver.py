@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import secrets
 import signal
 import sys
 import threading
@@ -25,7 +26,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvmesh.agents import Pipeline
+from kvmesh.agents.errors import check_text
 from kvmesh.kvcomm.embedded_redis import EmbeddedRedis
+from kvmesh.kvcomm.record_seal import store_secret_for
 from kvmesh.v1 import agent_pb2_grpc
 
 from . import portable
@@ -70,6 +73,9 @@ class Session:
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         self.config = config or RuntimeConfig()
+        if self.config.token is None:  # every server of the session answers only calls that carry it
+            self.config = dataclasses.replace(self.config, token=secrets.token_urlsafe(32))
+        self.driver_key = secrets.token_urlsafe(32)  # agents take START and CANCEL only with it
         if model is not None:
             self.config = dataclasses.replace(self.config, worker=dataclasses.replace(self.config.worker, model=model))
         self.model = self.config.worker.model
@@ -123,7 +129,9 @@ class Session:
 
     def _drive(self, pipeline: Pipeline, query: str, stream: bool, timeout_s: float | None) -> Iterator[StreamEvent]:
         group = self._agents_for(pipeline)
-        spec = RunSpec(pipeline, query, group.addresses, self.sink.address, stream=stream, timeout_s=timeout_s)
+        spec = RunSpec(
+            pipeline, query, group.addresses, self.sink.address, self.driver_key, stream=stream, timeout_s=timeout_s
+        )
         try:
             yield from drive(spec, self.sink, self.channels)
         except AgentDiedError:
@@ -135,13 +143,17 @@ class Session:
 
     # -- actors ----------------------------------------------------------------------------------------
     def _start_kv_store(self) -> None:
-        """KVCOMM's store (DESIGN §6): the configured Redis, or a private redis-server for this session."""
+        """KVCOMM's store (DESIGN §6): the configured Redis, or a private redis-server for this session; and
+        the secret the workers seal its records with (kvcomm/record_seal.py), travelling in the config."""
+        if self.config.store_secret is None:
+            self.config = dataclasses.replace(self.config, store_secret=store_secret_for(self.config.token))
         if self.config.redis_url is not None:
             return
-        self.redis = EmbeddedRedis()  # no redis-server installed: its error names the install step
-        self.config = dataclasses.replace(self.config, redis_url=self.redis.url)
+        # no redis-server installed: its error names the install step
+        self.redis = EmbeddedRedis(self.config.redis_max_memory_bytes)
+        self.config = dataclasses.replace(self.config, redis_url=self.redis.url)  # carries the password
         print(
-            f"kvmesh: started a local redis-server at {self.redis.url} for this session "
+            f"kvmesh: started a local redis-server at {self.redis.display_url} for this session "
             "(set KVMESH_REDIS_URL to use your own)",
             file=sys.stderr,
         )
@@ -184,7 +196,7 @@ class Session:
                     namespace=NAMESPACE,
                     runtime_env={"env_vars": dict(ACTOR_ENV)},
                     **options.ray_options(),
-                ).remote(payload, group_id, pipeline.name, self.id, self.config)
+                ).remote(payload, group_id, pipeline.name, self.id, self.config, self.driver_key)
             try:
                 addresses = self._wait_ready(handles, "agent", f"each asks for {options.describe()}")
             except BaseException:
@@ -301,6 +313,7 @@ def _check_arguments(pipeline: object, query: object) -> None:
         raise TypeError(f"expected a kvmesh Pipeline, got {type(pipeline).__name__}")
     if not isinstance(query, str):
         raise TypeError(f"the query must be a str, got {type(query).__name__}")
+    check_text(query, "the query")  # before any actor starts: a lone surrogate cannot cross gRPC
 
 
 def _kill(handles: list[Any]) -> None:

@@ -14,9 +14,12 @@ ENV_VARS: dict[str, str] = {
     "KVMESH_TLS_CERT": "server certificate (PEM file) for TLS",
     "KVMESH_TLS_KEY": "its private key (PEM file)",
     "KVMESH_TLS_CA": "the CA clients trust (PEM file)",
+    "KVMESH_TLS_SERVER_NAME": "the name clients expect in the servers' certificate (one cert for every node)",
+    "KVMESH_STARTUP_TIMEOUT_S": "how long a session waits for its actors to start (default 180; autoscaling: more)",
     "KVMESH_MAX_MESSAGE_MB": "gRPC message size limit in MB (default 16)",
     # shared KV and tracing (RuntimeConfig)
     "KVMESH_REDIS_URL": "redis://host:6379/0 shared by the workers; unset: a private local redis-server; 'memory'",
+    "KVMESH_STORE_SECRET": "HMAC key of the KV records workers keep in Redis; unset: derived from KVMESH_TOKEN",
     "KVMESH_TRACE": "off, or exporters among console, otlp, memory (OTLP reads the standard OTEL_* variables)",
     # placement (RuntimeConfig.worker_placement / agent_placement, see placement.py)
     "KVMESH_WORKER_CPUS": "logical CPUs each worker reserves (default 0.5)",

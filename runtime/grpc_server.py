@@ -47,6 +47,7 @@ def start_server(config: RuntimeConfig, services: Mapping[str, AddService], name
         ThreadPoolExecutor(max_workers=config.server_threads, thread_name_prefix=f"grpc-{name}"),
         interceptors=[ServerCallInterceptor(config)],
         options=[*message_options(config), ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,  # the executor's queue is otherwise unbounded
     )
     for add in services.values():
         add(server)

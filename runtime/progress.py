@@ -24,6 +24,7 @@ class Progress:
         self._tokens: dict[str, int] = {}
         self._done: set[str] = set()
         self._speaker = ""
+        self._degradations: set[str] = set()  # each said once per run shown
 
     def follow(self, events: Iterable[StreamEvent]) -> PipelineResult:
         """Consume a run's events, showing them; returns the result."""
@@ -59,6 +60,10 @@ class Progress:
         elif isinstance(event, AgentFinished):
             self._done.add(event.agent)
             r = event.record
+            for degradation in r.degradations:
+                if degradation not in self._degradations:
+                    self._degradations.add(degradation)
+                    self._line(f"  ! {event.agent}: {degradation}")
             if not self.tty or self.show_tokens:
                 self._line(
                     f"  ✓ {event.agent} ({event.phase}): {r.output_tokens} tokens, TTFT {r.ttft_s:.2f} s, "

@@ -1,7 +1,7 @@
 """On a Ray cluster of several machines, every address a process hands out must be reachable from the others.
 
 Two defaults are loopback-only: the gRPC servers bind 127.0.0.1 (KVMESH_HOST), and with no
-KVMESH_REDIS_URL the session starts a redis-server on its own machine's loopback. Both are right on one
+KVMESH_REDIS_URL the session starts a redis-server on a unix socket of its own machine. Both are right on one
 machine (nodes started there share 127.0.0.1) and silently wrong across machines: agents would dial
 127.0.0.1 for a worker elsewhere, and workers elsewhere would find no Redis. So a session refuses them
 when the cluster spans machines, naming the settings to change.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from urllib.parse import urlsplit
+
+from kvmesh.kvcomm.redis_store import redact_url
 
 from .config import ConfigError, RuntimeConfig, is_loopback
 
@@ -34,12 +36,17 @@ def check_reachable(config: RuntimeConfig, node_ips: Collection[str]) -> None:
             "workers elsewhere cannot reach: set KVMESH_REDIS_URL=redis://HOST:6379/0 to a Redis every node "
             "reaches (deploy/ runs one), or KVMESH_REDIS_URL=memory to keep anchors per worker (nothing shared)"
         )
+    elif config.redis_url.startswith("unix://"):
+        problems.append(
+            f"KVMESH_REDIS_URL={redact_url(config.redis_url)!r} is a unix socket of this machine: workers on other "
+            "machines cannot reach it; give a redis:// address every node reaches"
+        )
     elif config.redis_url.startswith(("redis://", "rediss://")):
         host = urlsplit(config.redis_url).hostname or ""
         if is_loopback(host):
             problems.append(
-                f"KVMESH_REDIS_URL={config.redis_url!r} is on loopback: workers on other machines cannot reach it; "
-                "give an address every node reaches"
+                f"KVMESH_REDIS_URL={redact_url(config.redis_url)!r} is on loopback: workers on other machines cannot "
+                "reach it; give an address every node reaches"
             )
     if problems:
         raise ConfigError(f"{where}: " + "; and ".join(problems))

@@ -31,6 +31,7 @@ class CallRecord:
     anchors_consulted: int = 0
     segment_modes: dict[str, str] = field(default_factory=dict)  # segment id -> what served its KV
     segment_reasons: dict[str, str] = field(default_factory=dict)  # segment id -> why (what held reuse back)
+    degradations: tuple[str, ...] = ()  # what went wrong and was survived (e.g. "KV store unavailable: ...")
 
     @classmethod
     def from_stats(cls, agent: str, phase: Phase, stats: worker_pb2.CallStats) -> CallRecord:
@@ -53,6 +54,7 @@ class CallRecord:
             anchors_consulted=stats.anchors_consulted,
             segment_modes=dict(stats.segment_modes),
             segment_reasons=dict(stats.segment_reasons),
+            degradations=tuple(stats.degradations),
         )
 
 

@@ -24,6 +24,7 @@ import grpc
 from kvmesh.agents import Phase, Pipeline, RunState
 from kvmesh.v1 import agent_pb2, agent_pb2_grpc, worker_pb2
 
+from .call_metadata import from_driver
 from .driver_sink import INTERRUPT, DriverSink
 from .errors import AgentDiedError, AgentError, RunTimedOut, RuntimeFailure
 from .events import AgentFinished, PhaseStarted, Retried, RunFinished, StreamEvent, Token
@@ -42,6 +43,7 @@ class RunSpec:
     query: str
     agents: Mapping[str, str]  # agent name -> address of its actor
     driver: str  # the sink's address
+    driver_key: str  # the session driver's own secret: agents take START and CANCEL only with it
     stream: bool = False
     timeout_s: float | None = None  # the whole run; None: no limit (each call still has its deadline)
 
@@ -52,11 +54,11 @@ def new_run_id() -> str:
 
 def drive(spec: RunSpec, sink: DriverSink, channels: Channels) -> Iterator[StreamEvent]:
     """Run the pipeline; yields events (tokens only when spec.stream) and finally RunFinished."""
+    state = RunState(spec.pipeline, spec.query)  # validates the query before the run is registered
     run_id = new_run_id()
     inbox = sink.open(run_id)
     started = time.perf_counter()
     deadline = None if spec.timeout_s is None else started + spec.timeout_s
-    state = RunState(spec.pipeline, spec.query)
     calls: list[CallRecord] = []
     usage: list[worker_pb2.CallStats] = []
     span = workflow_span(tracer(channels.config), spec.pipeline.name, run_id, len(spec.pipeline.agents))
@@ -135,7 +137,8 @@ def _start(spec: RunSpec, state: RunState, run_id: str, name: str) -> agent_pb2.
 
 def _send(spec: RunSpec, channels: Channels, name: str, msg: agent_pb2.Message) -> None:
     try:
-        agent_pb2_grpc.AgentServiceStub(channels.get(spec.agents[name])).Deliver(msg)
+        stub = agent_pb2_grpc.AgentServiceStub(channels.get(spec.agents[name]))
+        stub.Deliver(msg, metadata=from_driver(spec.driver_key))
     except grpc.RpcError as exc:
         raise AgentError(name, describe_rpc_error(exc, "delivering START")) from exc
     except RuntimeFailure as exc:  # e.g. a START over the message size limit
@@ -173,4 +176,5 @@ def _cancel(spec: RunSpec, channels: Channels, run_id: str) -> None:
     cancel = agent_pb2.Message(kind=Kind.CANCEL, run_id=run_id, source=DRIVER)
     for address in spec.agents.values():
         with contextlib.suppress(grpc.RpcError):  # an agent that is gone has nothing to cancel
-            agent_pb2_grpc.AgentServiceStub(channels.get(address)).Deliver(cancel, timeout=2.0)
+            stub = agent_pb2_grpc.AgentServiceStub(channels.get(address))
+            stub.Deliver(cancel, timeout=2.0, metadata=from_driver(spec.driver_key))

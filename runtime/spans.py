@@ -127,6 +127,8 @@ def traced_chat(
                     | {"gen_ai.response.model": chunk.stats.model or model,
                        "gen_ai.response.finish_reasons": [chunk.finish_reason or "stop"]}
                 )
+                for degradation in chunk.stats.degradations:  # survived, but the user should hear of it
+                    span.add_event("kvmesh.degraded", {"kvmesh.degradation": degradation})
                 span.add_event("kvmesh.final_chunk")  # what follows is the stream's end, not the engine
             yield chunk
     except GeneratorExit:  # the client went away (cancel, deadline): not an error of the worker's
@@ -163,6 +165,7 @@ def _call_attributes(stats: worker_pb2.CallStats) -> dict[str, Any]:
         # what served each segment's KV; attribute values cannot be maps, so "segment id=mode" strings
         "kvmesh.reuse.segment_modes": [f"{key}={mode}" for key, mode in sorted(stats.segment_modes.items())],
         "kvmesh.reuse.segment_reasons": [f"{key}={why}" for key, why in sorted(stats.segment_reasons.items())],
+        "kvmesh.degradations": list(stats.degradations),
         "kvmesh.ttft_s": stats.ttft_s,
         "kvmesh.decode_tok_s": stats.decode_tok_s,
         "kvmesh.spec.drafted_tokens": stats.drafted_tokens,

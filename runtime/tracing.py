@@ -7,7 +7,8 @@ RuntimeConfig.trace (env KVMESH_TRACE) picks the exporters, the same in every pr
   (OTEL_EXPORTER_OTLP_ENDPOINT / _TRACES_ENDPOINT, _HEADERS, _INSECURE, ...), OTEL_SERVICE_NAME,
   OTEL_RESOURCE_ATTRIBUTES and OTEL_BSP_* for batching. They are read from config.trace_env (the
   driver's OTEL_* when the config was made), in the driver and in every actor alike;
-- ``memory``: kept in the process, for tests (Session.finished_spans collects them from every actor);
+- ``memory``: kept in the process, for tests (Session.finished_spans collects them from every actor), the
+  newest MEMORY_SPANS of them: a long session that nobody collects from does not grow without bound;
 - ``off`` (default): a no-op tracer, and no trace context is written into calls.
 
 Several at once: ``otlp,memory``. The provider is kvmesh's own, not the global one, so a driver can hold
@@ -17,10 +18,11 @@ OpenTelemetry: agents, workers and the KV code report plain stats, which runtime
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -28,8 +30,13 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -69,9 +76,35 @@ class _OpenSpans(SpanProcessor):
             return self._idle.wait_for(lambda: self._open <= 0, timeout=timeout_s)
 
 
+class _RecentSpans(SpanExporter):
+    """The newest `limit` finished spans of this process (older ones are dropped and counted)."""
+
+    def __init__(self, limit: int) -> None:
+        self._spans: collections.deque[ReadableSpan] = collections.deque(maxlen=limit)
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        with self._lock:
+            self.dropped += max(0, len(self._spans) + len(spans) - (self._spans.maxlen or 0))
+            self._spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+    def take(self, clear: bool) -> list[ReadableSpan]:
+        with self._lock:
+            spans = list(self._spans)
+            if clear:
+                self._spans.clear()
+            return spans
+
+    def shutdown(self) -> None:
+        pass
+
+
+MEMORY_SPANS = 100_000
 _lock = threading.Lock()
 _providers: dict[tuple[frozenset[str], tuple[tuple[str, str], ...]], TracerProvider] = {}
-_memory = InMemorySpanExporter()  # this process's finished spans, when "memory" is on
+_memory = _RecentSpans(MEMORY_SPANS)  # this process's finished spans, when "memory" is on
 _open_spans = _OpenSpans()
 _process = "driver"  # what kvmesh.process says in this process's resource; actors name themselves in install()
 
@@ -142,10 +175,7 @@ def flush(timeout_s: float = 10.0) -> bool:
 def finished_spans(clear: bool = True, wait_s: float = 5.0) -> list[SpanRecord]:
     """This process's spans kept by the memory exporter, once its open spans have ended (up to wait_s)."""
     _open_spans.wait_idle(wait_s)
-    spans = [SpanRecord.of(span) for span in _memory.get_finished_spans()]
-    if clear:
-        _memory.clear()
-    return spans
+    return [SpanRecord.of(span) for span in _memory.take(clear)]
 
 
 class TracedActor:

@@ -38,7 +38,7 @@ class WorkerActor(TracedActor):
         every thread of the process uses them: torch keeps the setting per thread)."""
         self.name = name
         install(config, name)
-        worker = build_worker(replace(config.worker, threads=threads), kv_store(config.redis_url, name))
+        worker = build_worker(replace(config.worker, threads=threads), kv_store(config, name))
         self.loop = EngineLoop(worker.engine)
         self.planner = worker.planner
         self._address = ""
@@ -71,9 +71,11 @@ class WorkerActor(TracedActor):
         return ray.get_runtime_context().get_node_id()
 
 
-def kv_store(url: str | None, worker: str) -> Store:
-    """The worker's view of KVCOMM's store: Redis when the session has one, else its own memory. The worker's
-    name tags the anchors it records, so the pool counts which worker's anchors each worker reuses."""
-    if url is None or url == "memory":
-        return MemoryStore()
-    return RedisStore(url, origin=worker)  # unreachable Redis is survivable: calls then run dense, with a warning
+def kv_store(config: RuntimeConfig, worker: str) -> Store:
+    """The worker's view of KVCOMM's store: Redis when the session has one (its records sealed with the session's
+    store secret), else its own memory. The worker's name tags the anchors it records, so the pool counts which
+    worker's anchors each worker reuses."""
+    if config.redis_url is None or config.redis_url == "memory":
+        return MemoryStore(config.kv_pool)
+    # unreachable Redis is survivable: calls then run dense, with a warning
+    return RedisStore(config.redis_url, config.kv_pool, secret=config.store_secret, origin=worker)

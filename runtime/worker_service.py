@@ -18,12 +18,15 @@ import torch
 from opentelemetry import trace
 
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
+from kvmesh.workers.engine import RequestFailed
 from kvmesh.workers.engine_loop import EngineLoop
-from kvmesh.workers.reuse_planner import PlannedCall, PromptPiece, ReusePlanner
+from kvmesh.workers.reuse_planner import PlannedCall, ReusePlanner
 from kvmesh.workers.sampling import InvalidRequestError, SamplingParams
+from kvmesh.workers.scheduler import EngineOverloaded
 from kvmesh.workers.sequence import RequestStats
 
 from .spans import traced_chat
+from .worker_request import worker_call
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -46,13 +49,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     # -- Generate --------------------------------------------------------------------------------------
     def Generate(self, request: worker_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
         """Chunks of text as the engine decodes, the last with CallStats. INVALID_ARGUMENT for a request the
-        engine cannot serve (bad sampling, prompt longer than the context)."""
+        engine cannot serve (bad sampling, prompt longer than the context), RESOURCE_EXHAUSTED when its queue
+        is full (retry later), INTERNAL when this request failed in the engine (the others went on)."""
         return traced_chat(self.tracer, request, self.model_name, self._generate(request, context))
 
     def _generate(self, request: worker_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
         try:
-            sampling = _sampling(request.sampling)
-            planned = self._plan(request)
+            sampling, planned = self.plan(request)
         except (InvalidRequestError, ValueError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         request_id = request.request_id or f"anon-{uuid.uuid4().hex}"
@@ -76,17 +79,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 )
         except InvalidRequestError as exc:  # the engine refused it (e.g. longer than the context)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except EngineOverloaded as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except RequestFailed as exc:
+            context.abort(grpc.StatusCode.INTERNAL, str(exc))
 
-    def _plan(self, request: worker_pb2.GenerateRequest) -> PlannedCall:
-        pieces = []
-        for part in request.parts:
-            if part.WhichOneof("kind") == "segment":
-                segment = part.segment
-                pieces.append(PromptPiece(segment.text, segment.id or None, segment.placeholder or segment.producer))
-            else:
-                pieces.append(PromptPiece(part.text))
-        system = request.system if request.HasField("system") else None
-        return self.planner.plan(system, pieces, request.agent, request.reuse or "auto")
+    def plan(self, request: worker_pb2.GenerateRequest) -> tuple[SamplingParams, PlannedCall]:
+        """What a Generate call samples with and how its prompt is served (benchmarks check their prompts
+        against it). Raises InvalidRequestError / ValueError for a request that cannot be served."""
+        call = worker_call(request)
+        return call.sampling, self.planner.plan(call.system, call.pieces, call.agent, call.reuse)
 
     def _stats(self, stats: RequestStats | None, planned: PlannedCall) -> worker_pb2.CallStats:
         """The engine's RequestStats and the planner's decision as CallStats: what served the prompt (as
@@ -111,6 +113,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             anchors_consulted=planned.stats.anchors_consulted,
             segment_modes=planned.stats.segment_modes,
             segment_reasons=planned.stats.segment_reasons,
+            degradations=planned.stats.degradations,
         )
 
     # -- Stats -----------------------------------------------------------------------------------------
@@ -131,12 +134,3 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             weights=engine.model.weight_format,
         )
 
-
-def _sampling(sampling: worker_pb2.Sampling) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=int(sampling.max_tokens) or 256,
-        temperature=float(sampling.temperature),
-        top_p=float(sampling.top_p) or 1.0,
-        seed=int(sampling.seed) if sampling.HasField("seed") else None,
-        stop=tuple(sampling.stop),
-    )

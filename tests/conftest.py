@@ -39,7 +39,6 @@ def tiny_model() -> LlamaModel:
 
 
 # -- the distributed runtime: one Ray cluster and one worker for the whole test session -------------------
-RUNTIME_TOKEN = "kvmesh-test-token"
 
 
 @pytest.fixture(scope="session")
@@ -54,9 +53,10 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def runtime_session(ray_cluster):
-    """A Session with one SmolLM2 worker, its servers requiring a token (so every run exercises it)."""
-    from kvmesh.runtime import RuntimeConfig, Session
+    """A Session with one SmolLM2 worker, as configured by default: its servers require the token it generated
+    (so every run exercises it), its agents take START only from its driver."""
+    from kvmesh.runtime import Session
 
-    session = Session(workers=1, config=RuntimeConfig(token=RUNTIME_TOKEN))
+    session = Session(workers=1)
     yield session
     session.close()

@@ -129,3 +129,34 @@ def test_runtime_benchmark_quick_run_writes_the_promised_keys(ray_cluster, tmp_p
     trace = report["breakdown"]["1"]  # the critical path read off the run's spans
     assert len(trace["chat_ms"]) == 10 and len(trace["hops_ms"]) == 9 and trace["totals_ms"]["model"] > 0
     assert "gRPC Deliver (agent)" in result.stdout and "target grpc_p50_ms" in result.stdout
+
+
+OUTAGE = '''
+import os, signal
+from kvmesh import Agent, Pipeline, tool
+
+@tool
+def outage(query: str) -> str:
+    os.kill({pid}, signal.SIGKILL)  # the session's Redis goes away mid-run
+    return "Noted."
+
+pipeline = Pipeline("outage", [
+    Agent("first", "{{outage}} Say one word about {{query}}.", max_tokens=4),
+    Agent("second", "Repeat this: {{first}}", max_tokens=4),
+], tools=[outage])
+'''
+
+
+def test_a_store_lost_mid_run_is_said_once_and_the_run_completes(ray_cluster, tmp_path):
+    from kvmesh.kvcomm.embedded_redis import EmbeddedRedis
+
+    with EmbeddedRedis() as redis:
+        file = tmp_path / "outage.py"
+        file.write_text(OUTAGE.format(pid=redis.pid))
+        result = kvmesh("run", str(file), "--query", "tea", "--address", ray_cluster.address,
+                        KVMESH_REDIS_URL=redis.url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "✓ first" in result.stderr and "✓ second" in result.stderr
+    said = [line for line in result.stderr.splitlines() if "KV store unavailable" in line]
+    assert len(said) == 1 and said[0].lstrip().startswith("! first:"), result.stderr[-3000:]
+    assert redis.url not in result.stderr  # the password stays out of the output

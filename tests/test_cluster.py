@@ -35,7 +35,7 @@ def cluster():
 def test_a_pipeline_on_two_nodes_shares_anchors_across_workers_and_names_a_lost_node(cluster, tmp_path):
     local, worker_node = cluster
     out = tmp_path / "report.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | RAY_ENV
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | RAY_ENV | local.driver_env()
     command = [sys.executable, str(ROOT / "tests" / "cluster_scenario.py"), local.address, str(worker_node.pgid)]
     done = subprocess.run([*command, str(out)], capture_output=True, text=True, timeout=300, env=env, check=False)
     logs = "\n".join(f"--- {n.name} ---\n{local.log(n)[-1500:]}" for n in local.nodes)

@@ -40,7 +40,7 @@ def test_bytes_round_trip_is_exact(dtype):
     cache.reserve(100)  # spare capacity must not travel
     data = cache.to_bytes()
     assert len(data) < cache.nbytes() + 200
-    back = KVCache.from_bytes(data)
+    back = KVCache.from_bytes(data, dtype)
     assert back.dtype == dtype
     _assert_holds(back, keys, values)
     if dtype == torch.bfloat16:  # bf16 travels as its raw 16-bit pattern: bit-exact, not via a float cast
@@ -56,7 +56,7 @@ def test_bytes_record_layout():
 
 def test_bytes_round_trip_of_an_empty_cache():
     empty = KVCache(L, H, D)
-    back = KVCache.from_bytes(empty.to_bytes())
+    back = KVCache.from_bytes(empty.to_bytes(), torch.float32)
     assert back.length == 0 and back.dtype == torch.float32
     assert (back.num_layers, back.keys.shape[1], back.keys.shape[3]) == (L, H, D)
     back.append(_random(2)[0])

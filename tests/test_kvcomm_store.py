@@ -1,4 +1,6 @@
-"""Anchor pools and segment KVs: eviction rules, bytes, and the Redis store shared by two workers."""
+"""Anchor pools and segment KVs: eviction rules, bytes, and the Redis store shared by two workers.
+
+(What the stores refuse - tampered, malformed or oversized records - is tested in test_store_hardening.py.)"""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import torch
 from kvmesh.kvcomm import embedded_redis
 from kvmesh.kvcomm.anchor import Anchor
 from kvmesh.kvcomm.embedded_redis import EmbeddedRedis
-from kvmesh.kvcomm.kv_cache import KVCache
+from kvmesh.kvcomm.kv_cache import KVCache, KVLayout
 from kvmesh.kvcomm.redis_store import RedisStore
 from kvmesh.kvcomm.store import MemoryStore, PoolConfig, StoredSegment, StoreUnavailable
+
+LAYOUT = KVLayout(num_layers=3, num_kv_heads=1, head_dim=4, dtype=torch.float32, vocab_size=100, signature_layers=1)
 
 
 def kv(tokens: int, fill: float, layers: int = 3) -> KVCache:
@@ -41,9 +45,9 @@ def make_store(request, redis_url):
     prefix = f"t{request.node.name}"
 
     def make(config: PoolConfig) -> MemoryStore | RedisStore:
-        if request.param == "memory":
-            return MemoryStore(config)
-        return RedisStore(redis_url, config, prefix=prefix)
+        store = MemoryStore(config) if request.param == "memory" else RedisStore(redis_url, config, prefix=prefix)
+        store.bind_layout(LAYOUT)
+        return store
 
     return make
 
@@ -85,7 +89,7 @@ def test_anchors_and_segments_round_trip_with_their_tensors(make_store):
 
 
 def test_two_workers_share_one_pool_through_redis(redis_url):
-    first, second = RedisStore(redis_url, prefix="shared"), RedisStore(redis_url, prefix="shared")
+    first, second = RedisStore(redis_url, prefix="shared"), RedisStore(redis_url, prefix="shared", layout=LAYOUT)
     first.add_anchor("slot", anchor("from-first", 1.0))
     assert [a.anchor_id for a in second.anchors("slot")] == ["from-first"]
     second.mark_used("slot", ["from-first"])
@@ -94,15 +98,15 @@ def test_two_workers_share_one_pool_through_redis(redis_url):
 
 def test_segments_a_worker_wrote_or_read_are_served_locally_within_its_budget(redis_url):
     one = kv(3, 1.0).nbytes()
-    writer = RedisStore(redis_url, prefix="tlocal", local_segment_bytes=2 * one)
-    reader = RedisStore(redis_url, prefix="tlocal", local_segment_bytes=2 * one)
+    writer = RedisStore(redis_url, prefix="tlocal", layout=LAYOUT, local_segment_bytes=2 * one)
+    reader = RedisStore(redis_url, prefix="tlocal", layout=LAYOUT, local_segment_bytes=2 * one)
     for i, name in enumerate("abc"):
-        writer.put_segment(name, StoredSegment([i], kv(3, float(i))))
-    assert reader.get_segment("c").token_ids == [2]  # another worker's segment comes through Redis
+        writer.put_segment(name, StoredSegment([i] * 3, kv(3, float(i))))
+    assert reader.get_segment("c").token_ids == [2] * 3  # another worker's segment comes through Redis
     writer._redis.delete("tlocal:segment:b", "tlocal:segment:c")  # expired in Redis, say
-    assert writer.get_segment("c").token_ids == [2] and writer.get_segment("b").token_ids == [1]  # still local
-    assert reader.get_segment("c").token_ids == [2] and reader.get_segment("b") is None  # b never reached it
-    assert writer.get_segment("a").token_ids == [0]  # evicted locally (budget of two), fetched from Redis again
+    assert writer.get_segment("c").token_ids == [2] * 3 and writer.get_segment("b").token_ids == [1] * 3  # local
+    assert reader.get_segment("c").token_ids == [2] * 3 and reader.get_segment("b") is None  # b never reached it
+    assert writer.get_segment("a").token_ids == [0] * 3  # evicted locally (budget of two), fetched from Redis again
     writer._redis.delete("tlocal:segment:a")
     assert writer.get_segment("c") is None  # the least recently used went to make room for a
 
@@ -119,7 +123,7 @@ def test_named_stores_count_whose_anchors_each_one_used(redis_url):
 
 def test_a_lost_redis_is_reported_as_unavailable():
     with EmbeddedRedis() as server:
-        store = RedisStore(server.url, prefix="gone")
+        store = RedisStore(server.url, prefix="gone", layout=LAYOUT)
         store.add_anchor("s", anchor("a", 1.0))
     with pytest.raises(StoreUnavailable, match="unreachable"):
         store.anchors("s")

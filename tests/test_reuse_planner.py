@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import msgpack
 import pytest
+import redis
 
 from kvmesh.kvcomm.anchor_match import MatchConfig
 from kvmesh.kvcomm.embedded_redis import EmbeddedRedis
 from kvmesh.kvcomm.redis_store import RedisStore
 from kvmesh.kvcomm.segment_id import segment_id
-from kvmesh.kvcomm.store import MemoryStore
+from kvmesh.kvcomm.store import MemoryStore, PoolConfig, StoredSegment
 from kvmesh.workers.engine import Engine, EngineConfig
 from kvmesh.workers.forward_batch import ForwardBatch
 from kvmesh.workers.prompt_reuse import PromptReuse
-from kvmesh.workers.reuse_planner import PromptPiece
+from kvmesh.workers.reuse_planner import PlannedCall, PromptPiece
 from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.segment_base import base_alone
 from kvmesh.workers.worker import WorkerConfig, build_worker
 
 pytestmark = pytest.mark.slow
@@ -59,6 +62,10 @@ def test_a_splice_that_leaves_no_token_to_compute_is_refused(model, tokenizer):
         engine.add_request(ids, GREEDY, reuse=PromptReuse(splice_at=0, splice_kv=whole.slice(0)))
 
 
+def query_of(country: str) -> str:
+    return f"I am planning a trip to {country}. What is the capital city of {country}?"
+
+
 class TwoAgents:
     """researcher(query) -> answerer(query, researcher): the worker side of a 2-agent pipeline, in-process,
     put together as the runtime's worker is (build_worker), without speculation or warm-up."""
@@ -67,17 +74,18 @@ class TwoAgents:
         settings = WorkerConfig(engine=EngineConfig(speculation=None), match=config or MatchConfig(), warm_up=False)
         worker = build_worker(settings, store, model=model, tokenizer=tokenizer)
         self.engine, self.planner = worker.engine, worker.planner
+        self.planned: list[PlannedCall] = []  # every call's plan, in order (the researcher's too)
 
     def call(self, agent: str, system: str, pieces: list[PromptPiece], mode: str, max_tokens: int):
         planned = self.planner.plan(system, pieces, agent, mode)
+        self.planned.append(planned)
         tokens, stats = run(self.engine, planned.token_ids, planned.reuse, SamplingParams(max_tokens=max_tokens))
         self.planner.drain()
         text = self.engine.tokenizer.decode([t for t in tokens if t not in self.engine.tokenizer.eos_token_ids])
         return text, planned, stats
 
     def pipeline(self, country: str, mode: str):
-        query = f"I am planning a trip to {country}. What is the capital city of {country}?"
-        q = PromptPiece(query, segment_id("query", query), "query")
+        q = PromptPiece(query_of(country), segment_id("query", query_of(country)), "query")
         notes, _, _ = self.call("researcher", "You are a travel researcher.",
                                 [PromptPiece("Write two sentences about the country in this request.\n\n"), q],
                                 mode, 32)
@@ -124,6 +132,7 @@ def test_a_lost_store_degrades_to_dense_with_correct_output(model, tokenizer):
     assert planned.stats.mode in ("dense", "prefix")
     reasons = planned.stats.segment_reasons
     assert reasons and all(why.startswith("KV store unavailable") and "unreachable" in why for why in reasons.values())
+    assert planned.stats.degradations == [next(iter(reasons.values()))]  # said once, for the whole call
     assert text == dense_text
 
 
@@ -157,3 +166,90 @@ def test_dense_and_prefix_calls_say_why_their_segments_were_not_reused(model, to
         _, planned, _ = agents.pipeline(COUNTRIES[3], mode)
         assert len(planned.stats.segment_reasons) == 2  # the query and the researcher's notes
         assert all(f"reuse={mode!r} was asked" in why for why in planned.stats.segment_reasons.values())
+
+
+# -- a poisoned or bounded store never fails a call nor changes its answer ----------------------------------
+@pytest.fixture
+def redis_server():
+    with EmbeddedRedis() as server:
+        yield server
+
+
+def dense_answer(model, tokenizer, country: str) -> str:
+    return TwoAgents(model, tokenizer, MemoryStore()).pipeline(country, "dense")[0]
+
+
+def forge_query_segment(model, tokenizer, url: str, country: str, donor: str) -> None:
+    """What an attacker with Redis access but no secret can write: `country`'s query tokens with `donor`'s
+    KV from layer 2 up, under the query's segment id (it made blend answer with the donor's capital)."""
+    header = TwoAgents(model, tokenizer, None).planner._user_header
+    ids, donor_ids = tokenizer.encode(query_of(country)), tokenizer.encode(query_of(donor))
+    assert len(ids) == len(donor_ids)
+    crafted, donor_kv = base_alone(model, header, ids), base_alone(model, header, donor_ids)
+    crafted.keys[2:, :, : len(ids)] = donor_kv.keys[2:, :, : len(ids)]
+    crafted.values[2:, :, : len(ids)] = donor_kv.values[2:, :, : len(ids)]
+    forger = RedisStore(url, secret="not the session's secret")
+    forger.put_segment(segment_id("query", query_of(country)), StoredSegment(ids, crafted))
+
+
+def test_a_forged_segment_is_dropped_said_and_changes_no_answer(model, tokenizer, redis_server):
+    for mode, reference in (
+        ("auto", dense_answer(model, tokenizer, "France")),
+        ("blend", TwoAgents(model, tokenizer, MemoryStore()).pipeline("France", "blend")[0]),
+    ):
+        forge_query_segment(model, tokenizer, redis_server.url, "France", "Germany")
+        agents = TwoAgents(model, tokenizer, RedisStore(redis_server.url))
+        text, _, _ = agents.pipeline("France", mode)
+        assert text == reference, mode  # blend repaired the query's true base KV, not the forged one
+        researcher = agents.planned[0].stats
+        query_id = segment_id("query", query_of("France"))
+        assert researcher.degradations == [f"dropped a tampered segment {query_id} (bad HMAC)"]
+        assert agents.planned[1].stats.degradations == []  # dropped (deleted): the answerer found the true one
+
+
+def test_garbage_anchors_are_skipped_once_and_fail_no_later_call(model, tokenizer, redis_server):
+    agents = TwoAgents(model, tokenizer, RedisStore(redis_server.url))
+    agents.pipeline("Italy", "kvcomm")  # records anchors in both agents' slots
+    client = redis.Redis.from_url(redis_server.url)
+    pools = client.keys("kvmesh:pool:*")
+    assert len(pools) == 3  # the researcher's query; the answerer's query and notes
+    for pool in pools:
+        client.zadd(pool, {"junk": 0.0, "no-record": 0.0})
+    client.set("kvmesh:anchor:junk", msgpack.packb({"id": "junk"}))  # old code: KeyError 'next_text', every call
+    fresh = TwoAgents(model, tokenizer, RedisStore(redis_server.url))  # another worker: nothing cached
+    text, _, _ = fresh.pipeline("Spain", "kvcomm")
+    assert text == dense_answer(model, tokenizer, "Spain")  # one real anchor per slot: too few, the call ran dense
+    lines = [line for planned in fresh.planned for line in planned.stats.degradations]
+    assert lines == ["dropped a tampered anchor junk (not a sealed kvmesh record)"]
+    assert all(client.zscore(pool, "junk") is None and client.zscore(pool, "no-record") is None for pool in pools)
+    fresh.pipeline("Norway", "kvcomm")
+    assert [line for planned in fresh.planned[2:] for line in planned.stats.degradations] == []
+
+
+def test_a_store_that_fails_every_write_and_holds_junk_fails_no_call(model, tokenizer, redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    client.config_set("maxmemory-policy", "noeviction")
+    reference = dense_answer(model, tokenizer, "Peru")
+    for mode in ("dense", "kvcomm"):
+        client.config_set("maxmemory", 0)
+        client.set(f"kvmesh:segment:{segment_id('query', query_of('Peru'))}", b"\x81\xa1a\x01garbage")
+        client.config_set("maxmemory", 1)  # every write now fails: "OOM command not allowed"
+        agents = TwoAgents(model, tokenizer, RedisStore(redis_server.url))
+        text, _, _ = agents.pipeline("Peru", mode)
+        assert text == reference, mode
+        researcher = agents.planned[0].stats
+        assert any(line.startswith("dropped a tampered segment query:") for line in researcher.degradations)
+        if mode == "kvcomm":  # its base KV could not be stored: the call ran dense and said why
+            refused = [line for line in researcher.degradations if line.startswith("KV store failed:")]
+            assert len(refused) == 1 and "not allowed when used memory > 'maxmemory'" in refused[0]
+            assert list(researcher.segment_reasons.values()) == refused
+
+
+def test_a_segment_over_the_per_record_cap_is_not_stored_and_its_reason_says_so(model, tokenizer, redis_server):
+    capped = RedisStore(redis_server.url, PoolConfig(record_max_bytes=64 << 10))  # < one 16-token query's KV
+    agents = TwoAgents(model, tokenizer, capped)
+    text, _, _ = agents.pipeline("Kenya", "kvcomm")
+    assert text == dense_answer(model, tokenizer, "Kenya")
+    (why,) = agents.planned[0].stats.segment_reasons.values()
+    assert "its base KV was not stored: " in why and "over the per-record cap of 64.0 KiB" in why
+    assert redis.Redis.from_url(redis_server.url).keys("kvmesh:segment:*") == []  # responses were not kept either

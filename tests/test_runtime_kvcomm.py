@@ -53,3 +53,6 @@ def test_losing_redis_mid_session_falls_back_to_dense_with_correct_outputs(sessi
     result = session.run(pipeline, QUERY)
     assert result.outputs == reference
     assert all(c.reuse_mode in ("prefix", "dense") and c.reused_tokens == 0 for c in result.calls)
+    for call in result.calls:  # the caller hears of it, call by call (the CLI says it once)
+        assert any(line.startswith("KV store unavailable") for line in call.degradations), call.degradations
+        assert "***" in call.degradations[0] and session.redis.url not in call.degradations[0]  # no password

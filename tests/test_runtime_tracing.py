@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from conftest import RUNTIME_TOKEN
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
@@ -66,7 +65,7 @@ def traced_session(ray_cluster, receiver):
         ("OTEL_SERVICE_NAME", "kvmesh-test"),
         ("OTEL_BSP_SCHEDULE_DELAY", "200"),
     )
-    config = RuntimeConfig(token=RUNTIME_TOKEN, trace="memory,otlp", trace_env=otel, redis_url="memory")
+    config = RuntimeConfig(token="kvmesh-test-token", trace="memory,otlp", trace_env=otel, redis_url="memory")
     session = Session(workers=1, config=config)
     yield session
     session.close()

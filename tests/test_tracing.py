@@ -93,6 +93,7 @@ def _chunks(finish: str = "stop", fail: bool = False):
         drafted_tokens=3, accepted_tokens=1, reuse_mode="kvcomm", model="smollm2", worker="127.0.0.1:1",
         anchors_consulted=5, segment_modes={"s2": "kvcomm", "s1": "dense"},
         segment_reasons={"s2": "vouched for by 5 anchors", "s1": "nearest anchor is 0.70 away (> 0.5)"},
+        degradations=["KV store unavailable: Redis is unreachable"],
     )
     yield worker_pb2.GenerateChunk(text="a")
     if fail:
@@ -129,13 +130,17 @@ def test_a_chat_span_carries_the_genai_and_kvmesh_attributes_of_the_call():
         "kvmesh.reuse.anchors_consulted": 5,
         "kvmesh.reuse.segment_modes": ["s1=dense", "s2=kvcomm"],
         "kvmesh.reuse.segment_reasons": ["s1=nearest anchor is 0.70 away (> 0.5)", "s2=vouched for by 5 anchors"],
+        "kvmesh.degradations": ["KV store unavailable: Redis is unreachable"],
         "kvmesh.ttft_s": pytest.approx(0.05),
         "kvmesh.spec.drafted_tokens": 3,
         "kvmesh.spec.accepted_tokens": 1,
         "kvmesh.worker": "127.0.0.1:1",
     }
     assert 0 <= span.attributes["gen_ai.response.time_to_first_chunk"] <= span.duration_s
-    assert [name for name, _ in span.events] == ["kvmesh.final_chunk"]
+    assert span.events == (
+        ("kvmesh.degraded", {"kvmesh.degradation": "KV store unavailable: Redis is unreachable"}),
+        ("kvmesh.final_chunk", {}),
+    )
     assert span.resource["service.name"] == "kvmesh" and span.resource["kvmesh.process"] == "driver"
 
 

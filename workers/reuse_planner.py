@@ -28,10 +28,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kvmesh.kvcomm.anchor_match import Match, MatchConfig
-from kvmesh.kvcomm.kv_cache import KVCache
+from kvmesh.kvcomm.kv_cache import KVCache, KVLayout
 from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, PromptSpan, assemble, make_anchors, mark_used, naive
 from kvmesh.kvcomm.segment_id import segment_id
-from kvmesh.kvcomm.store import Store, StoredSegment, StoreUnavailable
+from kvmesh.kvcomm.store import Store, StoredSegment, StoreError, StoreUnavailable
 
 from .blend import BlendConfig, blend
 from .chat_frame import ChatFramer
@@ -68,11 +68,18 @@ class ReuseStats:
     segment_modes: dict[str, str] = field(default_factory=dict)
     # per segment: why it was served that way (what held reuse back, or what vouched for it)
     segment_reasons: dict[str, str] = field(default_factory=dict)
+    # what went wrong with the KV store during the call, one short line each (the call's answer is still right:
+    # it served those segments dense): "KV store unavailable: ...", "dropped a tampered segment ... (bad HMAC)"
+    degradations: list[str] = field(default_factory=list)
 
     def serve_all(self, segments: Iterable[str], mode: str, reason: str) -> None:
         """Every segment served one way, for one reason."""
         for key in segments:
             self.segment_modes[key], self.segment_reasons[key] = mode, reason
+
+    def degrade(self, line: str) -> None:
+        if line not in self.degradations:  # a store that is down fails every request of the call alike
+            self.degradations.append(line)
 
 
 @dataclass
@@ -96,6 +103,12 @@ class ReusePlanner:
         self.tokenizer = tokenizer
         self.store = store
         self.config = config or MatchConfig()
+        if store is not None:  # what the store's records must fit: decoded as this model's KV, never as they say
+            c = model.config
+            store.bind_layout(KVLayout(
+                c.num_layers, c.num_kv_heads, c.head_dim, model.dtype, c.vocab_size,
+                len(self.config.signature_layers(c.num_layers)),
+            ))
         self.blend_config = blend_config or BlendConfig()
         # the chat frame a query or tool output is prefilled behind (then dropped) for its base KV: the model's
         # default one, so the segment is seen as message content, as it will be in real prompts
@@ -124,7 +137,8 @@ class ReusePlanner:
     ) -> PlannedCall:
         stats = ReuseStats(mode="dense" if mode == "dense" else "prefix")
         reuse = PromptReuse(use_prefix_cache=mode != "dense")
-        ids, layout, segment_tokens, stored = self._layout(head, pieces, tail, agent)
+        ids, layout, segment_tokens, stored = self._layout(head, pieces, tail, agent, stats)
+        unstored: dict[str, str] = {}  # segment id -> why the store did not keep its base KV
         validate_prompt(ids, self.model.config)  # before any base KV is computed for it
         reuse.on_finished = self._publisher(agent, len(ids))
         if mode in ("dense", "prefix"):
@@ -133,9 +147,9 @@ class ReusePlanner:
             stats.serve_all(segment_tokens, "dense", "this worker has no KV store")
         elif layout is not None:
             try:
-                bases = self._bases(segment_tokens, stored)
+                bases, unstored = self._bases(segment_tokens, stored, stats)
                 if mode in ("naive", "blend"):
-                    kv = naive(layout, bases, self._text_bases(layout, ids), self.model.config.rope)
+                    kv = naive(layout, bases, self._text_bases(layout, ids, stats), self.model.config.rope)
                     if mode == "naive":
                         reuse.splice_at, reuse.splice_kv = layout.reuse_start, kv
                         stats.mode, stats.reused_tokens = "naive", kv.length
@@ -149,9 +163,13 @@ class ReusePlanner:
                         )
                 else:
                     self._plan_kvcomm(layout, ids, bases, reuse, stats)
-            except StoreUnavailable as exc:
-                self._warn_store(exc)
-                stats.serve_all(segment_tokens, "dense", f"KV store unavailable: {exc}")
+            except StoreError as exc:  # nothing was spliced yet: the call runs dense
+                stats.serve_all(segment_tokens, "dense", self._store_failed(exc, stats))
+        for key, why in unstored.items():
+            stats.segment_reasons[key] += f"; its base KV was not stored: {why}"
+        if self.store is not None:
+            for rejection in self.store.take_rejections():
+                stats.degrade(rejection.line())
         if layout is not None and mode != "dense":
             self._with_known_prefix(ids[: layout.reuse_start], reuse)
         stats.preprocess_s = time.perf_counter() - started
@@ -199,8 +217,12 @@ class ReusePlanner:
         if self.store is None:
             raise ValueError("this planner has no KV store to prefill into")
         with self._lock:
-            missing = {key: self.tokenizer.encode(text) for key, text in segments if self._get_segment(key) is None}
-            self._bases(missing, {})
+            stats = ReuseStats()  # no call to report to: faults are warned about in the log
+            missing = {
+                key: self.tokenizer.encode(text) for key, text in segments if self._get_segment(key, stats) is None
+            }
+            self._bases(missing, {}, stats)
+            self.store.take_rejections()
         return len(missing)
 
     def drain(self) -> None:
@@ -214,7 +236,7 @@ class ReusePlanner:
 
     # -- internals ---------------------------------------------------------------------------------
     def _layout(
-        self, head: list[int], pieces: list[PromptPiece], tail: list[int], agent: str
+        self, head: list[int], pieces: list[PromptPiece], tail: list[int], agent: str, stats: ReuseStats
     ) -> tuple[list[int], PromptLayout | None, dict[str, list[int]], dict[str, StoredSegment]]:
         """Token ids part by part, the spans, each segment's token ids, and the segments the store knows."""
         template = hashlib.sha256(repr((head, tail, [p.text for p in pieces if p.segment_id is None])).encode())
@@ -225,7 +247,7 @@ class ReusePlanner:
         for piece in pieces:
             piece_ids = self.tokenizer.encode(piece.text) if piece.text else []
             if piece.segment_id is not None and self.store is not None:
-                found = self._get_segment(piece.segment_id)
+                found = self._get_segment(piece.segment_id, stats)
                 if found is not None and self.tokenizer.decode(found.token_ids) == piece.text:
                     piece_ids, stored[piece.segment_id] = found.token_ids, found  # the ids its KV belongs to
             if not piece_ids:
@@ -251,7 +273,10 @@ class ReusePlanner:
         stats.matches = {key: (m.nearest, m.entropy_bits, m.spread) for key, m in outcome.matches.items()}
         if outcome.kv is not None:
             reuse.splice_at, reuse.splice_kv = layout.reuse_start, outcome.kv
-            mark_used(self.store, layout, outcome)
+            try:
+                mark_used(self.store, layout, outcome)
+            except StoreError as exc:  # usage counts only steer eviction: the reuse stands
+                self._store_failed(exc, stats)
             stats.mode, stats.reused_tokens = "kvcomm", outcome.kv.length
             for key in bases:
                 stats.segment_modes[key], stats.segment_reasons[key] = "kvcomm", _vouched(outcome.matches[key])
@@ -279,7 +304,7 @@ class ReusePlanner:
         reuse.splice_at, reuse.splice_fn = layout.reuse_start, splice
         stats.mode, stats.reused_tokens = "blend", kv.length
 
-    def _text_bases(self, layout: PromptLayout, ids: list[int]) -> dict[int, KVCache]:
+    def _text_bases(self, layout: PromptLayout, ids: list[int], stats: ReuseStats) -> dict[int, KVCache]:
         """The base KV (alone) of each template text span between segments, by start; cached as segments."""
         texts: dict[int, KVCache] = {}
         for span in layout.spans:
@@ -287,23 +312,27 @@ class ReusePlanner:
                 continue
             text_ids = ids[span.start : span.end]
             key = segment_id("template-text", repr(text_ids))
-            texts[span.start] = self._bases({key: text_ids}, {})[key]
+            texts[span.start] = self._bases({key: text_ids}, {}, stats)[0][key]
         return texts
 
     def _bases(
-        self, segment_tokens: dict[str, list[int]], stored: dict[str, StoredSegment]
-    ) -> dict[str, KVCache]:
-        """Each segment's base KV: stored (a response, or computed before), else prefilled alone now."""
+        self, segment_tokens: dict[str, list[int]], stored: dict[str, StoredSegment], stats: ReuseStats
+    ) -> tuple[dict[str, KVCache], dict[str, str]]:
+        """Each segment's base KV: stored (a response, or computed before), else prefilled alone now and
+        stored; and, by segment, why the store did not keep one."""
         assert self.store is not None
         bases: dict[str, KVCache] = {}
+        unstored: dict[str, str] = {}
         for key, token_ids in segment_tokens.items():
-            found = stored.get(key) or self._get_segment(key)
+            found = stored.get(key) or self._get_segment(key, stats)
             if found is not None and found.token_ids == token_ids:
                 bases[key] = found.kv
                 continue
             bases[key] = base_alone(self.model, self._user_header, token_ids)
-            self.store.put_segment(key, StoredSegment(token_ids, bases[key]))
-        return bases
+            why_not = self.store.put_segment(key, StoredSegment(token_ids, bases[key]))
+            if why_not is not None:
+                unstored[key] = why_not
+        return bases, unstored
 
     def _recorder(
         self, layout: PromptLayout, bases: dict[str, KVCache], segment_ids: set[str]
@@ -351,23 +380,30 @@ class ReusePlanner:
         def run() -> None:  # jobs take the planning lock only around the store
             try:
                 job()
-            except StoreUnavailable as exc:
+            except StoreError as exc:  # recording and publishing are best effort: no call waits on them
                 self._warn_store(exc)
 
         self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(self._background.submit(run))
 
-    def _get_segment(self, key: str) -> StoredSegment | None:
+    def _get_segment(self, key: str, stats: ReuseStats) -> StoredSegment | None:
         assert self.store is not None
         try:
             return self.store.get_segment(key)
-        except StoreUnavailable as exc:
-            self._warn_store(exc)
+        except StoreError as exc:
+            self._store_failed(exc, stats)
             return None
 
-    def _warn_store(self, exc: Exception) -> None:
+    def _store_failed(self, exc: StoreError, stats: ReuseStats) -> str:
+        """Warn (once per planner) and tell the call; returns the line, a reason for the segments it made dense."""
+        self._warn_store(exc)
+        line = f"KV store unavailable: {exc}" if isinstance(exc, StoreUnavailable) else f"KV store failed: {exc}"
+        stats.degrade(line)
+        return line
+
+    def _warn_store(self, exc: StoreError) -> None:
         if not self._warned:
-            log.warning("KV store unavailable, serving calls with dense prefill: %s", exc)
+            log.warning("KV store failed, serving calls with dense prefill: %s", exc)
             self._warned = True
 
 
