@@ -37,7 +37,7 @@ from kvmesh.workers.reuse_planner import ReusePlanner
 from kvmesh.workers.tokenizer import Tokenizer
 
 from .blend_bench import WORKLOADS, _pieces
-from .kvcomm_bench import _continuation
+from .kv_fidelity import continuation, next_token_kl
 
 SHARE = 0.15
 RULES = ("deviation_15", "oracle_15", "question_15", "question_30", "answer_chunk", "other_chunks")
@@ -173,7 +173,7 @@ def _rule(model: LlamaModel, item: Item, rule: str) -> tuple[float, RowChooser |
 def selection(model: LlamaModel, tokenizer: Tokenizer, count: int, rules: list[str]) -> None:
     results: dict[str, dict[str, Any]] = {r: {"correct": 0, "kl": 0.0, "share": 0.0} for r in ["dense", *rules]}
     for index, item in enumerate(_items(model, tokenizer, count)):
-        ref_logits, ref_tokens = _continuation(model, item.dense, item.ids)
+        ref_logits, ref_tokens = continuation(model, item.dense, item.ids)
         marks = [f"dense={_mark(tokenizer, ref_tokens, item.answer, results['dense'])}"]
         for rule in rules:
             share, chooser = _rule(model, item, rule)
@@ -188,9 +188,8 @@ def selection(model: LlamaModel, tokenizer: Tokenizer, count: int, rules: list[s
             )
             rest = item.ids[item.start + span :]
             model.forward(ForwardBatch.single(cache, rest))
-            logits, tokens = _continuation(model, cache, item.ids)
-            p, q = torch.log_softmax(ref_logits.double(), -1), torch.log_softmax(logits.double(), -1)
-            results[rule]["kl"] += float((p.exp() * (p - q)).sum()) / count
+            logits, tokens = continuation(model, cache, item.ids)
+            results[rule]["kl"] += next_token_kl(ref_logits, logits) / count
             results[rule]["share"] += stats.recomputed_tokens / span / count
             marks.append(f"{rule}={_mark(tokenizer, tokens, item.answer, results[rule])}")
         print(f"item {index + 1}/{count} ({item.answer}): {' '.join(marks)}", flush=True)

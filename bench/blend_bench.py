@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.kvcomm.store import MemoryStore
 from kvmesh.workers.blend import BlendConfig
@@ -31,7 +29,7 @@ from kvmesh.workers.worker import WorkerConfig, build_worker
 from .engine_bench import _log, _machine_info
 from .inprocess_worker import InProcessWorker
 from .json_report import save_json
-from .kvcomm_bench import _continuation, _summarize
+from .kv_fidelity import compare, continuation, summarize
 
 Json = dict[str, Any]
 WORKLOADS = Path(__file__).parent / "workloads" / "blend"
@@ -86,7 +84,7 @@ def run_blend_bench(args: argparse.Namespace) -> int:
             call = workers[name].call("reader", workload.get("system"), pieces, mode, SamplingParams(max_tokens=1),
                                       capture=True)
             assert call.prompt_kv is not None
-            logits, tokens = _continuation(model, call.prompt_kv, call.prompt_ids)
+            logits, tokens = continuation(model, call.prompt_kv, call.prompt_ids)
             answer = tokenizer.decode(tokens)
             correct[name] += item["answer"].lower() in answer.lower()
             ttft[name].append(call.ttft_s)
@@ -96,7 +94,7 @@ def run_blend_bench(args: argparse.Namespace) -> int:
             if reference is None:
                 reference = (logits, tokens)
             else:
-                fidelity[name].append(_compare(reference, (logits, tokens)))
+                fidelity[name].append(compare(reference, (logits, tokens)))
     for worker in workers.values():
         worker.planner.close()
     results = _results(modes, items, ttft, fidelity, correct, served, recomputed, model.config.num_layers)
@@ -105,14 +103,6 @@ def run_blend_bench(args: argparse.Namespace) -> int:
     _print(results)
     save_json(args.json_path, results, _log)
     return 0
-
-
-def _compare(reference: tuple[torch.Tensor, list[int]], other: tuple[torch.Tensor, list[int]]) -> Json:
-    """Fidelity of one mode's prompt KV against dense: next-token KL, first token, common greedy prefix."""
-    (ref_logits, ref_tokens), (logits, tokens) = reference, other
-    p, q = torch.log_softmax(ref_logits.double(), -1), torch.log_softmax(logits.double(), -1)
-    common = next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens, strict=True)) if a != b), len(ref_tokens))
-    return {"kl": float((p.exp() * (p - q)).sum()), "first": tokens[0] == ref_tokens[0], "common": common}
 
 
 def _results(
@@ -136,7 +126,7 @@ def _results(
             "served_by_mode": served[name] / len(items),
         }
         if name in fidelity:
-            row |= _summarize(fidelity[name])
+            row |= summarize(fidelity[name])
         if config is not None:
             share = statistics.mean(recomputed[name])
             row["recomputed_share"] = share

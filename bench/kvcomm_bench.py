@@ -23,12 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kvmesh.agents import Agent, Pipeline, Prompt, SegmentPart, run_locally
 from kvmesh.kvcomm.anchor_match import MatchConfig
 from kvmesh.kvcomm.embedded_redis import EmbeddedRedis
-from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.kvcomm.redis_store import RedisStore
 from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.kvcomm.store import MemoryStore
@@ -36,19 +33,19 @@ from kvmesh.workers.engine import Engine
 from kvmesh.workers.forward_batch import ForwardBatch
 from kvmesh.workers.reuse_planner import PromptPiece
 from kvmesh.workers.sampling import SamplingParams
-from kvmesh.workers.worker import WorkerConfig, build_worker
 from kvmesh.workers.tokenizer import Tokenizer
+from kvmesh.workers.worker import WorkerConfig, build_worker
 
 from .engine_bench import _log, _machine_info
 from .inprocess_worker import CallResult, InProcessWorker
 from .json_report import save_json
+from .kv_fidelity import compare, continuation, summarize
 
 Json = dict[str, Any]
 WORKLOADS = Path(__file__).parent / "workloads" / "kvcomm"
 TTFT_MODES = ("prefix", "dense", "kvcomm", "naive", "forced")
 REUSED = {"kvcomm": "kvcomm", "naive": "naive", "forced": "kvcomm"}  # mode -> what its planner reports when it reused
 FORCED = MatchConfig(max_distance=math.inf, entropy_gamma=1.0, min_anchors=1)
-GREEDY_STEPS = 32
 _WORDS = (
     "the", "river", "city", "market", "light", "stone", "garden", "winter", "music", "letter", "bridge",
     "forest", "morning", "paper", "window", "travel", "simple", "quiet", "golden", "silver", "northern",
@@ -76,37 +73,10 @@ def synthetic_text(tokenizer: Tokenizer, tokens: int, seed: int, kind: str = "se
 
 
 # -- fidelity ----------------------------------------------------------------------------------------
-def _continuation(model, kv: KVCache, prompt_ids: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """Next-token logits at the prompt's end and GREEDY_STEPS greedy tokens, decoded from a prompt KV."""
-    cache = kv.clone()
-    cache.truncate(len(prompt_ids) - 1)
-    logits = model.forward(ForwardBatch.single(cache, prompt_ids[-1:]))[-1]
-    first, tokens, step = logits, [], logits
-    for _ in range(GREEDY_STEPS):
-        tokens.append(int(step.argmax()))
-        step = model.forward(ForwardBatch.single(cache, tokens[-1:]))[-1]
-    return first, tokens
-
-
 def _fidelity(model, dense: CallResult, other: CallResult) -> Json:
     assert dense.prompt_kv is not None and other.prompt_kv is not None and dense.prompt_ids == other.prompt_ids
-    ref_logits, ref_tokens = _continuation(model, dense.prompt_kv, dense.prompt_ids)
-    logits, tokens = _continuation(model, other.prompt_kv, other.prompt_ids)
-    p, q = torch.log_softmax(ref_logits.double(), -1), torch.log_softmax(logits.double(), -1)
-    common = next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens, strict=True)) if a != b), GREEDY_STEPS)
-    return {"kl": float((p.exp() * (p - q)).sum()), "first": tokens[0] == ref_tokens[0], "common": common}
-
-
-def _summarize(rows: list[Json]) -> Json:
-    if not rows:
-        return {"calls": 0}
-    return {
-        "calls": len(rows),
-        "first_token_agreement": sum(r["first"] for r in rows) / len(rows),
-        "greedy32_agreement": statistics.mean(r["common"] / GREEDY_STEPS for r in rows),
-        "greedy32_identical": sum(r["common"] == GREEDY_STEPS for r in rows) / len(rows),
-        "mean_kl": statistics.mean(r["kl"] for r in rows),
-    }
+    reference = continuation(model, dense.prompt_kv, dense.prompt_ids)
+    return compare(reference, continuation(model, other.prompt_kv, other.prompt_ids))
 
 
 # -- TTFT --------------------------------------------------------------------------------------------
@@ -165,7 +135,7 @@ def bench_ttft(workers: dict[str, InProcessWorker], spec: Json) -> Json:
         "reuse_rate_tokens": _ratio(reuse["tokens"]),
         "reuse_rate_calls_warm": _ratio(reuse["warm_calls"]),
         "reuse_rate_tokens_warm": _ratio(reuse["warm_tokens"]),
-        "fidelity": {mode: _summarize(rows) for mode, rows in fidelity.items()},
+        "fidelity": {mode: summarize(rows) for mode, rows in fidelity.items()},
         "calibration": _calibration(fidelity["forced"]),
     }
 
@@ -177,7 +147,7 @@ def _calibration(rows: list[Json]) -> list[Json]:
     for low, high in itertools.pairwise(bins):
         group = [r for r in rows if r["matches"] and low <= max(m[0] for m in r["matches"].values()) < high]
         if group:
-            table.append({"nearest_from": low, "nearest_to": high, **_summarize(group)})
+            table.append({"nearest_from": low, "nearest_to": high, **summarize(group)})
     return table
 
 
