@@ -1,7 +1,6 @@
 """Small random-weight Llama models and model files for tests that need exact numerics, not language.
 
-Weights are scaled so activations and logits are O(1) (std 1/sqrt(fan_in) for projections, N(0, 1)
-embeddings): a wrong mask, position or permutation then moves the logits by far more than the tolerances.
+The weights come from kvmesh.bench.random_llama (shared with the CUDA check), at its O(1)-activation scale.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from tokenizers import pre_tokenizers
 
+from kvmesh.bench.random_llama import random_llama_weights as random_llama_weights  # re-exported for tests
 from kvmesh.kvcomm.rope import RopeSpec
 from kvmesh.workers.model_config import ModelConfig
 
@@ -44,37 +44,8 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def random_llama_weights(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """fp32 weights under HF Llama names; lm_head.weight only when the config does not tie it."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def linear(out_features: int, in_features: int) -> torch.Tensor:
-        return torch.randn(out_features, in_features, generator=gen) / in_features**0.5
-
-    def norm(size: int) -> torch.Tensor:
-        return 1.0 + 0.1 * torch.randn(size, generator=gen)
-
-    c = config
-    weights = {"model.embed_tokens.weight": torch.randn(c.vocab_size, c.hidden_size, generator=gen)}
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}"
-        weights[f"{p}.input_layernorm.weight"] = norm(c.hidden_size)
-        weights[f"{p}.self_attn.q_proj.weight"] = linear(c.q_size, c.hidden_size)
-        weights[f"{p}.self_attn.k_proj.weight"] = linear(c.kv_size, c.hidden_size)
-        weights[f"{p}.self_attn.v_proj.weight"] = linear(c.kv_size, c.hidden_size)
-        weights[f"{p}.self_attn.o_proj.weight"] = linear(c.hidden_size, c.q_size)
-        weights[f"{p}.post_attention_layernorm.weight"] = norm(c.hidden_size)
-        weights[f"{p}.mlp.gate_proj.weight"] = linear(c.intermediate_size, c.hidden_size)
-        weights[f"{p}.mlp.up_proj.weight"] = linear(c.intermediate_size, c.hidden_size)
-        weights[f"{p}.mlp.down_proj.weight"] = linear(c.hidden_size, c.intermediate_size)
-    weights["model.norm.weight"] = norm(c.hidden_size)
-    if not c.tie_word_embeddings:
-        weights["lm_head.weight"] = linear(c.vocab_size, c.hidden_size)
-    return weights
-
-
 def randomize_hf_model_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Re-draw a transformers model's weights at the O(1)-activation scale used above (HF's init is tiny)."""
+    """Re-draw a transformers model's weights at random_llama_weights' O(1) scale (HF's init is tiny)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -16,7 +16,9 @@ from .model_files import ModelLoadError
 
 
 class _Layer:
-    def __init__(self, weights: dict[str, torch.Tensor], prefix: str, fmt: WeightFormat, device: torch.device):
+    def __init__(
+        self, weights: dict[str, torch.Tensor], prefix: str, fmt: WeightFormat, device: torch.device, dtype: torch.dtype
+    ):
         def take(name: str) -> torch.Tensor:
             key = f"{prefix}.{name}"
             if key not in weights:
@@ -30,8 +32,9 @@ class _Layer:
         gate_up = torch.cat([take(f"{mlp}.gate_proj.weight"), take(f"{mlp}.up_proj.weight")])
         self.gate_up: Linear = make_linear(gate_up, fmt, device)  # [N, d] -> [N, 2 ffn]
         self.down: Linear = make_linear(take(f"{mlp}.down_proj.weight"), fmt, device)
-        self.attn_norm = take("input_layernorm.weight").to(device)
-        self.mlp_norm = take("post_attention_layernorm.weight").to(device)
+        # in the activations' dtype, as the final norm: mixed dtypes make rms_norm take its unfused path
+        self.attn_norm = take("input_layernorm.weight").to(device=device, dtype=dtype)
+        self.mlp_norm = take("post_attention_layernorm.weight").to(device=device, dtype=dtype)
 
 
 class LlamaModel:
@@ -60,7 +63,7 @@ class LlamaModel:
         self.lm_head: Linear = make_linear(head, weight_format, self.device)
         self.final_norm = weights["model.norm.weight"].to(device=self.device, dtype=dtype)
         self.layers = [
-            _Layer(weights, f"model.layers.{i}", weight_format, self.device) for i in range(config.num_layers)
+            _Layer(weights, f"model.layers.{i}", weight_format, self.device, dtype) for i in range(config.num_layers)
         ]
         self.rope = RopeTable(config.rope, config.max_context, dtype, self.device)
 
