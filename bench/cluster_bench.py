@@ -57,11 +57,13 @@ def travel_pipeline(scale: float = 1.0) -> Any:
                 "researcher",
                 "Write one sentence about the country in this request.\n\n{query}",
                 max_tokens=max(2, round(20 * scale)),
+                reuse="kvcomm",  # what this bench measures: anchors one worker records, another reuses
             ),
             Agent(
                 "answerer",
                 "Request: {query}\n\nNotes:\n{researcher}\n\nAnswer in one sentence.",
                 max_tokens=max(2, round(12 * scale)),
+                reuse="kvcomm",
             ),
         ],
     )

@@ -22,12 +22,12 @@ import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from kvmesh.agents import Agent, Prompt, run_locally
-from kvmesh.agents.agent import REUSE_MODES
 from kvmesh.kvcomm.embedded_redis import EmbeddedRedis
 from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.kvcomm.redis_store import RedisStore
@@ -39,15 +39,18 @@ from kvmesh.workers.tokenizer import Tokenizer
 from kvmesh.workers.worker import WorkerConfig, build_worker
 
 from .engine_bench import _log, _machine_info
+from .fidelity_frontier import plot_frontier
 from .fidelity_items import SHAPES, SPLITS, Item, ItemConfig, ItemSet, contains_answer, generate_items
 from .fidelity_pipelines import MAX_TOKENS, ShapePipeline, shape_pipeline
 from .fidelity_report import print_report, shape_report
+from .fidelity_variants import SWEEP, variant
 from .inprocess_worker import CallResult, InProcessWorker
 from .json_report import save_json
 from .kv_fidelity import continuation, dense_logits, next_token_kl
 from .paired_stats import MIN_RESAMPLES
 
 DEFAULT_MODES = ("dense", "auto", "kvcomm", "blend")
+SWEEP_SHAPES = ("relay", "retrieval")  # critique's downstream prompts are mostly exact prefix: little to learn
 QUICK_ITEMS = 4
 
 
@@ -62,9 +65,8 @@ class FidelityConfig:
     progress_every: int = 10  # items between progress lines
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.modes if m not in REUSE_MODES]
-        if unknown:
-            raise ValueError(f"unknown reuse modes {unknown}: choose from {', '.join(REUSE_MODES)}")
+        for name in self.modes:
+            variant(name)  # a name that describes no variant is refused here, naming the forms
         if "dense" not in self.modes:
             raise ValueError(f"modes {list(self.modes)} lack dense: every mode is measured against it")
         if len(set(self.modes)) != len(self.modes):
@@ -168,18 +170,19 @@ class FidelityBench:
 
     def _worker(self, shape: str, mode: str) -> _ModeWorker:
         store = RedisStore(self.redis_url, prefix=store_prefix(shape, mode), origin=mode)
+        settings = variant(mode).worker(self.worker_config)
         if self.model is None or self.tokenizer is None:
-            built = build_worker(self.worker_config, store)
+            built = build_worker(settings, store)
             self.model, self.tokenizer = built.engine.model, built.engine.tokenizer
         else:
-            built = build_worker(self.worker_config, store, model=self.model, tokenizer=self.tokenizer)
+            built = build_worker(settings, store, model=self.model, tokenizer=self.tokenizer)
         return _ModeWorker(InProcessWorker(built), store)
 
     def _item(self, spec: ShapePipeline, item: Item, workers: dict[str, _ModeWorker]) -> ItemRun:
         run = ItemRun(item, None)
         references: list[tuple[list[int], torch.Tensor]] = []  # dense's calls: prompt ids, reply-start logits
         for mode in self.config.modes:
-            pipeline = spec.pipeline.with_agent_options(reuse=mode)
+            pipeline = spec.pipeline.with_agent_options(reuse=variant(mode).mode)
             calls: list[tuple[CallRecord, KVCache]] = []
 
             def llm(
@@ -266,10 +269,12 @@ def _progress(shape: str, runs: list[ItemRun], total: int, elapsed: float) -> st
 # -- the program -------------------------------------------------------------------------------------
 def run_fidelity_bench(args: argparse.Namespace) -> int:
     limit = args.limit if args.limit is not None else (QUICK_ITEMS if args.quick else None)
+    modes = args.modes or ",".join(SWEEP if args.sweep else DEFAULT_MODES)
+    shapes = args.shapes or ",".join(SWEEP_SHAPES if args.sweep else SHAPES)
     config = FidelityConfig(
-        modes=tuple(_names(args.modes)),
-        shapes=tuple(_names(args.shapes)),
-        split=args.split,
+        modes=tuple(_names(modes)),
+        shapes=tuple(_names(shapes)),
+        split=args.split or ("tune" if args.sweep else None),  # thresholds are chosen on tune alone
         limit=limit,
         seed=args.seed,
         progress_every=1 if args.quick else FidelityConfig.progress_every,
@@ -301,6 +306,9 @@ def run_fidelity_bench(args: argparse.Namespace) -> int:
     }
     print_report(results)
     save_json(args.json_path, results, _log)
+    plot = args.plot or (str(Path(args.json_path).with_suffix(".png")) if args.sweep and args.json_path else None)
+    if plot:
+        _log(f"frontier plot: {plot_frontier(results, plot)}")
     return 0
 
 

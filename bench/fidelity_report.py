@@ -19,7 +19,7 @@ from .fidelity_items import SPLITS, contains_answer
 from .paired_stats import mcnemar_exact_p, paired_bootstrap_ci
 
 if TYPE_CHECKING:
-    from .fidelity_bench import CallRecord, ItemRun
+    from .fidelity_bench import CallRecord, ItemRun, ModeRun
 
 Json = dict[str, Any]
 
@@ -57,11 +57,23 @@ def shape_report(runs: Sequence[ItemRun], modes: Sequence[str], resamples: int, 
             "question": run.item.question,
             "answer": run.item.answer,
             "first_reply": run.shared.reply if run.shared is not None else None,
-            "modes": {mode: {"correct": r.correct, "reply": r.reply} for mode, r in run.modes.items()},
+            "modes": {mode: _item_mode(r) for mode, r in run.modes.items()},
         }
         for run in runs
     ]
     return report
+
+
+def _item_mode(run: ModeRun) -> Json:
+    """One item in one mode: scored, and how far the scored call's reply start sat from dense (calibration)."""
+    scored = run.calls[-1] if run.calls else None
+    return {
+        "correct": run.correct,
+        "reply": run.reply,
+        "kl": scored.kl if scored else None,
+        "same_first_token": scored.same_first_token if scored else None,
+        "reuse_mode": scored.reuse_mode if scored else None,
+    }
 
 
 def _accuracy(runs: Sequence[ItemRun], mode: str, resamples: int, seed: int) -> Json:
@@ -116,7 +128,7 @@ def print_report(results: Json) -> None:
         print(f"\n{shape}: {task['items']} items ({splits}){shared}")
         header = ("mode", "accuracy", "delta vs dense [95% CI]", "McNemar p", "reused", "cached", "TTFT s",
                   "speedup", "1st token", "KL")
-        widths = (7, 8, 24, 9, 7, 7, 7, 7, 9, 7)
+        widths = (max(7, *map(len, task["modes"])), 8, 24, 9, 7, 7, 7, 7, 9, 7)
         print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
         for mode, row in task["modes"].items():
             cells = (mode, _pct(row["accuracy"]), _delta(row["delta_vs_dense"], row["ci95"]),
@@ -125,6 +137,8 @@ def print_report(results: Json) -> None:
                      _pct(row["first_token_agreement"]), _num(row["mean_kl"], ".4f"))
             print(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
         for split in SPLITS:
+            if not task["splits"][split]["items"]:
+                continue
             rows = task["splits"][split]["modes"]
             parts = [f"{mode} {_pct(r['accuracy'])} ({_delta(r['delta_vs_dense'], r['ci95'])})"
                      for mode, r in rows.items() if mode != "dense"]

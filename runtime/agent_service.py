@@ -163,4 +163,5 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 calls=self._calls,
                 last_error=self._last_error,
                 address=self._address(),
+                waiting_runs=len(self._inboxes),
             )

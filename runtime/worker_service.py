@@ -88,7 +88,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """What a Generate call samples with and how its prompt is served (benchmarks check their prompts
         against it). Raises InvalidRequestError / ValueError for a request that cannot be served."""
         call = worker_call(request)
-        return call.sampling, self.planner.plan(call.system, call.pieces, call.agent, call.reuse)
+        return call.sampling, self.planner.plan_conversation(call.system, call.turns, call.agent, call.reuse)
 
     def _stats(self, stats: RequestStats | None, planned: PlannedCall) -> worker_pb2.CallStats:
         """The engine's RequestStats and the planner's decision as CallStats: what served the prompt (as

@@ -146,3 +146,23 @@ def test_a_given_chooser_decides_which_rows_are_recomputed(model, tokenizer, pro
     later = slice(len(prefix) + len(docs[0]), len(prefix) + reused.length)  # never chosen: keep the reused KV
     torch.testing.assert_close(cache.keys[1:, :, later], reused.keys[1:, :, len(docs[0]) : reused.length])
     assert not torch.allclose(cache.keys[1:, :, len(prefix) : later.start], reused.keys[1:, :, : len(docs[0])])
+
+
+def test_the_boundary_rule_recomputes_the_first_tokens_of_every_segment(model, tokenizer, prompt):
+    prefix, docs, _ = prompt
+    reused = reused_span(model, tokenizer, prefix, docs)
+    starts = [sum(len(d) for d in docs[:i]) for i in range(len(docs))]
+    segments = [(start, start + len(doc)) for start, doc in zip(starts, docs, strict=True)]
+    cache = prefilled(model, prefix)
+    config = BlendConfig(share=0.0, selection="boundary", boundary_tokens=4)
+    stats = blend(model, cache, [t for d in docs for t in d], reused.clone(), config, segments=segments)
+    assert stats.recomputed_tokens == 4 * len(docs)
+    for start, end in segments:  # the first 4 rows of each segment fresh, the rest as reused
+        rows = slice(len(prefix) + start, len(prefix) + end)
+        fresh, kept = cache.keys[5, :, rows], reused.keys[5, :, start:end]
+        assert not torch.allclose(fresh[:, :4], kept[:, :4]) and torch.equal(fresh[:, 4:], kept[:, 4:])
+    with_share = blend(model, prefilled(model, prefix), [t for d in docs for t in d], reused.clone(),
+                       BlendConfig(share=0.2, selection="boundary", boundary_tokens=4), segments=segments)
+    assert with_share.recomputed_tokens == 4 * len(docs) + round(0.2 * reused.length)  # and 20% more by deviation
+    with pytest.raises(ValueError, match="segments"):
+        blend(model, prefilled(model, prefix), [t for d in docs for t in d], reused.clone(), config)

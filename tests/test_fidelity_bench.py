@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections import defaultdict
@@ -11,13 +12,17 @@ import pytest
 
 from kvmesh.agents.render import render
 from kvmesh.bench.fidelity_bench import FidelityBench, FidelityConfig, select_items, store_prefix
+from kvmesh.bench.fidelity_frontier import frontier_rows
 from kvmesh.bench.fidelity_items import SHAPES, ItemConfig, contains_answer, generate_items, normalize
 from kvmesh.bench.fidelity_pipelines import shape_pipeline
+from kvmesh.bench.fidelity_variants import SWEEP, Variant, variant
 from kvmesh.bench.paired_stats import mcnemar_exact_p, paired_bootstrap_ci
+from kvmesh.kvcomm.anchor_match import MatchConfig
 from kvmesh.kvcomm.embedded_redis import EmbeddedRedis
 from kvmesh.kvcomm.redis_store import RedisStore
 from kvmesh.runtime.wire import generate_request
 from kvmesh.runtime.worker_service import WorkerServicer
+from kvmesh.workers.blend import BlendConfig
 from kvmesh.workers.engine_loop import EngineLoop
 from kvmesh.workers.worker import WorkerConfig, build_worker
 
@@ -150,8 +155,9 @@ def test_the_bench_plans_token_for_token_what_the_worker_service_plans_for_the_s
 
 @pytest.mark.slow
 def test_quick_run_writes_every_promised_key_for_every_shape_and_mode(tmp_path):
-    out = tmp_path / "fidelity.json"
-    result = subprocess.run([sys.executable, "-m", "kvmesh", "bench", "fidelity", "--quick", "--json", str(out)],
+    out, plot = tmp_path / "fidelity.json", tmp_path / "frontier.png"
+    command = ["bench", "fidelity", "--quick", "--limit", "2", "--json", str(out), "--plot", str(plot)]
+    result = subprocess.run([sys.executable, "-m", "kvmesh", *command],
                             capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -160,7 +166,7 @@ def test_quick_run_writes_every_promised_key_for_every_shape_and_mode(tmp_path):
     keys = {"accuracy", "delta_vs_dense", "ci95", "mcnemar_p", "reused_token_share", "cached_token_share", "ttft_s",
             "wall_s", "first_token_agreement", "mean_kl", "calls_by_reuse_mode", "segment_reasons"}
     for shape, task in report["tasks"].items():
-        assert task["items"] == 4 and len(task["item_results"]) == 4
+        assert task["items"] == 2 and len(task["item_results"]) == 2
         assert set(task["modes"]) == {"dense", "auto", "kvcomm", "blend"}
         for mode, row in task["modes"].items():
             assert keys <= set(row), (shape, mode)
@@ -169,6 +175,30 @@ def test_quick_run_writes_every_promised_key_for_every_shape_and_mode(tmp_path):
         assert dense["delta_vs_dense"] == 0 and dense["ci95"] == [0, 0] and dense["mcnemar_p"] == 1
         assert dense["first_token_agreement"] == 1 and dense["mean_kl"] == 0
         for split in ("tune", "holdout"):
-            assert task["splits"][split]["items"] == 2
+            assert task["splits"][split]["items"] == 1
             assert set(task["splits"][split]["modes"]["blend"]) >= {"accuracy", "delta_vs_dense", "ci95"}
     assert "relay:" in result.stdout and "delta vs dense" in result.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the frontier, drawn
+    rows = frontier_rows(report)
+    modes = ("dense", "auto", "kvcomm", "blend")
+    assert {(row["shape"], row["variant"]) for row in rows} == {(shape, mode) for shape in SHAPES for mode in modes}
+
+
+# -- variants: the methods the frontier puts side by side ------------------------------------------------
+def test_variant_names_say_what_they_run():
+    assert variant("auto") == Variant("auto", "auto")
+    ref = variant("kvcomm_ref")
+    assert ref.mode == "kvcomm" and ref.match is not None
+    assert (ref.match.max_distance, ref.match.max_spread, ref.match.max_uncovered) == (math.inf, 0.0, 0.0)
+    assert variant("kvcomm_d0.75").match == MatchConfig(max_distance=0.75)
+    boundary = variant("blend_b16_15").blend
+    assert boundary == BlendConfig(share=0.15, selection="boundary", boundary_tokens=16)
+    combined = variant("kvcomm_any+blend_30")
+    assert combined.mode == "kvcomm" and combined.kvcomm_repair == BlendConfig(share=0.3)
+    settings = combined.worker(WorkerConfig(warm_up=False))
+    assert settings.kvcomm_repair == BlendConfig(share=0.3) and settings.match.max_distance == math.inf
+    for name in SWEEP:
+        assert variant(name).name == name
+    for bad in ("kvcomm_x", "blend_", "blend_30+kvcomm", "dense+blend_15"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            variant(bad)

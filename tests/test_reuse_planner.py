@@ -11,6 +11,7 @@ from kvmesh.kvcomm.embedded_redis import EmbeddedRedis
 from kvmesh.kvcomm.redis_store import RedisStore
 from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.kvcomm.store import MemoryStore, PoolConfig, StoredSegment
+from kvmesh.workers.blend import BlendConfig
 from kvmesh.workers.engine import Engine, EngineConfig
 from kvmesh.workers.forward_batch import ForwardBatch
 from kvmesh.workers.prompt_reuse import PromptReuse
@@ -70,8 +71,10 @@ class TwoAgents:
     """researcher(query) -> answerer(query, researcher): the worker side of a 2-agent pipeline, in-process,
     put together as the runtime's worker is (build_worker), without speculation or warm-up."""
 
-    def __init__(self, model, tokenizer, store, config: MatchConfig | None = None) -> None:
-        settings = WorkerConfig(engine=EngineConfig(speculation=None), match=config or MatchConfig(), warm_up=False)
+    def __init__(self, model, tokenizer, store, config: MatchConfig | None = None, **settings_) -> None:
+        settings = WorkerConfig(
+            engine=EngineConfig(speculation=None), match=config or MatchConfig(), warm_up=False, **settings_
+        )
         worker = build_worker(settings, store, model=model, tokenizer=tokenizer)
         self.engine, self.planner = worker.engine, worker.planner
         self.planned: list[PlannedCall] = []  # every call's plan, in order (the researcher's too)
@@ -114,6 +117,42 @@ def test_anchors_learned_from_dense_calls_serve_later_calls_close_to_dense(model
     assert text.split()[:4] == dense[0].split()[:4], (text, dense[0])
 
 
+def test_kvcomm_repair_blends_over_the_corrected_kv_where_the_anchors_vouch(model, tokenizer):
+    lenient = MatchConfig(max_distance=5.0, entropy_gamma=1.0)
+    agents = TwoAgents(model, tokenizer, MemoryStore(), lenient, kvcomm_repair=BlendConfig(share=0.3))
+    for country in COUNTRIES[:4]:
+        agents.pipeline(country, "kvcomm")
+    _, planned, stats = agents.pipeline(COUNTRIES[6], "kvcomm")
+    span = planned.layout.reuse_end - planned.layout.reuse_start
+    assert planned.stats.mode == "kvcomm+blend" and set(planned.stats.segment_modes.values()) == {"kvcomm+blend"}
+    assert 0 < planned.stats.blend_recomputed < span and stats.reused_tokens == span - planned.stats.blend_recomputed
+
+
+def test_the_chunks_of_one_placeholder_have_a_pool_each_so_their_anchors_hold_the_text_after_them(model, tokenizer):
+    """A tool returning a list puts several segments in one placeholder; the last is followed by the template
+    (not the separator), so one pool for all would hold anchors of unlike next texts and vouch for none."""
+    lenient = MatchConfig(max_distance=5.0, entropy_gamma=1.0, max_spread=float("inf"))
+    agents = TwoAgents(model, tokenizer, MemoryStore(), lenient)
+
+    def ask(country: str):
+        facts = [f"{country} has many mountains.", f"{country} has a long coast.", f"{country} grows olives."]
+        pieces = [PromptPiece("Facts:\n")]
+        for index, fact in enumerate(facts):
+            if index:
+                pieces.append(PromptPiece("\n\n"))
+            pieces.append(PromptPiece(fact, segment_id("facts", fact), "facts"))
+        pieces.append(PromptPiece("\n\nWhich of these is about the sea?"))
+        return agents.call("reader", "You are brief.", pieces, "kvcomm", 4)[1]
+
+    first = ask(COUNTRIES[0])
+    slots = [span.slot.rsplit("|", 1)[1] for span in first.layout.segments()]
+    assert slots == ["facts", "facts#1", "facts#2"]
+    for country in COUNTRIES[1:4]:
+        ask(country)
+    served = ask(COUNTRIES[5])
+    assert served.stats.mode == "kvcomm", served.stats.segment_reasons
+
+
 def test_responses_are_published_as_segments_with_their_decode_kv(model, tokenizer):
     store = MemoryStore()
     agents = TwoAgents(model, tokenizer, store)
@@ -147,15 +186,18 @@ def test_blend_mode_repairs_the_moved_segments_in_the_engine(model, tokenizer):
     assert text.split()[:3] == dense_text.split()[:3], (text, dense_text)
 
 
-def test_auto_never_blends_where_anchors_do_not_fit_it_runs_dense_and_says_why(model, tokenizer):
+def test_auto_never_blends_until_its_guard_opens_it_runs_dense_and_says_why(model, tokenizer):
     never_fits = MatchConfig(max_distance=1e-6)  # warm pools, but no segment is ever close enough
     agents = TwoAgents(model, tokenizer, MemoryStore(), never_fits)
     calls = [agents.pipeline(country, "auto") for country in COUNTRIES[:3]]
-    assert [planned.stats.mode for _, planned, _ in calls] == ["prefix"] * 3  # cold, then warm but unfit: dense
+    assert [planned.stats.mode for _, planned, _ in calls] == ["prefix"] * 3  # dense (with the exact prefix)
     _, warm, stats = calls[2]
     assert stats.reused_tokens == 0 and warm.stats.blend_recomputed == 0
     assert set(warm.stats.segment_modes.values()) == {"dense"}
-    assert all("nearest anchor is" in why for why in warm.stats.segment_reasons.values()), warm.stats.segment_reasons
+    assert all("auto's guard: 0 of 3 audits" in why for why in warm.stats.segment_reasons.values()), (
+        warm.stats.segment_reasons
+    )
+    assert warm.stats.anchors_consulted == 0  # a closed template matches nothing on the critical path
     dense_text, _, _ = TwoAgents(model, tokenizer, MemoryStore()).pipeline(COUNTRIES[2], "dense")
     assert calls[2][0] == dense_text  # dense KV (prefix cache + prefill): the same greedy reply
 

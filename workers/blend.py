@@ -12,7 +12,7 @@ bottom-right and let middle tokens see the future.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,14 +32,20 @@ class BlendConfig:
     share: float = 0.15  # of the span's tokens recomputed at layers after the (last) check layer
     # check layers and the share kept at each (narrowing); default: one check at layer 1 keeping `share`
     schedule: tuple[tuple[int, float], ...] = ()
-    selection: Literal["deviation", "random"] = "deviation"  # random: the control for the deviation rule
+    # deviation: the rows whose values deviate most; random: the control for it; boundary: the first
+    # `boundary_tokens` rows of every segment (each was computed as if it opened the prompt: they carry the
+    # attention-sink role there), and `share` of the rest by deviation
+    selection: Literal["deviation", "random", "boundary"] = "deviation"
+    boundary_tokens: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.share <= 1:
             raise ValueError(f"blend share must be in [0, 1], got {self.share}")
-        if self.selection not in ("deviation", "random"):
-            raise ValueError(f"selection must be 'deviation' or 'random', got {self.selection!r}")
+        if self.selection not in ("deviation", "random", "boundary"):
+            raise ValueError(f"selection must be 'deviation', 'random' or 'boundary', got {self.selection!r}")
+        if self.boundary_tokens < 1:
+            raise ValueError(f"boundary_tokens must be >= 1, got {self.boundary_tokens}")
         layers = [layer for layer, _ in self.schedule]
         shares = [share for _, share in self.schedule]
         if layers != sorted(set(layers)) or any(layer < 1 for layer in layers):
@@ -75,16 +81,20 @@ def blend(
     reused: KVCache,
     config: BlendConfig,
     choose: RowChooser | None = None,
+    segments: Sequence[tuple[int, int]] = (),
 ) -> BlendStats:
     """cache holds the exact prefix [0, s); reused: the span's KV at positions s.. . Extends cache in place.
-    choose: which rows stay selected at a check (default: config.selection's rule)."""
+    choose: which rows stay selected at a check (default: config.selection's rule); segments: the span's
+    segments as span rows [a, b) (the boundary rule keeps the first rows of each)."""
     start, span = cache.length, len(token_ids)
     if reused.length != span:
         raise ValueError(f"reused KV has {reused.length} tokens for a span of {span}")
     cache.append(reused)
     stats = BlendStats(span_tokens=span)
     checks = config.checks()
-    choose = choose or _builtin_chooser(config)
+    if choose is None:
+        boundary = _boundary_rows(segments, config) if config.selection == "boundary" else None
+        choose = _builtin_chooser(config, boundary)
     rows = torch.arange(span, device=model.device)  # span rows still selected
     h = model.embed[torch.tensor(token_ids, device=model.device)]  # [M, d]
     cos, sin = model.rotary(torch.arange(start, start + span))
@@ -129,7 +139,14 @@ def _attend_causally(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out
 
 
-def _builtin_chooser(config: BlendConfig) -> RowChooser:
+def _boundary_rows(segments: Sequence[tuple[int, int]], config: BlendConfig) -> torch.Tensor:
+    """The first boundary_tokens span rows of each segment."""
+    if not segments:
+        raise ValueError("the boundary rule needs the span's segments")
+    return torch.cat([torch.arange(start, min(end, start + config.boundary_tokens)) for start, end in segments])
+
+
+def _builtin_chooser(config: BlendConfig, boundary: torch.Tensor | None) -> RowChooser:
     generator = torch.Generator().manual_seed(config.seed)
 
     def choose(layer: int, rows: torch.Tensor, fresh: torch.Tensor, reused: torch.Tensor, count: int) -> torch.Tensor:
@@ -137,6 +154,10 @@ def _builtin_chooser(config: BlendConfig) -> RowChooser:
             return torch.randperm(len(rows), generator=generator)[:count]
         # the largest squared deviation of the values (they carry no position, so none to undo)
         deviation = (fresh.float() - reused.float()).pow(2).sum(dim=(1, 2))  # [n]
-        return torch.topk(deviation, count).indices
+        if boundary is None:
+            return torch.topk(deviation, count).indices
+        kept = torch.isin(rows, boundary.to(rows.device))
+        deviation[kept] = float("inf")  # always kept, then `count` more by deviation
+        return torch.topk(deviation, min(len(rows), int(kept.sum()) + count)).indices
 
     return choose

@@ -6,9 +6,11 @@ Modes (`reuse=` per call):
   for all of them; else a dense call whose real KV becomes new anchors.
 - `blend`: prefix, then the segments' base KV moved into place and repaired by a CacheBlend pass
   (blend.py) that recomputes the tokens deviating most.
-- `auto` (the default): exact prefix; kvcomm where the anchors vouch for every segment; dense otherwise
-  (recording anchors). No approximate mode joins `auto` until `kvmesh bench fidelity` shows it keeps dense's
-  answers: blend lost them on held-out traffic, so it runs only when asked for.
+- `auto` (the default): exact prefix; kvcomm where the anchors vouch for every segment and the template's
+  guard (reuse_guard.py) is open: audits of its own dense calls showed reuse keeping dense's reply; dense
+  otherwise (recording anchors and auditing, after the reply has started). No approximate mode joins `auto`
+  until `kvmesh bench fidelity` shows it keeps dense's answers: blend lost them on held-out traffic, so it
+  runs only when asked for.
 - `naive`: every piece's base KV moved into place, uncorrected: the baseline the others are measured
   against, for benchmarks; never a good idea in production.
 After every call the response is published as a segment (its KV from this decode, normalized), so a
@@ -18,13 +20,15 @@ engine thread only copies the KV they need.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from kvmesh.kvcomm.anchor_match import Match, MatchConfig
@@ -38,6 +42,7 @@ from .chat_frame import ChatFramer
 from .engine import validate_prompt
 from .llama import LlamaModel
 from .prompt_reuse import PromptReuse
+from .reuse_guard import GuardConfig, ReuseGuard, audit_reuse
 from .sampling import InvalidRequestError
 from .segment_base import base_alone, base_from_decode
 from .tokenizer import Tokenizer
@@ -52,6 +57,14 @@ class PromptPiece:
     text: str
     segment_id: str | None = None  # None: literal template text
     placeholder: str | None = None  # a segment's placeholder in the template (names its anchor slot)
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One message of a conversation after the system message: its role and its content as pieces."""
+
+    role: str  # user | assistant | system (as the model's chat template names them)
+    pieces: Sequence[PromptPiece]
 
 
 @dataclass
@@ -98,7 +111,11 @@ class ReusePlanner:
         store: Store | None,
         config: MatchConfig | None = None,
         blend_config: BlendConfig | None = None,
+        kvcomm_repair: BlendConfig | None = None,
+        guard: GuardConfig | None = None,
     ) -> None:
+        """kvcomm_repair: a blend pass over kvcomm-corrected KV when the anchors vouch (kvcomm+blend);
+        None: corrected KV is used as it is."""
         self.model = model
         self.tokenizer = tokenizer
         self.store = store
@@ -110,6 +127,8 @@ class ReusePlanner:
                 len(self.config.signature_layers(c.num_layers)),
             ))
         self.blend_config = blend_config or BlendConfig()
+        self.kvcomm_repair = kvcomm_repair
+        self.guard = ReuseGuard(guard or GuardConfig())
         # the chat frame a query or tool output is prefilled behind (then dropped) for its base KV: the model's
         # default one, so the segment is seen as message content, as it will be in real prompts
         user_turn = tokenizer.render_chat([{"role": "user", "content": "\x00"}], add_generation_prompt=False)
@@ -125,19 +144,24 @@ class ReusePlanner:
     def plan(self, system: str | None, pieces: list[PromptPiece], agent: str, mode: str) -> PlannedCall:
         """The call's ids (the model's chat frame around the user message's pieces, each tokenized alone)
         and how to serve them. Thread-safe: concurrent calls plan one at a time."""
+        return self.plan_conversation(system, [ChatTurn("user", pieces)], agent, mode)
+
+    def plan_conversation(self, system: str | None, turns: Sequence[ChatTurn], agent: str, mode: str) -> PlannedCall:
+        """plan() for a whole conversation: the model's chat frame around every turn's pieces, each tokenized
+        alone, the assistant's turn opened at the end. Raises InvalidRequestError / ValueError."""
         if mode not in REUSE_MODES:
             raise InvalidRequestError(f"reuse mode {mode!r} is not one of {', '.join(REUSE_MODES)}")
         started = time.perf_counter()  # before the lock: time waiting for another call's planning counts too
-        head, tail = self.framer.frame(system)
+        frames = self.framer.frames(system, [turn.role for turn in turns])
         with self._lock:
-            return self._plan(head, pieces, tail, agent, mode, started)
+            return self._plan(frames, turns, agent, mode, started)
 
     def _plan(
-        self, head: list[int], pieces: list[PromptPiece], tail: list[int], agent: str, mode: str, started: float
+        self, frames: list[list[int]], turns: Sequence[ChatTurn], agent: str, mode: str, started: float
     ) -> PlannedCall:
         stats = ReuseStats(mode="dense" if mode == "dense" else "prefix")
         reuse = PromptReuse(use_prefix_cache=mode != "dense")
-        ids, layout, segment_tokens, stored = self._layout(head, pieces, tail, agent, stats)
+        ids, layout, segment_tokens, stored, template = self._layout(frames, turns, agent, stats)
         unstored: dict[str, str] = {}  # segment id -> why the store did not keep its base KV
         validate_prompt(ids, self.model.config)  # before any base KV is computed for it
         reuse.on_finished = self._publisher(agent, len(ids))
@@ -145,6 +169,10 @@ class ReusePlanner:
             stats.serve_all(segment_tokens, "dense", f"reuse={mode!r} was asked: segments are prefilled")
         elif self.store is None:
             stats.serve_all(segment_tokens, "dense", "this worker has no KV store")
+        elif layout is not None and mode == "auto" and not (admitted := self.guard.admit(template)).reuse:
+            stats.serve_all(segment_tokens, "dense", admitted.reason)  # nothing on the critical path
+            if admitted.audit:
+                reuse.on_prefilled = self._auditor(layout, ids, segment_tokens, stored, template)
         elif layout is not None:
             try:
                 bases, unstored = self._bases(segment_tokens, stored, stats)
@@ -163,6 +191,8 @@ class ReusePlanner:
                         )
                 else:
                     self._plan_kvcomm(layout, ids, bases, reuse, stats)
+                    if stats.mode != "kvcomm" and mode == "auto":  # an open template whose anchors fell short
+                        reuse.on_prefilled = self._auditor(layout, ids, segment_tokens, stored, template)
             except StoreError as exc:  # nothing was spliced yet: the call runs dense
                 stats.serve_all(segment_tokens, "dense", self._store_failed(exc, stats))
         for key, why in unstored.items():
@@ -236,31 +266,43 @@ class ReusePlanner:
 
     # -- internals ---------------------------------------------------------------------------------
     def _layout(
-        self, head: list[int], pieces: list[PromptPiece], tail: list[int], agent: str, stats: ReuseStats
-    ) -> tuple[list[int], PromptLayout | None, dict[str, list[int]], dict[str, StoredSegment]]:
-        """Token ids part by part, the spans, each segment's token ids, and the segments the store knows."""
-        template = hashlib.sha256(repr((head, tail, [p.text for p in pieces if p.segment_id is None])).encode())
+        self, frames: list[list[int]], turns: Sequence[ChatTurn], agent: str, stats: ReuseStats
+    ) -> tuple[list[int], PromptLayout | None, dict[str, list[int]], dict[str, StoredSegment], str]:
+        """Token ids part by part, the spans, each segment's token ids, the segments the store knows, and the
+        template's key (the agent and its template text: the prefix of its slots' names)."""
+        pieces = [piece for turn in turns for piece in turn.pieces]
+        # (one user message: frames are its head and tail, the key as it always was)
+        template = hashlib.sha256(repr((*frames, [p.text for p in pieces if p.segment_id is None])).encode())
         slot_prefix = f"{agent}|{template.hexdigest()[:16]}|"
-        ids, spans = list(head), [PromptSpan(0, len(head))]
+        ids: list[int] = []
+        spans: list[PromptSpan] = []
         segment_tokens: dict[str, list[int]] = {}
         stored: dict[str, StoredSegment] = {}
-        for piece in pieces:
-            piece_ids = self.tokenizer.encode(piece.text) if piece.text else []
-            if piece.segment_id is not None and self.store is not None:
-                found = self._get_segment(piece.segment_id, stats)
-                if found is not None and self.tokenizer.decode(found.token_ids) == piece.text:
-                    piece_ids, stored[piece.segment_id] = found.token_ids, found  # the ids its KV belongs to
-            if not piece_ids:
-                continue
-            if piece.segment_id is not None:
-                segment_tokens[piece.segment_id] = piece_ids
-            slot = slot_prefix + (piece.placeholder or "") if piece.segment_id else None
-            spans.append(PromptSpan(len(ids), len(ids) + len(piece_ids), piece.segment_id, slot))
-            ids.extend(piece_ids)
-        spans.append(PromptSpan(len(ids), len(ids) + len(tail)))
-        ids.extend(tail)
+        seen: Counter[str] = Counter()  # segments per placeholder so far: a list-returning tool fills one with many
+        for frame, turn in zip(frames[:-1], turns, strict=True):  # the chat frame's text before each message
+            spans.append(PromptSpan(len(ids), len(ids) + len(frame)))
+            ids.extend(frame)
+            for piece in turn.pieces:
+                piece_ids = self.tokenizer.encode(piece.text) if piece.text else []
+                if piece.segment_id is not None and self.store is not None:
+                    found = self._get_segment(piece.segment_id, stats)
+                    if found is not None and self.tokenizer.decode(found.token_ids) == piece.text:
+                        piece_ids, stored[piece.segment_id] = found.token_ids, found  # the ids its KV belongs to
+                if not piece_ids:
+                    continue
+                if piece.segment_id is not None:
+                    segment_tokens[piece.segment_id] = piece_ids
+                slot = None
+                if piece.segment_id is not None:  # the n-th segment of a placeholder has its own pool: what comes
+                    name = piece.placeholder or ""  # before and after it (the text its anchors hold) is its own
+                    slot = slot_prefix + name + (f"#{seen[name]}" if seen[name] else "")
+                    seen[name] += 1
+                spans.append(PromptSpan(len(ids), len(ids) + len(piece_ids), piece.segment_id, slot))
+                ids.extend(piece_ids)
+        spans.append(PromptSpan(len(ids), len(ids) + len(frames[-1])))
+        ids.extend(frames[-1])
         layout = PromptLayout(_merge_texts(spans))
-        return ids, layout if layout.segments() else None, segment_tokens, stored
+        return ids, layout if layout.segments() else None, segment_tokens, stored, slot_prefix
 
     def _plan_kvcomm(
         self, layout: PromptLayout, ids: list[int], bases: dict[str, KVCache], reuse: PromptReuse, stats: ReuseStats
@@ -272,14 +314,19 @@ class ReusePlanner:
         stats.anchors_consulted = outcome.anchors_consulted
         stats.matches = {key: (m.nearest, m.entropy_bits, m.spread) for key, m in outcome.matches.items()}
         if outcome.kv is not None:
-            reuse.splice_at, reuse.splice_kv = layout.reuse_start, outcome.kv
             try:
                 mark_used(self.store, layout, outcome)
             except StoreError as exc:  # usage counts only steer eviction: the reuse stands
                 self._store_failed(exc, stats)
-            stats.mode, stats.reused_tokens = "kvcomm", outcome.kv.length
+            served = "kvcomm"
+            if self.kvcomm_repair is None:
+                reuse.splice_at, reuse.splice_kv = layout.reuse_start, outcome.kv
+                stats.mode, stats.reused_tokens = "kvcomm", outcome.kv.length
+            else:
+                self._plan_blend(layout, ids, outcome.kv, reuse, stats, self.kvcomm_repair)
+                stats.mode = served = "kvcomm+blend"
             for key in bases:
-                stats.segment_modes[key], stats.segment_reasons[key] = "kvcomm", _vouched(outcome.matches[key])
+                stats.segment_modes[key], stats.segment_reasons[key] = served, _vouched(outcome.matches[key])
             return
         for key in bases:
             stats.segment_modes[key] = "dense"
@@ -290,14 +337,22 @@ class ReusePlanner:
         reuse.on_prefilled = self._recorder(layout, bases, unvouched)
 
     def _plan_blend(
-        self, layout: PromptLayout, ids: list[int], kv: KVCache, reuse: PromptReuse, stats: ReuseStats
+        self,
+        layout: PromptLayout,
+        ids: list[int],
+        kv: KVCache,
+        reuse: PromptReuse,
+        stats: ReuseStats,
+        config: BlendConfig | None = None,
     ) -> None:
         """The span's KV as given, repaired by a CacheBlend pass once the exact prefix is in the cache."""
         span_ids = ids[layout.reuse_start : layout.reuse_end]
-        config = self.blend_config
+        config = config or self.blend_config
+        start = layout.reuse_start
+        segments = [(s.start - start, s.end - start) for s in layout.segments()]
 
         def splice(cache: KVCache) -> tuple[int, int]:
-            recomputed = blend(self.model, cache, span_ids, kv, config).recomputed_tokens
+            recomputed = blend(self.model, cache, span_ids, kv, config, segments=segments).recomputed_tokens
             stats.blend_recomputed = recomputed
             return len(span_ids), recomputed
 
@@ -316,42 +371,85 @@ class ReusePlanner:
         return texts
 
     def _bases(
-        self, segment_tokens: dict[str, list[int]], stored: dict[str, StoredSegment], stats: ReuseStats
+        self,
+        segment_tokens: dict[str, list[int]],
+        stored: dict[str, StoredSegment],
+        stats: ReuseStats,
+        store_lock: AbstractContextManager[object] | None = None,
     ) -> tuple[dict[str, KVCache], dict[str, str]]:
         """Each segment's base KV: stored (a response, or computed before), else prefilled alone now and
-        stored; and, by segment, why the store did not keep one."""
+        stored; and, by segment, why the store did not keep one. store_lock: held around the store only (the
+        background passes the planning lock; planning already holds it)."""
         assert self.store is not None
+        store_lock = store_lock or contextlib.nullcontext()
         bases: dict[str, KVCache] = {}
         unstored: dict[str, str] = {}
-        for key, token_ids in segment_tokens.items():
-            found = stored.get(key) or self._get_segment(key, stats)
-            if found is not None and found.token_ids == token_ids:
-                bases[key] = found.kv
-                continue
+        missing: dict[str, list[int]] = {}
+        with store_lock:
+            for key, token_ids in segment_tokens.items():
+                found = stored.get(key) or self._get_segment(key, stats)
+                if found is not None and found.token_ids == token_ids:
+                    bases[key] = found.kv
+                else:
+                    missing[key] = token_ids
+        for key, token_ids in missing.items():
             bases[key] = base_alone(self.model, self._user_header, token_ids)
-            why_not = self.store.put_segment(key, StoredSegment(token_ids, bases[key]))
-            if why_not is not None:
-                unstored[key] = why_not
+        with store_lock:
+            for key, token_ids in missing.items():
+                why_not = self.store.put_segment(key, StoredSegment(token_ids, bases[key]))
+                if why_not is not None:
+                    unstored[key] = why_not
         return bases, unstored
 
-    def _recorder(
-        self, layout: PromptLayout, bases: dict[str, KVCache], segment_ids: set[str]
+    def _auditor(
+        self,
+        layout: PromptLayout,
+        ids: list[int],
+        segment_tokens: dict[str, list[int]],
+        stored: dict[str, StoredSegment],
+        template: str,
     ) -> Callable[[KVCache], None]:
+        """For auto's dense calls: after the prefill (engine thread: one copy), in the background, the
+        segments' base KV, the audit of what kvcomm would have served (the template's guard hears it), and
+        anchors for the segments the anchors did not vouch for."""
         store, rope, config = self.store, self.model.config.rope, self.config
         assert store is not None
 
         def on_prefilled(cache: KVCache) -> None:
-            real = cache.slice(0, layout.reuse_end)  # a copy: the engine goes on using its cache
+            real = cache.slice(0, len(ids))  # a copy: the engine goes on using its cache
 
             def job() -> None:
-                anchors = make_anchors(layout, real, bases, rope, config, segment_ids)  # no lock: tensors only
+                bases, _ = self._bases(segment_tokens, stored, ReuseStats(), store_lock=self._lock)
                 with self._lock:
-                    for slot, anchor in anchors:
-                        store.add_anchor(slot, anchor)
+                    outcome = assemble(layout, bases, store, rope, config)
+                audit = None
+                if outcome.kv is not None:
+                    audit = audit_reuse(self.model, real, ids, layout.reuse_start, layout.reuse_end, outcome.kv)
+                self.guard.record(template, audit)
+                self._record_anchors(layout, real, bases, {key for key in bases if key in outcome.reasons})
 
             self._submit(job)
 
         return on_prefilled
+
+    def _recorder(
+        self, layout: PromptLayout, bases: dict[str, KVCache], segment_ids: set[str]
+    ) -> Callable[[KVCache], None]:
+        def on_prefilled(cache: KVCache) -> None:
+            real = cache.slice(0, layout.reuse_end)  # a copy: the engine goes on using its cache
+            self._submit(lambda: self._record_anchors(layout, real, bases, segment_ids))
+
+        return on_prefilled
+
+    def _record_anchors(
+        self, layout: PromptLayout, real: KVCache, bases: dict[str, KVCache], segment_ids: set[str]
+    ) -> None:
+        """In the background: the segments' deviations in this call's real KV, as anchors of their slots."""
+        assert self.store is not None
+        anchors = make_anchors(layout, real, bases, self.model.config.rope, self.config, segment_ids)  # no lock
+        with self._lock:
+            for slot, anchor in anchors:
+                self.store.add_anchor(slot, anchor)
 
     def _publisher(self, agent: str, prompt_length: int) -> Callable[[KVCache, list[int]], None]:
         def on_finished(cache: KVCache, output_ids: list[int]) -> None:

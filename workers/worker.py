@@ -19,6 +19,7 @@ from .engine import Engine, EngineConfig
 from .linear import WEIGHT_FORMATS, WeightFormat
 from .llama import LlamaModel
 from .model_files import DEFAULT_MODEL
+from .reuse_guard import GuardConfig
 from .reuse_planner import ReusePlanner
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -35,6 +36,8 @@ class WorkerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)  # budgets, prefix cache, speculation
     match: MatchConfig = field(default_factory=MatchConfig)  # when KVCOMM's anchors vouch for a segment
     blend: BlendConfig = field(default_factory=BlendConfig)  # CacheBlend's recompute share
+    kvcomm_repair: BlendConfig | None = None  # a blend pass over kvcomm-corrected KV (None: none)
+    guard: GuardConfig = field(default_factory=GuardConfig)  # when auto may reuse (workers/reuse_guard.py)
     warm_up: bool = True  # two short calls before serving, so the first real call is not the slow one
 
     def __post_init__(self) -> None:
@@ -79,7 +82,9 @@ def build_worker(
         engine = Engine.load(config.model, device=config.device, weight_format=config.weights, config=config.engine)
     else:
         engine = Engine(model, tokenizer, config.engine)
-    planner = ReusePlanner(engine.model, engine.tokenizer, store, config.match, config.blend)
+    planner = ReusePlanner(
+        engine.model, engine.tokenizer, store, config.match, config.blend, config.kvcomm_repair, config.guard
+    )
     if config.warm_up:
         _warm_up(engine)
     return Worker(engine, planner)

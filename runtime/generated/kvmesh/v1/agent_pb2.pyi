@@ -68,15 +68,17 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("name", "state", "calls", "last_error", "address")
+    __slots__ = ("name", "state", "calls", "last_error", "address", "waiting_runs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_RUNS_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     calls: int
     last_error: str
     address: str
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., calls: _Optional[int] = ..., last_error: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    waiting_runs: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., calls: _Optional[int] = ..., last_error: _Optional[str] = ..., address: _Optional[str] = ..., waiting_runs: _Optional[int] = ...) -> None: ...
