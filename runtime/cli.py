@@ -100,10 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(run, None)
     run.set_defaults(handler=_run)
 
-    demo = commands.add_parser("demo", help="a bundled 4-agent pipeline on SmolLM2, with a table of per-agent figures")
-    demo.add_argument("--query", default=None, help="the question (default: the demo's own)")
+    demo = commands.add_parser(
+        "demo", help="a bundled 4-agent pipeline on SmolLM2 answering three questions in one session, with tables"
+    )
+    demo.add_argument("--query", default=None, help="one question of your own (default: the demo's three)")
     _add_run_options(demo, None)
     demo.set_defaults(handler=_demo)
+
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP API (/v1/chat/completions) over the workers, until Ctrl-C"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="where the HTTP server listens (default 127.0.0.1; "
+                       "any other host requires an API key)")
+    serve.add_argument("--port", type=int, default=8000, help="its port (default 8000; 0: a free one)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: "
+                       "KVMESH_API_KEY; prefer it: a command line is visible to other users)")
+    serve.add_argument("--replicas", type=int, default=1, help="HTTP ingress replicas behind Ray Serve (default 1)")
+    serve.add_argument("--workers", type=int, default=1, help="inference worker actors (default 1)")
+    serve.add_argument(
+        "--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS, else an embedded local one)"
+    )
+    _add_model_options(serve, model_default=None)
+    serve.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads per worker (default: the node's cores shared)"
+    )
+    serve.set_defaults(handler=_serve)
 
     bench = commands.add_parser("bench", help="benchmarks (write JSON)")
     bench_kinds = bench.add_subparsers(dest="bench", required=True)
@@ -149,9 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fidelity_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
     fidelity_bench.add_argument("--quick", action="store_true", help="4 items per shape (2 per split)")
-    fidelity_bench.add_argument("--modes", default="dense,auto,kvcomm,blend", help="comma-separated; dense is required")
-    fidelity_bench.add_argument("--shapes", default="relay,retrieval,critique", help="comma-separated item shapes")
+    fidelity_bench.add_argument(
+        "--modes", default=None,
+        help="comma-separated variants, dense required (default dense,auto,kvcomm,blend; forms: "
+        "bench/fidelity_variants.py)",
+    )  # fmt: skip
+    fidelity_bench.add_argument(
+        "--shapes", default=None, help="comma-separated item shapes (default relay,retrieval,critique)"
+    )
     fidelity_bench.add_argument("--split", choices=("tune", "holdout"), default=None, help="one split (default both)")
+    fidelity_bench.add_argument(
+        "--sweep", action="store_true",
+        help="the reuse-accuracy frontier: every method of fidelity_variants.SWEEP on the tune split of relay and "
+        "retrieval (unless --modes/--shapes/--split say otherwise), plotted",
+    )  # fmt: skip
+    fidelity_bench.add_argument(
+        "--plot", default=None, help="write the frontier plot here (PNG; with --sweep, default: beside --json)"
+    )
     fidelity_bench.add_argument("--limit", type=int, default=None, help="at most N items per shape")
     fidelity_bench.add_argument("--seed", type=int, default=0, help="the items' and the bootstrap's seed")
     _add_model_options(fidelity_bench)
@@ -174,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_bench.add_argument("--concurrency", type=int, default=None, help="runs at a time (default 8; quick 4)")
     cluster_bench.add_argument("--runs", type=int, default=None, help="runs per measured block (default 16; quick 6)")
     cluster_bench.set_defaults(handler=_bench_cluster)
+
+    serve_bench = bench_kinds.add_parser(
+        "serve", help="a multi-agent app through `kvmesh serve` at 1, 8 and 32 concurrent conversations"
+    )
+    serve_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    serve_bench.add_argument("--quick", action="store_true", help="concurrency 1 and 4, short replies")
+    serve_bench.add_argument("--model", default="smollm2", help="the worker's model (default: smollm2)")
+    serve_bench.set_defaults(handler=_bench_serve)
     return parser
 
 
@@ -186,16 +229,29 @@ def _bench_engine(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .pipeline_runs import load_pipeline, run_pipeline
 
-    return run_pipeline(load_pipeline(args.file), args.query, args)
+    return run_pipeline(load_pipeline(args.file), [args.query], args)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_MAX_TOKENS, DEMO_QUERY, demo_pipeline
+    from .demo import DEMO_MAX_TOKENS, DEMO_QUESTIONS, demo_pipeline
     from .pipeline_runs import run_pipeline
 
     max_tokens = args.max_tokens or int(os.environ.get("KVMESH_DEMO_MAX_TOKENS", DEMO_MAX_TOKENS))
     args.max_tokens = None  # already applied
-    return run_pipeline(demo_pipeline(max_tokens), args.query or DEMO_QUERY, args, demo=True)
+    questions = [args.query] if args.query else list(DEMO_QUESTIONS)
+    return run_pipeline(demo_pipeline(max_tokens), questions, args, demo=True)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import run_serve
+
+    return run_serve(args)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from kvmesh.bench.serve_bench import run_serve_bench
+
+    return run_serve_bench(args)
 
 
 def _bench_blend(args: argparse.Namespace) -> int:

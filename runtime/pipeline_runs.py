@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import runpy
-import signal
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from kvmesh.agents import Pipeline, PipelineError
 from kvmesh.agents.errors import check_text
 
 from .config import RuntimeConfig
-from .progress import Progress, result_table
+from .progress import Progress, cell, result_table
 from .results import PipelineResult
 
 
@@ -43,35 +43,68 @@ def load_pipeline(path: str) -> Pipeline:
     return pipeline
 
 
-def run_pipeline(pipeline: Pipeline, query: str, args: argparse.Namespace, demo: bool = False) -> int:
+def run_pipeline(pipeline: Pipeline, queries: Sequence[str], args: argparse.Namespace, demo: bool = False) -> int:
+    """Run the pipeline once per query, in one session (so later runs find what earlier ones computed):
+    live progress, then the outputs and the agents' table of the last run, and for several runs a line each
+    with how much of the prompts the runs reused."""
     from .driver import Session
 
-    check_text(query, "--query")  # now, not after the workers have started
+    for query in queries:
+        check_text(query, "--query")  # now, not after the workers have started
     if args.max_tokens is not None:
         pipeline = pipeline.with_agent_options(max_tokens=args.max_tokens)
     config = session_config(args)
-    worker = config.worker
     started = time.perf_counter()
-    print(f"kvmesh: starting {args.workers} worker(s) ({worker.model}) …", file=sys.stderr, flush=True)
-    on_sigterm = signal.getsignal(signal.SIGTERM)  # the CLI's: it cancels the run and closes the session
+    print(f"kvmesh: starting {args.workers} worker(s) ({config.worker.model}) …", file=sys.stderr, flush=True)
+    results: list[PipelineResult] = []
     with Session(workers=args.workers, address=args.address, config=config) as session:
-        signal.signal(signal.SIGTERM, on_sigterm or signal.SIG_DFL)  # Ray put in its own (a C++ stack dump)
         ready = time.perf_counter() - started
         where = "embedded local Ray" if session.cluster.embedded else f"Ray at {session.cluster.address}"
         print(
             f"kvmesh: {where}, ready in {ready:.1f} s, {session.worker_threads} thread(s) per worker; "
-            f"running {pipeline.name!r}",
+            f"running {pipeline.name!r}" + (f" on {len(queries)} questions" if len(queries) > 1 else ""),
             file=sys.stderr,
             flush=True,
         )
         progress = Progress(sys.stderr, show_tokens=args.tokens)
-        with session.ctrl_c_cancels():
-            result = progress.follow(session.stream(pipeline, query, timeout_s=args.timeout))
-    _print_result(pipeline, query, result, demo)
-    print(f"\nstart-up {ready:.1f} s, run {result.wall_s:.1f} s, total {time.perf_counter() - started:.1f} s")
+        for number, query in enumerate(queries, 1):
+            if len(queries) > 1:
+                print(f"kvmesh: run {number}/{len(queries)}: {query}", file=sys.stderr, flush=True)
+            with session.ctrl_c_cancels():
+                results.append(progress.follow(session.stream(pipeline, query, timeout_s=args.timeout)))
+    for query, result in zip(queries[:-1], results[:-1], strict=False):
+        last = _last_agent(result)
+        print(f"\n{pipeline.name}: {query}\n── {last} ──\n{result.outputs[last].strip()}")
+    _print_result(pipeline, queries[-1], results[-1], demo)
+    if len(results) > 1:
+        print("\n" + runs_table(queries, results))
+    wall = sum(result.wall_s for result in results)
+    print(f"\nstart-up {ready:.1f} s, runs {wall:.1f} s, total {time.perf_counter() - started:.1f} s")
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result_json(pipeline, query, result), indent=2))
+        runs = [result_json(pipeline, query, result) for query, result in zip(queries, results, strict=True)]
+        Path(args.json_path).write_text(json.dumps(runs[0] if len(runs) == 1 else {"runs": runs}, indent=2))
     return 0
+
+
+def runs_table(queries: Sequence[str], results: Sequence[PipelineResult]) -> str:
+    """A line per run: how much of its prompts came from the prefix cache and from other agents' KV, and
+    its agents' mean TTFT, so reuse can be watched growing over the runs of one session."""
+    header = f"{'run':>3}  {'question':<52} {'prompt':>6} {'cached':>7} {'reused':>7} {'TTFT s':>7} {'wall s':>6}"
+    rows = [header, "-" * len(header)]
+    for number, (query, result) in enumerate(zip(queries, results, strict=True), 1):
+        calls = result.calls
+        prompt = sum(c.prompt_tokens for c in calls) or 1
+        cached, reused = sum(c.cached_tokens for c in calls), sum(c.reused_tokens for c in calls)
+        ttft = sum(c.ttft_s for c in calls) / max(len(calls), 1)
+        rows.append(
+            f"{number:>3}  {cell(query, 52):<52} {prompt:>6} {cached / prompt:>7.0%} {reused / prompt:>7.0%} "
+            f"{ttft:>7.2f} {result.wall_s:>6.1f}"
+        )
+    return "\n".join(rows)
+
+
+def _last_agent(result: PipelineResult) -> str:
+    return list(result.outputs)[-1]
 
 
 def session_config(args: argparse.Namespace) -> RuntimeConfig:
@@ -97,7 +130,8 @@ def _print_result(pipeline: Pipeline, query: str, result: PipelineResult, demo: 
     print(
         f"\nreuse: of {prompt} prompt tokens, {cached} ({cached / max(prompt, 1):.0%}) came from the exact prefix "
         f"cache and {reused} ({reused / max(prompt, 1):.0%}) from other agents' KV (KVCOMM, {kvcomm} of "
-        f"{len(result.calls)} calls); KVCOMM learns from dense calls, so reuse grows over repeated runs"
+        f"{len(result.calls)} calls); auto reuses other agents' KV once audits of its dense calls show it keeps "
+        "their answers (each call's segment_reasons say what held it back)"
     )
 
 

@@ -90,7 +90,7 @@ class Progress:
         self.out.flush()
 
 
-def _cell(text: str, width: int) -> str:
+def cell(text: str, width: int) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
@@ -103,7 +103,7 @@ def result_table(result: PipelineResult, output_width: int = 52) -> str:
     for name, stats in result.stats.items():
         text = next((h[name] for h in reversed(result.history) if name in h), "")
         rows.append(
-            f"{_cell(name, 14):<14} {_cell(text, output_width):<{output_width}} {stats.ttft_s:>7.2f} "
+            f"{cell(name, 14):<14} {cell(text, output_width):<{output_width}} {stats.ttft_s:>7.2f} "
             f"{stats.decode_tok_s:>6.1f} {stats.prompt_tokens:>6} {stats.cached_tokens:>6} {stats.reused_tokens:>6} "
             f"{stats.calls:>5} "
             f"{stats.wall_s:>6.2f}"

@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from cli_child import start_cli
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,23 +85,9 @@ _UNBLOCKED = (
 
 
 def test_sigterm_cancels_the_run_closes_the_session_and_exits_143():
-    process = subprocess.Popen(
-        [sys.executable, "-c", _UNBLOCKED, "run", "examples/debate.py", "--query", "Is tea better than coffee?"],
-        cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env=os.environ | {"RAY_ADDRESS": ""},  # its own embedded Ray
-    )  # fmt: skip
-    lines: list[str] = []
-    started = threading.Event()
-
-    def read() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-            if line.startswith("round 0:"):
-                started.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    args = ["run", "examples/debate.py", "--query", "Is tea better than coffee?"]
+    child = start_cli(_UNBLOCKED, args, env=os.environ | {"RAY_ADDRESS": ""})  # its own embedded Ray
+    process, lines, started, reader = child.process, child.lines, child.started, child.reader
     assert started.wait(180), "".join(lines)
     process.send_signal(signal.SIGTERM)
     try:

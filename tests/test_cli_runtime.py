@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import ray
+from cli_child import start_cli
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,21 +46,29 @@ def test_run_a_pipeline_file_on_an_existing_cluster_with_progress_and_json(ray_c
     assert all(0 < c["output_tokens"] <= 8 and c["ttft_s"] > 0 for c in report["calls"])
 
 
-def test_demo_runs_four_agents_on_embedded_ray_and_prints_the_table(tmp_path):
+def test_demo_runs_three_questions_in_one_session_and_shows_reuse_growing(tmp_path):
     out = tmp_path / "demo.json"
     env = {"KVMESH_DEMO_MAX_TOKENS": "8", "RAY_ADDRESS": ""}  # its own embedded cluster
     result = kvmesh("demo", "--json", str(out), **env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "embedded local Ray" in result.stderr
+    assert "embedded local Ray" in result.stderr and "run 3/3" in result.stderr
     table = result.stdout[result.stdout.index("TTFT s") :]
     for agent in ("planner", "advocate", "critic", "judge"):
         assert agent in table
-    report = json.loads(out.read_text())
-    calls = {c["agent"]: c for c in report["calls"]}
-    assert all(0 < c["output_tokens"] <= 8 for c in calls.values())
-    # all prompts open with the same system prompt and question: later agents find it in the prefix cache
-    assert calls["planner"]["cached_tokens"] == 0 and calls["judge"]["cached_tokens"] >= 32
-    assert "prefix cache" in result.stdout
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) == 3
+    for run in runs:
+        assert all(0 < c["output_tokens"] <= 8 for c in run["calls"])
+    share = [sum(c["cached_tokens"] for c in run["calls"]) / sum(c["prompt_tokens"] for c in run["calls"])
+             for run in runs]
+    first = {c["agent"]: c for c in runs[0]["calls"]}
+    # run 1: the planner computes the brief and question, the others find them; from run 2 on, the brief
+    # itself is in the prefix cache for every agent: the cached share grows
+    assert first["planner"]["cached_tokens"] < first["judge"]["cached_tokens"]
+    assert share[1] > share[0] and share[2] > share[0], share
+    later = {c["agent"]: c for c in runs[1]["calls"]}
+    assert later["planner"]["cached_tokens"] > first["planner"]["cached_tokens"] + 100  # the brief, now cached
+    assert "cached" in result.stdout and "prefix cache" in result.stdout
 
 
 def test_a_bad_pipeline_file_is_refused_with_what_it_must_define(tmp_path):
@@ -88,22 +96,9 @@ def _signal_state(pid: int) -> str:
 
 def test_ctrl_c_cancels_the_run_and_releases_its_actors(ray_cluster):
     before = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-    process = subprocess.Popen(
-        [sys.executable, "-c", _AS_FROM_A_TERMINAL, "run", "examples/debate.py", "--query",
-         "Is tea better than coffee?", "--address", ray_cluster.address],
-        cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    lines: list[str] = []
-    started = threading.Event()
-
-    def read() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-            if line.startswith("round 0:"):
-                started.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    args = ["run", "examples/debate.py", "--query", "Is tea better than coffee?", "--address", ray_cluster.address]
+    child = start_cli(_AS_FROM_A_TERMINAL, args)
+    process, lines, started = child.process, child.lines, child.started
     assert started.wait(120), "".join(lines)
     time.sleep(0.5)  # the debaters are generating now
     during = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)} - before

@@ -3,12 +3,14 @@ health checking and reflection through the standard clients. Real servers on loo
 
 from __future__ import annotations
 
+import queue
 import shutil
 import subprocess
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from kvmesh.runtime.agent_actor import AGENT_SERVICE
@@ -133,3 +135,29 @@ def test_config_errors_name_the_setting():
         RuntimeConfig(call_deadline_s=0)
     with pytest.raises(ConfigError, match="max_message_bytes"):
         RuntimeConfig(max_message_bytes=10)
+
+
+def test_a_server_refuses_calls_beyond_its_concurrency_bound_and_takes_them_again_after(serve):
+    config = RuntimeConfig(token=TOKEN, server_threads=2, max_concurrent_rpcs=3)
+    server = serve(config)
+    with open_channel(server.address, config) as channel:
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        feeds = [queue.Queue() for _ in range(3)]
+
+        def requests(feed: queue.Queue):  # a stream the client keeps open: its handler holds a thread
+            while (item := feed.get()) is not None:
+                yield item
+
+        streams = [reflection.ServerReflectionInfo(requests(feed), timeout=30) for feed in feeds]
+        for feed in feeds:
+            feed.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+        for stream in streams[:2]:  # two run on the two threads; the third waits for one: 3 of 3 places held
+            assert next(stream).list_services_response.service
+        with pytest.raises(grpc.RpcError) as refused:
+            status(channel)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for feed in feeds:
+            feed.put(None)
+        for stream in streams:
+            list(stream)
+        assert status(channel).name == "driver"

@@ -136,3 +136,13 @@ def test_a_second_ray_driver_cannot_join_the_embedded_cluster(runtime_session):
         )
         assert done.returncode != 0 and "joined" not in done.stdout, (env, done.stdout, done.stderr[-2000:])
 
+
+
+def test_an_agents_inbox_holds_at_most_its_bound_of_runs_that_never_start(runtime_session, addresses):
+    """OUTPUTs of runs whose START never comes (a driver gone mid-run) would pile up: the oldest go."""
+    with open_channel(addresses["agent echo"], runtime_session.config) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        for n in range(1024 + 60):  # the default bound is 1024 waiting runs
+            stub.Deliver(agent_pb2.Message(kind=Kind.OUTPUT, run_id=f"orphan-{n}", source="nobody"))
+        assert stub.Status(agent_pb2.StatusRequest()).waiting_runs == 1024
+    assert runtime_session.run(PIPELINE, "still answering").outputs["echo"]  # the agent works on

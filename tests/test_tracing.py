@@ -158,3 +158,18 @@ def test_a_failed_or_abandoned_chat_stream_ends_its_span_saying_so():
     assert [name for name, _ in failed.events] == ["exception"]
     assert failed.events[0][1]["exception.message"] == "engine fault"
     assert abandoned.status == "UNSET" and abandoned.attributes["gen_ai.response.finish_reasons"] == ["cancelled"]
+
+
+def test_the_memory_exporter_keeps_the_newest_spans_only():
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from kvmesh.runtime.tracing import _RecentSpans
+
+    recent = _RecentSpans(limit=3)
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(recent))
+    for n in range(5):
+        provider.get_tracer("t").start_span(f"s{n}").end()
+    assert [span.name for span in recent.take(clear=True)] == ["s2", "s3", "s4"] and recent.dropped == 2
+    assert recent.take(clear=False) == []
