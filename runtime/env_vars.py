@@ -19,6 +19,7 @@ ENV_VARS: dict[str, str] = {
     "KVMESH_MAX_MESSAGE_MB": "gRPC message size limit in MB (default 16)",
     # shared KV and tracing (RuntimeConfig)
     "KVMESH_REDIS_URL": "redis://host:6379/0 shared by the workers; unset: a private local redis-server; 'memory'",
+    "KVMESH_API_KEY": "bearer key every /v1/ request to `kvmesh serve` must carry; required off loopback",
     "KVMESH_STORE_SECRET": "HMAC key of the KV records workers keep in Redis; unset: derived from KVMESH_TOKEN",
     "KVMESH_TRACE": "off, or exporters among console, otlp, memory (OTLP reads the standard OTEL_* variables)",
     # placement (RuntimeConfig.worker_placement / agent_placement, see placement.py)
