@@ -34,6 +34,7 @@ from kvmesh.workers.engine import Engine
 from kvmesh.workers.forward_batch import ForwardBatch, SequenceChunk
 from kvmesh.workers.llama import LlamaModel
 from kvmesh.workers.reuse_planner import ReusePlanner
+from kvmesh.workers.span_reads import span_reads
 from kvmesh.workers.tokenizer import Tokenizer
 
 from .blend_bench import WORKLOADS, _pieces
@@ -113,32 +114,10 @@ def _true_deviation(item: Item) -> torch.Tensor:
 
 
 def _question_reads(model: LlamaModel, item: Item) -> torch.Tensor:
-    """[M] the question's attention mass on each span row (summed over heads, its tokens and layers 1..L-1,
-    each layer normalized), with the question prefilled over the naive KV."""
-    span, start = item.placed.length, item.start
-    cache = item.dense.slice(0, start)
+    """[M] the question's attention on each span row, with the question prefilled over the naive KV."""
+    cache = item.dense.slice(0, item.start)
     cache.append(item.placed)
-    rest, first = item.ids[start + span :], start + span
-    cache.reserve(len(rest))
-    device = model.device
-    h = model.embed[torch.tensor(rest, device=device)]  # [n, d]
-    cos, sin = model.rotary(torch.arange(first, first + len(rest)))
-    every, own = torch.arange(first + len(rest), device=device), torch.arange(first, first + len(rest), device=device)
-    visible = every[None, :] <= own[:, None]  # [n, T]
-    mass = torch.zeros(span, device=device)
-    for layer in range(model.config.num_layers):
-        q, k, v = model.project_qkv(layer, h, cos, sin)  # q [n, Hq, D], k/v [n, Hkv, D]
-        cache.write(layer, first, k.transpose(0, 1), v.transpose(0, 1))
-        keys, values = cache.layer(layer, first + len(rest))  # [Hkv, T, D]
-        group = q.shape[1] // keys.shape[0]
-        scores = torch.einsum("nhd,htd->hnt", q, keys.repeat_interleave(group, 0)) * q.shape[-1] ** -0.5
-        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)  # [Hq, n, T]
-        if layer:
-            read = weights[:, :, start:first].sum(dim=(0, 1))
-            mass += read / read.sum()
-        out = torch.einsum("hnt,htd->nhd", weights, values.repeat_interleave(group, 0))
-        h = model.finish_layer(layer, h, out.reshape(len(rest), -1))
-    return mass
+    return span_reads(model, cache, item.start, item.ids[item.start + item.placed.length :])
 
 
 def _forced(rows: torch.Tensor) -> RowChooser:

@@ -9,7 +9,8 @@ are the same:
   the whole segment, no distance bound, no spread amendment;
 - `kvcomm_any`: kvcomm vouching whenever two anchors cover a segment (no distance, entropy or spread test);
 - `blend_<P>`: blend recomputing P% of the span by deviation; `blend_b<K>` / `blend_b<K>_<P>`: the first K
-  tokens of every segment, plus P% of the rest by deviation;
+  tokens of every segment, plus P% of the rest by deviation; `blend_q<P>`: the P% of the span the question
+  (the prompt's tokens after it) reads most over the reused KV;
 - `<kvcomm variant>+blend_<P>` (or `+blend_b<K>[_<P>]`): kvcomm's corrected KV, then that blend pass on top.
 """
 
@@ -27,11 +28,11 @@ MODES = ("dense", "auto", "kvcomm", "blend", "prefix")
 # the frontier sweep: every method the issue names, a few settings each (dense is always first)
 SWEEP = (
     "dense", "kvcomm", "kvcomm_d1", "kvcomm_d2", "kvcomm_ref", "kvcomm_any",
-    "blend_15", "blend_30", "blend_50", "blend_b16", "blend_b16_15",
+    "blend_15", "blend_30", "blend_50", "blend_b16", "blend_b16_15", "blend_q15", "blend_q30",
     "kvcomm_any+blend_15", "kvcomm_any+blend_b16",
 )  # fmt: skip
 _KVCOMM = re.compile(r"kvcomm(_d(?P<distance>\d+(\.\d+)?)|_(?P<rule>ref|any))?$")
-_BLEND = re.compile(r"blend(_(?P<share>\d+)|_b(?P<boundary>\d+)(_(?P<extra>\d+))?)?$")
+_BLEND = re.compile(r"blend(_(?P<share>\d+)|_b(?P<boundary>\d+)(_(?P<extra>\d+))?|_q(?P<question>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,13 @@ def _blend(name: str) -> BlendConfig | None:
     if found["boundary"] is not None:
         extra = int(found["extra"]) / 100 if found["extra"] else 0.0
         return BlendConfig(share=extra, selection="boundary", boundary_tokens=int(found["boundary"]))
+    if found["question"] is not None:
+        return BlendConfig(share=int(found["question"]) / 100, selection="question")
     return BlendConfig()
 
 
 def _unknown(name: str) -> str:
     return (
         f"unknown variant {name!r}: use a mode ({', '.join(MODES)}), kvcomm_d<X>, kvcomm_ref, kvcomm_any, "
-        "blend_<P>, blend_b<K>[_<P>], or <kvcomm variant>+<blend variant> (bench/fidelity_variants.py)"
+        "blend_<P>, blend_b<K>[_<P>], blend_q<P>, or <kvcomm variant>+<blend variant> (bench/fidelity_variants.py)"
     )

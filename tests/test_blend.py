@@ -9,6 +9,7 @@ from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.workers.blend import BlendConfig, _attend_causally, blend
 from kvmesh.workers.forward_batch import ForwardBatch
 from kvmesh.workers.segment_base import base_alone
+from kvmesh.workers.span_reads import span_reads
 
 pytestmark = pytest.mark.slow
 
@@ -166,3 +167,42 @@ def test_the_boundary_rule_recomputes_the_first_tokens_of_every_segment(model, t
     assert with_share.recomputed_tokens == 4 * len(docs) + round(0.2 * reused.length)  # and 20% more by deviation
     with pytest.raises(ValueError, match="segments"):
         blend(model, prefilled(model, prefix), [t for d in docs for t in d], reused.clone(), config)
+
+
+def test_the_question_rule_recomputes_the_rows_the_question_reads_most(model, tokenizer, prompt):
+    prefix, docs, suffix = prompt
+    reused = reused_span(model, tokenizer, prefix, docs)
+    span = [t for d in docs for t in d]
+    over_reused = prefilled(model, prefix)
+    over_reused.append(reused.clone())
+    reads = span_reads(model, over_reused, len(prefix), suffix)
+    assert over_reused.length == len(prefix) + len(span)  # the question's KV went to scratch slots only
+    assert reads.shape == (len(span),) and (reads >= 0).all()
+    # each layer 1..L-1 spreads a mass of 1 over the span
+    torch.testing.assert_close(reads.sum(), torch.tensor(model.config.num_layers - 1.0), atol=1e-3, rtol=0)
+    top = set(torch.topk(reads, round(0.3 * len(span))).indices.tolist())
+
+    cache = prefilled(model, prefix)
+    config = BlendConfig(share=0.3, selection="question")
+    stats = blend(model, cache, span, reused.clone(), config, readers=suffix)
+    assert stats.recomputed_tokens == len(top)
+    changed = {
+        row for row in range(len(span))
+        if not torch.equal(cache.keys[5, :, len(prefix) + row], reused.keys[5, :, row])
+    }  # fmt: skip
+    assert changed == top  # exactly the rows the question read most were recomputed
+    with pytest.raises(ValueError, match="readers"):
+        blend(model, prefilled(model, prefix), span, reused.clone(), config)
+
+
+def test_the_question_rule_recomputing_everything_is_dense_prefill(model, tokenizer, prompt):
+    prefix, docs, suffix = prompt
+    ids = prefix + [t for doc in docs for t in doc] + suffix
+    dense = model.new_cache()
+    dense_logits = model.forward(ForwardBatch.single(dense, ids))[-1]
+    cache = prefilled(model, prefix)
+    span = [t for d in docs for t in d]
+    blend(model, cache, span, reused_span(model, tokenizer, prefix, docs), BlendConfig(1.0, selection="question"),
+          readers=suffix)  # fmt: skip
+    logits = model.forward(ForwardBatch.single(cache, suffix))[-1]  # overwrites the scratch slots
+    torch.testing.assert_close(logits, dense_logits, atol=1e-4, rtol=0)

@@ -193,12 +193,13 @@ def test_variant_names_say_what_they_run():
     assert variant("kvcomm_d0.75").match == MatchConfig(max_distance=0.75)
     boundary = variant("blend_b16_15").blend
     assert boundary == BlendConfig(share=0.15, selection="boundary", boundary_tokens=16)
+    assert variant("blend_q30").blend == BlendConfig(share=0.3, selection="question")
     combined = variant("kvcomm_any+blend_30")
     assert combined.mode == "kvcomm" and combined.kvcomm_repair == BlendConfig(share=0.3)
     settings = combined.worker(WorkerConfig(warm_up=False))
     assert settings.kvcomm_repair == BlendConfig(share=0.3) and settings.match.max_distance == math.inf
     for name in SWEEP:
         assert variant(name).name == name
-    for bad in ("kvcomm_x", "blend_", "blend_30+kvcomm", "dense+blend_15"):
+    for bad in ("kvcomm_x", "blend_", "blend_q", "blend_30+kvcomm", "dense+blend_15"):
         with pytest.raises(ValueError, match="unknown variant"):
             variant(bad)

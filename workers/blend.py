@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from kvmesh.kvcomm.kv_cache import KVCache
 
 from .llama import LlamaModel
+from .span_reads import span_reads
 
+SELECTIONS = ("deviation", "random", "boundary", "question")
 _BLOCK_ROWS = 64  # fewer rows per SDPA call cost more in call overhead than the skipped keys save
 _MAX_BLOCKS = 4
 
@@ -34,16 +36,17 @@ class BlendConfig:
     schedule: tuple[tuple[int, float], ...] = ()
     # deviation: the rows whose values deviate most; random: the control for it; boundary: the first
     # `boundary_tokens` rows of every segment (each was computed as if it opened the prompt: they carry the
-    # attention-sink role there), and `share` of the rest by deviation
-    selection: Literal["deviation", "random", "boundary"] = "deviation"
+    # attention-sink role there), and `share` of the rest by deviation; question: the rows the tokens after
+    # the span (the question, the template's tail) read most over the reused KV (span_reads.py)
+    selection: Literal["deviation", "random", "boundary", "question"] = "deviation"
     boundary_tokens: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.share <= 1:
             raise ValueError(f"blend share must be in [0, 1], got {self.share}")
-        if self.selection not in ("deviation", "random", "boundary"):
-            raise ValueError(f"selection must be 'deviation', 'random' or 'boundary', got {self.selection!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if self.boundary_tokens < 1:
             raise ValueError(f"boundary_tokens must be >= 1, got {self.boundary_tokens}")
         layers = [layer for layer, _ in self.schedule]
@@ -82,10 +85,12 @@ def blend(
     config: BlendConfig,
     choose: RowChooser | None = None,
     segments: Sequence[tuple[int, int]] = (),
+    readers: Sequence[int] = (),
 ) -> BlendStats:
     """cache holds the exact prefix [0, s); reused: the span's KV at positions s.. . Extends cache in place.
     choose: which rows stay selected at a check (default: config.selection's rule); segments: the span's
-    segments as span rows [a, b) (the boundary rule keeps the first rows of each)."""
+    segments as span rows [a, b) (the boundary rule keeps the first rows of each); readers: the prompt's
+    tokens after the span (the question rule keeps the rows they read most)."""
     start, span = cache.length, len(token_ids)
     if reused.length != span:
         raise ValueError(f"reused KV has {reused.length} tokens for a span of {span}")
@@ -94,7 +99,8 @@ def blend(
     checks = config.checks()
     if choose is None:
         boundary = _boundary_rows(segments, config) if config.selection == "boundary" else None
-        choose = _builtin_chooser(config, boundary)
+        reads = _question_reads(model, cache, start, readers) if config.selection == "question" else None
+        choose = _builtin_chooser(config, boundary, reads)
     rows = torch.arange(span, device=model.device)  # span rows still selected
     h = model.embed[torch.tensor(token_ids, device=model.device)]  # [M, d]
     cos, sin = model.rotary(torch.arange(start, start + span))
@@ -146,12 +152,21 @@ def _boundary_rows(segments: Sequence[tuple[int, int]], config: BlendConfig) -> 
     return torch.cat([torch.arange(start, min(end, start + config.boundary_tokens)) for start, end in segments])
 
 
-def _builtin_chooser(config: BlendConfig, boundary: torch.Tensor | None) -> RowChooser:
+def _question_reads(model: LlamaModel, cache: KVCache, start: int, readers: Sequence[int]) -> torch.Tensor:
+    if not readers:
+        raise ValueError("the question rule needs the tokens after the span (readers)")
+    return span_reads(model, cache, start, readers)
+
+
+def _builtin_chooser(config: BlendConfig, boundary: torch.Tensor | None, reads: torch.Tensor | None) -> RowChooser:
+    """boundary: span rows always kept (boundary rule); reads: [M] each span row's score (question rule)."""
     generator = torch.Generator().manual_seed(config.seed)
 
     def choose(layer: int, rows: torch.Tensor, fresh: torch.Tensor, reused: torch.Tensor, count: int) -> torch.Tensor:
         if config.selection == "random":
             return torch.randperm(len(rows), generator=generator)[:count]
+        if reads is not None:
+            return torch.topk(reads[rows.to(reads.device)], count).indices
         # the largest squared deviation of the values (they carry no position, so none to undo)
         deviation = (fresh.float() - reused.float()).pow(2).sum(dim=(1, 2))  # [n]
         if boundary is None:

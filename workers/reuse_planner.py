@@ -352,9 +352,11 @@ class ReusePlanner:
         segments = [(s.start - start, s.end - start) for s in layout.segments()]
 
         def splice(cache: KVCache) -> tuple[int, int]:
-            recomputed = blend(self.model, cache, span_ids, kv, config, segments=segments).recomputed_tokens
-            stats.blend_recomputed = recomputed
-            return len(span_ids), recomputed
+            readers = ids[layout.reuse_end :]
+            stats.blend_recomputed = blend(
+                self.model, cache, span_ids, kv, config, segments=segments, readers=readers
+            ).recomputed_tokens
+            return len(span_ids), stats.blend_recomputed
 
         reuse.splice_at, reuse.splice_fn = layout.reuse_start, splice
         stats.mode, stats.reused_tokens = "blend", kv.length
