@@ -14,6 +14,7 @@ import ipaddress
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,11 @@ from kvmesh.kvcomm.record_seal import check_secret
 from kvmesh.kvcomm.redis_store import redact_url
 from kvmesh.kvcomm.store import PoolConfig
 from kvmesh.workers.worker import WorkerConfig
+
+
+class InsecureTransportWarning(UserWarning):
+    """A secret or user data would cross the network unencrypted."""
+
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 TRACE_EXPORTERS = ("console", "otlp", "memory")  # KVMESH_TRACE: "off", or one or more of these, comma-separated
@@ -178,6 +184,13 @@ class RuntimeConfig:
             raise ConfigError(
                 f"binding gRPC servers to {self.host!r} (not loopback) requires a shared token: "
                 "set KVMESH_TOKEN (or RuntimeConfig.token) on every node; add TLS with KVMESH_TLS_CERT/KEY/CA"
+            )
+        if not is_loopback(self.host) and not self.tls_cert:
+            warnings.warn(
+                f"gRPC servers bind {self.host!r} (not loopback) without TLS: the session token and every message "
+                "cross the network in clear; set KVMESH_TLS_CERT/KEY/CA to encrypt them",
+                InsecureTransportWarning,
+                stacklevel=3,
             )
         if self.token is not None and (not self.token.isprintable() or not self.token.strip()):
             raise ConfigError("RuntimeConfig.token must be non-empty printable text (it travels in gRPC metadata)")

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from kvmesh.runtime.agent_actor import AGENT_SERVICE
-from kvmesh.runtime.config import ConfigError, RuntimeConfig
+from kvmesh.runtime.config import ConfigError, InsecureTransportWarning, RuntimeConfig
 from kvmesh.runtime.driver_sink import DriverSink
 from kvmesh.runtime.errors import MessageTooLargeError
 from kvmesh.runtime.grpc_client import describe_rpc_error, open_channel
@@ -81,7 +81,8 @@ def test_reflection_lists_the_services_to_the_standard_client(serve):
 def test_binding_off_loopback_requires_a_token(serve):
     with pytest.raises(ConfigError, match="requires a shared token"):
         RuntimeConfig(host="0.0.0.0")
-    config = RuntimeConfig(host="0.0.0.0", token=TOKEN)
+    with pytest.warns(InsecureTransportWarning, match="without TLS: the session token and every message"):
+        config = RuntimeConfig(host="0.0.0.0", token=TOKEN)
     server = serve(config)
     assert not server.address.startswith(("0.0.0.0", "127."))  # an address others can dial
     with open_channel(server.address, config) as channel:
