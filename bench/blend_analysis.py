@@ -37,7 +37,7 @@ from kvmesh.workers.reuse_planner import ReusePlanner
 from kvmesh.workers.span_reads import span_reads
 from kvmesh.workers.tokenizer import Tokenizer
 
-from .blend_bench import WORKLOADS, _pieces
+from .blend_bench import WORKLOADS, item_pieces
 from .kv_fidelity import continuation, next_token_kl
 
 SHARE = 0.15
@@ -63,7 +63,7 @@ def _items(model: LlamaModel, tokenizer: Tokenizer, count: int) -> Iterator[Item
     planner.prefill_segments([(segment_id("doc", text), text) for text in texts.values()])
     try:
         for item in workload["items"][:count]:
-            pieces = _pieces(workload, item, texts)
+            pieces = item_pieces(workload, item, texts)
             planned = planner.plan(workload.get("system"), pieces, "reader", "naive")
             ids, start, placed = planned.token_ids, planned.reuse.splice_at, planned.reuse.splice_kv
             assert start is not None and placed is not None

@@ -26,7 +26,7 @@ from kvmesh.workers.reuse_planner import PromptPiece
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.worker import WorkerConfig, build_worker
 
-from .engine_bench import _log, _machine_info
+from .bench_common import log, machine_info
 from .inprocess_worker import InProcessWorker
 from .json_report import save_json
 from .kv_fidelity import compare, continuation, summarize
@@ -45,7 +45,8 @@ MODES: dict[str, tuple[str, BlendConfig | None]] = {
 }
 
 
-def _pieces(workload: Json, item: Json, texts: dict[str, str]) -> list[PromptPiece]:
+def item_pieces(workload: Json, item: Json, texts: dict[str, str]) -> list[PromptPiece]:
+    """An item's prompt: each retrieved chunk, a segment, inside the workload's chunk template; then the question."""
     head, _, tail = workload["chunk_template"].partition("{chunk}")
     pieces: list[PromptPiece] = []
     for index, chunk in enumerate(item["chunks"], 1):
@@ -69,7 +70,7 @@ def run_blend_bench(args: argparse.Namespace) -> int:
     for name, (_, config) in modes.items():
         settings = WorkerConfig(blend=config, warm_up=False)
         worker = build_worker(settings, MemoryStore(), model=model, tokenizer=tokenizer)
-        _log(f"{name}: prefilling {worker.planner.prefill_segments(segments)} chunks alone")
+        log(f"{name}: prefilling {worker.planner.prefill_segments(segments)} chunks alone")
         workers[name] = InProcessWorker(worker)
     ttft: dict[str, list[float]] = {name: [] for name in modes}
     fidelity: dict[str, list[Json]] = {name: [] for name in modes if name != "dense"}
@@ -77,8 +78,8 @@ def run_blend_bench(args: argparse.Namespace) -> int:
     served = dict.fromkeys(modes, 0)
     recomputed: dict[str, list[float]] = {name: [] for name in modes}
     for index, item in enumerate(items):
-        _log(f"item {index + 1}/{len(items)}")
-        pieces = _pieces(workload, item, texts)
+        log(f"item {index + 1}/{len(items)}")
+        pieces = item_pieces(workload, item, texts)
         reference = None
         for name, (mode, _) in modes.items():
             call = workers[name].call("reader", workload.get("system"), pieces, mode, SamplingParams(max_tokens=1),
@@ -98,10 +99,10 @@ def run_blend_bench(args: argparse.Namespace) -> int:
     for worker in workers.values():
         worker.planner.close()
     results = _results(modes, items, ttft, fidelity, correct, served, recomputed, model.config.num_layers)
-    results |= {"workload": workload["name"], "machine": _machine_info(model.device),
+    results |= {"workload": workload["name"], "machine": machine_info(model.device),
                 "wall_s": time.perf_counter() - started}
     _print(results)
-    save_json(args.json_path, results, _log)
+    save_json(args.json_path, results, log)
     return 0
 
 

@@ -50,7 +50,19 @@ from kvmesh.workers.model_files import RawModel, load_raw_model
 from kvmesh.workers.sampling import SamplingParams
 
 from . import engine_bench, floors
-from .engine_bench import _TEXT, _all_logits, _log, _logits_distance, _random_ids
+from .bench_common import (
+    SAMPLE_TEXT,
+    Setup,
+    all_logits,
+    batch_decode_step,
+    decode_ms,
+    log,
+    logits_distance,
+    machine_info,
+    random_ids,
+    slot_caches,
+    timed_prefill,
+)
 from .json_report import save_json
 from .random_llama import hf_llama_from_weights, random_llama_weights
 
@@ -171,7 +183,7 @@ class Check:
 
     def raw_model(self) -> RawModel:
         if self._raw is None:
-            _log(f"loading {self.args.model} (GGUF files are dequantized once, then cached)")
+            log(f"loading {self.args.model} (GGUF files are dequantized once, then cached)")
             self._raw = load_raw_model(self.args.model)
         return self._raw
 
@@ -183,11 +195,11 @@ class Check:
         status: Json = {"ok": False}
         if time.perf_counter() - self.started > self.args.deadline_s:
             status["skipped"] = f"past the {self.args.deadline_s:.0f} s deadline"
-            _log(f"== {name}: skipped ({status['skipped']})")
+            log(f"== {name}: skipped ({status['skipped']})")
             self.results["sections"][name] = status
             self.save()
             return
-        _log(f"== {name}")
+        log(f"== {name}")
         self.current = name
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -198,7 +210,7 @@ class Check:
         except Exception as exc:  # one broken section costs no others
             status["error"] = traceback.format_exc()
             print(status["error"], file=sys.stderr, flush=True)
-            _log(f"== {name} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+            log(f"== {name} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
         status["elapsed_s"] = time.perf_counter() - start
         if self.device.type == "cuda":
             status["peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -208,7 +220,7 @@ class Check:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.save()
-        _log(f"   {name}: {'ok' if status['ok'] else 'FAILED'} in {status['elapsed_s']:.1f} s")
+        log(f"   {name}: {'ok' if status['ok'] else 'FAILED'} in {status['elapsed_s']:.1f} s")
 
 
 def _guarded(fn: Callable[[], Json]) -> Json:
@@ -218,13 +230,13 @@ def _guarded(fn: Callable[[], Json]) -> Json:
     except Exception as exc:
         tb = traceback.format_exc()
         print(tb, file=sys.stderr, flush=True)
-        _log(f"   part failed: {type(exc).__name__}: {str(exc)[:300]}")
+        log(f"   part failed: {type(exc).__name__}: {str(exc)[:300]}")
         return {"error": tb}
 
 
 # -- env --------------------------------------------------------------------------------------------
 def section_env(device: torch.device) -> Json:
-    info = engine_bench._machine_info(device)
+    info = machine_info(device)
     info.update(torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
                 fp32_matmul_precision=torch.get_float32_matmul_precision(),
                 allow_tf32=torch.backends.cuda.matmul.allow_tf32)
@@ -245,7 +257,7 @@ def section_env(device: torch.device) -> Json:
                   "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
                   "math": torch.backends.cuda.math_sdp_enabled()},
         )
-    _log(f"   torch {torch.__version__} (CUDA {torch.version.cuda}), {info.get('gpu') or 'no GPU'}")
+    log(f"   torch {torch.__version__} (CUDA {torch.version.cuda}), {info.get('gpu') or 'no GPU'}")
     return info
 
 
@@ -253,15 +265,15 @@ def section_env(device: torch.device) -> Json:
 def section_floors(device: torch.device, plan: Plan) -> Json:
     dtype, _ = default_dtype(device)
     found = floors.measure_floors(device, dtype, plan.floor_sizes)
-    _log(f"   {dtype}: mm {found.matmul_gflops / 1e3:.1f} TFLOP/s, linear {found.linear_gflops / 1e3:.1f}, "
-         f"copy {found.bandwidth_gbs:.0f} GB/s, read {found.read_gbs:.0f} GB/s, GEMV {found.gemv_gbs:.0f} GB/s")
+    log(f"   {dtype}: mm {found.matmul_gflops / 1e3:.1f} TFLOP/s, linear {found.linear_gflops / 1e3:.1f}, "
+        f"copy {found.bandwidth_gbs:.0f} GB/s, read {found.read_gbs:.0f} GB/s, GEMV {found.gemv_gbs:.0f} GB/s")
     return {"dtype": str(dtype), **found.as_dict()}
 
 
 # -- numerics on the real model ---------------------------------------------------------------------
 def _text_ids(raw: RawModel, length: int) -> list[int]:
     """Natural text of `length` tokens (the passage repeated as often as needed)."""
-    one = raw.tokenizer.encode(_TEXT)
+    one = raw.tokenizer.encode(SAMPLE_TEXT)
     return (one * (length // len(one) + 1))[:length]
 
 
@@ -298,9 +310,9 @@ def section_numerics(check: Check) -> Json:
     raw, plan, device = check.raw_model(), check.plan, check.device
     lengths = [n for n in plan.logit_tokens if n < raw.config.max_context]
     prompts = {str(n): _text_ids(raw, n) for n in lengths}
-    _log(f"   reference: fp32 on the CPU, logits over {lengths} tokens and {len(CHAT_PROMPTS)} greedy replies")
+    log(f"   reference: fp32 on the CPU, logits over {lengths} tokens and {len(CHAT_PROMPTS)} greedy replies")
     reference = LlamaModel(raw.config, raw.weights)
-    ref_logits = {n: _all_logits(reference, ids) for n, ids in prompts.items()}
+    ref_logits = {n: all_logits(reference, ids) for n, ids in prompts.items()}
     ref_gen = _greedy(reference, raw, plan) | {"first_token_top2": _first_token_top2(reference, raw)}
     del reference
     result: Json = {"model": raw.config.name, "reference": {"device": "cpu", "dtype": "float32", **ref_gen},
@@ -315,22 +327,22 @@ def section_numerics(check: Check) -> Json:
             continue
 
         def variant(dtype: torch.dtype = dtype, fmt: WeightFormat = fmt, name: str = name) -> Json:
-            _log(f"   {name}: {fmt} weights on {device}")
+            log(f"   {name}: {fmt} weights on {device}")
             model = LlamaModel(raw.config, raw.weights, device=device, dtype=dtype, weight_format=fmt)
-            logits[name] = {n: _all_logits(model, ids) for n, ids in prompts.items()}
+            logits[name] = {n: all_logits(model, ids) for n, ids in prompts.items()}
             gen = _greedy(model, raw, plan)
             gen["common_prefix"] = [_common_prefix(a, b) for a, b in zip(ref_gen["tokens"], gen["tokens"], strict=True)]
             gen["same_text"] = [a == b for a, b in zip(ref_gen["texts"], gen["texts"], strict=True)]
-            distances = {n: _logits_distance(ref_logits[n], v) for n, v in logits[name].items()}
-            _log(f"   {name}: argmax agreement {[round(d['argmax_agreement'], 4) for d in distances.values()]}, "
-                 f"greedy common prefix {gen['common_prefix']}")
+            distances = {n: logits_distance(ref_logits[n], v) for n, v in logits[name].items()}
+            log(f"   {name}: argmax agreement {[round(d['argmax_agreement'], 4) for d in distances.values()]}, "
+                f"greedy common prefix {gen['common_prefix']}")
             entry = {"logits_vs_cpu_fp32": distances}
             return {"dtype": str(dtype), **entry, "greedy": gen}
 
         result[name] = _guarded(variant)
     if len(logits) == 2:  # what bf16 costs on the device itself, kernels held equal
         result["device_bf16_vs_device_fp32"] = {
-            n: _logits_distance(logits["device_fp32"][n], logits["device_bf16"][n]) for n in prompts}
+            n: logits_distance(logits["device_fp32"][n], logits["device_bf16"][n]) for n in prompts}
     return result
 
 
@@ -351,7 +363,7 @@ def _hf_logits(hf: Any, ids: list[int], device: torch.device) -> torch.Tensor:
 def section_vs_transformers(check: Check, config: ModelConfig) -> Json:
     device, plan = check.device, check.plan
     _transformers()
-    ids = _random_ids(plan.hf_tokens, config.vocab_size, seed=11).tolist()
+    ids = random_ids(plan.hf_tokens, config.vocab_size, seed=11).tolist()
     weights = random_llama_weights(config, seed=1, device=device)  # fp32: both dtypes are cast from it
     hf = hf_llama_from_weights(config, weights, device=device, dtype=torch.float32)
     hf_fp32 = _hf_logits(hf, ids, device)
@@ -359,8 +371,8 @@ def section_vs_transformers(check: Check, config: ModelConfig) -> Json:
                     "attn_implementation": getattr(hf.config, "_attn_implementation", None)}
 
     def fp32() -> Json:
-        ours = _all_logits(LlamaModel(config, weights, device=device), ids)
-        return {"ours_vs_hf": _logits_distance(hf_fp32, ours)}
+        ours = all_logits(LlamaModel(config, weights, device=device), ids)
+        return {"ours_vs_hf": logits_distance(hf_fp32, ours)}
 
     result["fp32"] = _guarded(fp32)
     del hf
@@ -371,21 +383,21 @@ def section_vs_transformers(check: Check, config: ModelConfig) -> Json:
 
     def bf16() -> Json:
         if reason:
-            return {"skipped": reason, "hf_bf16_vs_hf_fp32": _logits_distance(hf_fp32, hf_bf16)}
+            return {"skipped": reason, "hf_bf16_vs_hf_fp32": logits_distance(hf_fp32, hf_bf16)}
         model = LlamaModel(config, weights, device=device, dtype=torch.bfloat16, weight_format="bf16")
-        ours = _all_logits(model, ids)
+        ours = all_logits(model, ids)
         return {
-            "ours_vs_hf": _logits_distance(hf_bf16, ours),  # same dtype: how far apart the two codes are
-            "ours_vs_hf_fp32": _logits_distance(hf_fp32, ours),  # against the fp32 truth ...
-            "hf_bf16_vs_hf_fp32": _logits_distance(hf_fp32, hf_bf16),  # ... beside transformers' own bf16 error
+            "ours_vs_hf": logits_distance(hf_bf16, ours),  # same dtype: how far apart the two codes are
+            "ours_vs_hf_fp32": logits_distance(hf_fp32, ours),  # against the fp32 truth ...
+            "hf_bf16_vs_hf_fp32": logits_distance(hf_fp32, hf_bf16),  # ... beside transformers' own bf16 error
         }
 
     result["bf16"] = _guarded(bf16)
     for dtype in ("fp32", "bf16"):
         d = result[dtype].get("ours_vs_hf")
         if d:
-            _log(f"   {dtype}: max |dlogit| {d['max_abs_logit_diff']:.3g} (scale {result['logit_scale']:.3g}), "
-                 f"argmax agreement {d['argmax_agreement']:.2%}")
+            log(f"   {dtype}: max |dlogit| {d['max_abs_logit_diff']:.3g} (scale {result['logit_scale']:.3g}), "
+                f"argmax agreement {d['argmax_agreement']:.2%}")
     return result
 
 
@@ -413,7 +425,7 @@ def _hf_decode_ms(hf: Any, context_ids: torch.Tensor, steps: int, vocab: int, se
     """Median ms of single-token forwards after a (re-)prefilled context; [B, 1] tokens per step."""
     _, cache = _hf_prefill(hf, context_ids)  # a fresh cache each round: transformers' crop() API moved in 5.x
     batch = context_ids.shape[0]
-    tokens = _random_ids(batch * (steps + 1), vocab, seed).view(steps + 1, batch, 1).to(context_ids.device)
+    tokens = random_ids(batch * (steps + 1), vocab, seed).view(steps + 1, batch, 1).to(context_ids.device)
     times = []
     for i in range(steps + 1):
         def step(i: int = i) -> None:
@@ -428,7 +440,7 @@ def _hf_decode_ms(hf: Any, context_ids: torch.Tensor, steps: int, vocab: int, se
 
 def _ours_batch_ms(model: LlamaModel, caches: list[KVCache], context: int, steps: int) -> float:
     """Median ms of batch decode steps (all caches one token each), then every cache cut back to `context`."""
-    times = [engine_bench._batch_decode_step(model, caches, token=step + 2) for step in range(steps + 1)][1:]
+    times = [batch_decode_step(model, caches, token=step + 2) for step in range(steps + 1)][1:]
     for cache in caches:
         cache.truncate(context)
     return 1000 * statistics.median(times)
@@ -452,13 +464,13 @@ def _speed_rounds(check: Check, model: LlamaModel, hf: Any, plan: Plan) -> dict[
     """Rounds of ours beside transformers, measure by measure, so both see the same machine state."""
     device, vocab = check.device, model.config.vocab_size
     context, n = plan.decode_context, plan.batch_size
-    ids = {length: _random_ids(length, vocab, seed=length) for length in plan.prefill_lengths}
-    context_ids = _random_ids(context, vocab, seed=5)
+    ids = {length: random_ids(length, vocab, seed=length) for length in plan.prefill_lengths}
+    context_ids = random_ids(context, vocab, seed=5)
     for length_ids in ids.values():  # warm-ups: first-call allocations and kernel selection, both sides
-        engine_bench._prefill(model, length_ids, spare=0)
+        timed_prefill(model, length_ids, spare=0)
         _hf_prefill(hf, length_ids[None].to(device))
-    single = engine_bench._prefill(model, context_ids, spare=plan.decode_tokens + 8)[1]
-    batch_caches = engine_bench._slot_caches(model, n, context + plan.decode_tokens + 8)
+    single = timed_prefill(model, context_ids, spare=plan.decode_tokens + 8)[1]
+    batch_caches = slot_caches(model, n, context + plan.decode_tokens + 8)
     for cache in batch_caches:  # a step's cost does not depend on the KV values: copies of one context
         cache.append(single.slice(0, context))
     hf_single, hf_batch = context_ids[None].to(device), context_ids[None].repeat(n, 1).to(device)
@@ -468,12 +480,12 @@ def _speed_rounds(check: Check, model: LlamaModel, hf: Any, plan: Plan) -> dict[
         samples.setdefault(key, []).append(value)
 
     for round_ in range(plan.rounds):
-        _log(f"   round {round_ + 1}/{plan.rounds}: prefill {list(ids)}, decode @{context} batch 1 and {n}, "
-             f"ours then transformers")
+        log(f"   round {round_ + 1}/{plan.rounds}: prefill {list(ids)}, decode @{context} batch 1 and {n}, "
+            f"ours then transformers")
         for length, length_ids in ids.items():
-            add(f"ours_prefill_s_{length}", engine_bench._prefill(model, length_ids, spare=0)[0])
+            add(f"ours_prefill_s_{length}", timed_prefill(model, length_ids, spare=0)[0])
             add(f"hf_prefill_s_{length}", _hf_prefill(hf, length_ids[None].to(device))[0])
-        add("ours_decode_ms", engine_bench._decode_ms(model, single, context, plan.decode_tokens))
+        add("ours_decode_ms", decode_ms(model, single, context, plan.decode_tokens))
         add("hf_decode_ms", _hf_decode_ms(hf, hf_single, plan.decode_tokens, vocab, seed=round_))
         add("ours_batch_ms", _ours_batch_ms(model, batch_caches, context, plan.decode_tokens))
         add("hf_batch_ms", _hf_decode_ms(hf, hf_batch, plan.decode_tokens, vocab, seed=100 + round_))
@@ -482,7 +494,7 @@ def _speed_rounds(check: Check, model: LlamaModel, hf: Any, plan: Plan) -> dict[
 
 def _engine_batch(check: Check, raw: RawModel, model: LlamaModel, plan: Plan) -> Json:
     dtype, _ = default_dtype(check.device)
-    setup = engine_bench.Setup(raw, model, check.device, dtype)
+    setup = Setup(raw, model, check.device, dtype)
     eplan = replace(engine_bench.QUICK, batch_size=plan.batch_size, batch_context=plan.decode_context,
                     batch_steps=plan.engine_steps)
     return engine_bench.bench_engine_batch(setup, eplan)
@@ -501,8 +513,8 @@ def section_speed(check: Check, shape: str) -> Json:
     hf_build_s = time.perf_counter() - start
     del weights  # what the models share stays alive through them; the rest can go
     weight_bytes = floors.decode_weight_bytes(model)
-    _log(f"   {config.name} ({source}): {weight_bytes / 1e9:.2f} GB of {dtype} weights per decode step; "
-         f"built in {ours_build_s:.1f} s (transformers {hf_build_s:.1f} s)")
+    log(f"   {config.name} ({source}): {weight_bytes / 1e9:.2f} GB of {dtype} weights per decode step; "
+        f"built in {ours_build_s:.1f} s (transformers {hf_build_s:.1f} s)")
     m = {key: statistics.median(v) for key, v in _speed_rounds(check, model, hf, plan).items()}
     del hf
     n, context = plan.batch_size, plan.decode_context
@@ -535,8 +547,8 @@ def section_speed(check: Check, shape: str) -> Json:
     else:
         result["engine_batch"] = {"skipped": "random weights have no tokenizer for Engine"}
     d, b = result["decode"], result["batch"]
-    _log(f"   decode @{context}: ours {d['ours_ms']:.2f} ms, transformers {d['hf_ms']:.2f} ms"
-         + (f", floor {d['floor_ms']:.2f} ms" if "floor_ms" in d else "")
+    log(f"   decode @{context}: ours {d['ours_ms']:.2f} ms, transformers {d['hf_ms']:.2f} ms"
+        + (f", floor {d['floor_ms']:.2f} ms" if "floor_ms" in d else "")
          + f"; batch {n}: ours {b['ours_tok_s']:.0f} tok/s, transformers {b['hf_tok_s']:.0f} tok/s")
     return result
 
@@ -705,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     def killed(signum: int, _frame: FrameType | None) -> None:  # `timeout` sends SIGTERM: keep what was measured
         check.results["killed_in"] = check.current or "between sections"
         check.save()
-        _log(f"killed by signal {signum} during {check.results['killed_in']}")
+        log(f"killed by signal {signum} during {check.results['killed_in']}")
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, killed)
@@ -713,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         check.run(name, fn)
     print("\n".join(summary_lines(check.results)), flush=True)
     if args.json_path:
-        _log(f"wrote {args.json_path}")
+        log(f"wrote {args.json_path}")
     failed = [n for n, s in check.results["sections"].items() if not s.get("ok")]
     return 1 if failed else 0
 

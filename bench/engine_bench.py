@@ -15,31 +15,42 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.workers.engine import Engine, EngineConfig
 from kvmesh.workers.forward_batch import ForwardBatch, SequenceChunk
-from kvmesh.workers.kv_slots import KVSlots
 from kvmesh.workers.linear import Linear, WeightFormat
 from kvmesh.workers.llama import LlamaModel
-from kvmesh.workers.model_files import RawModel, load_raw_model, resolve_model_path
+from kvmesh.workers.model_files import resolve_model_path
 from kvmesh.workers.sampling import SamplingParams
 
 from . import floors
+from .bench_common import (
+    SAMPLE_TEXT,
+    Json,
+    Setup,
+    all_logits,
+    batch_decode_step,
+    build_model,
+    decode_ms,
+    load_setup,
+    log,
+    logits_distance,
+    machine_info,
+    random_ids,
+    restart_clock,
+    slot_caches,
+    timed_prefill,
+)
 from .json_report import save_json
-
-Json = dict[str, Any]
 
 # The issue's targets: decode <= 50 ms/token at 512, prefill >= 80% of the matmul rate,
 # decode >= 1.5x transformers, batch-8 aggregate >= 4x batch 1.
@@ -48,16 +59,6 @@ TARGET_PREFILL_EFFICIENCY = 0.8
 TARGET_VS_TRANSFORMERS = 1.5
 TARGET_BATCH_SPEEDUP = 4.0
 
-# Real text for the logits comparison: quantization error shows on natural tokens, not random ids.
-_TEXT = (
-    "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lantern and a small "
-    "notebook in which he recorded the weather, the ships that passed, and the colour of the sea. Over forty "
-    "years the notebooks filled three shelves. When the light was automated, the harbour museum asked for "
-    "them, and a historian spent a winter reading every page. She found storms that no official record "
-    "mentioned, a whale that visited the bay each spring, and, in the margins, sketches of birds drawn with "
-    "great care. Her book about the keeper became a quiet success, read mostly by people who live near the "
-    "coast and know how long a winter night can be."
-)
 
 
 @dataclass(frozen=True)
@@ -116,105 +117,8 @@ QUICK = Plan(
     floor_sizes=floors.QUICK_SIZES,
 )
 
-_STARTED = time.perf_counter()
-
-
-def _log(message: str) -> None:
-    print(f"[{time.perf_counter() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def _random_ids(count: int, vocab: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (count,), generator=torch.Generator().manual_seed(seed))
-
-
-# -- setup ------------------------------------------------------------------------------------------
-@dataclass
-class Setup:
-    raw: RawModel
-    model: LlamaModel
-    device: torch.device
-    dtype: torch.dtype
-
-
-def _build(raw: RawModel, device: torch.device, dtype: torch.dtype, fmt: WeightFormat) -> LlamaModel:
-    return LlamaModel(raw.config, raw.weights, device=device, dtype=dtype, weight_format=fmt)
-
-
-def _setup(args: argparse.Namespace) -> Setup:
-    # The same defaults as Engine.load: fp32 on CPU, bf16 on CUDA.
-    device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    fmt: WeightFormat = getattr(args, "weights", None) or ("bf16" if on_gpu else "fp32")
-    _log(f"loading {args.model} ({fmt} weights on {device})")
-    raw = load_raw_model(args.model)
-    return Setup(raw, _build(raw, device, dtype, fmt), device, dtype)
-
-
-def _machine_info(device: torch.device) -> Json:
-    cpu_model = platform.processor()
-    if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu_model = names[0] if names else cpu_model
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "python": platform.python_version(),
-        "loadavg_start": os.getloadavg()[0],
-        # OpenMP settings change how 2 threads behave when other processes share the cores
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS") if k in os.environ},
-    }
-
-
-# -- the model's forwards ---------------------------------------------------------------------------
-def _prefill(model: LlamaModel, ids: torch.Tensor, spare: int) -> tuple[float, KVCache]:
-    """Seconds for one prefill into a fresh cache (last token's logits), and the cache it filled."""
-    cache = model.new_cache(capacity=ids.numel() + spare)
-    start = time.perf_counter()
-    model.forward(ForwardBatch.single(cache, ids))
-    floors.sync(model.device)
-    return time.perf_counter() - start, cache
-
-
-def _decode_ms(model: LlamaModel, cache: KVCache, context: int, tokens: int) -> float:
-    """Median ms of single-token forwards after `context` cached tokens (the cache is cut back first)."""
-    cache.truncate(context)
-    ids = _random_ids(tokens + 1, model.config.vocab_size, seed=context)
-    times = []
-    for i, token in enumerate(ids.tolist()):
-        start = time.perf_counter()
-        model.forward(ForwardBatch.single(cache, [token]))
-        floors.sync(model.device)
-        if i:  # the first step after a prefill or a model switch is a warm-up
-            times.append(time.perf_counter() - start)
-    cache.truncate(context)
-    return 1000 * statistics.median(times)
-
-
-def _batch_decode_step(model: LlamaModel, caches: list[KVCache], token: int) -> float:
-    """Seconds for one forward in which every cache's sequence decodes one token."""
-    n = len(caches)
-    batch = ForwardBatch(
-        token_ids=torch.full((n,), token),
-        positions=torch.tensor([c.length for c in caches]),
-        chunks=[SequenceChunk(c, 1) for c in caches],
-        logit_rows=torch.arange(n),
-    )
-    start = time.perf_counter()
-    model.forward(batch)
-    floors.sync(model.device)
-    return time.perf_counter() - start
-
-
-# -- sections ---------------------------------------------------------------------------------------
 def bench_floors(setup: Setup, plan: Plan) -> Json:
-    _log("floors: matmul rate, copy bandwidth, GEMV rate")
+    log("floors: matmul rate, copy bandwidth, GEMV rate")
     found = floors.measure_floors(setup.device, setup.dtype, plan.floor_sizes)
     config = setup.model.config
     weight_bytes = floors.decode_weight_bytes(setup.model)
@@ -230,28 +134,28 @@ def bench_floors(setup: Setup, plan: Plan) -> Json:
             str(n): found.matmul_gflops * 1e9 * n / floors.prefill_flops(config, n) for n in plan.prefill_runs
         },
     )
-    _log(f"  mm {found.matmul_gflops:.0f} GFLOP/s, copy {found.bandwidth_gbs:.1f} GB/s, read {found.read_gbs:.1f} "
-         f"GB/s, GEMV {found.gemv_gbs:.1f} GB/s; decode floor {result['decode_ms']:.1f} ms")
+    log(f"  mm {found.matmul_gflops:.0f} GFLOP/s, copy {found.bandwidth_gbs:.1f} GB/s, read {found.read_gbs:.1f} "
+        f"GB/s, GEMV {found.gemv_gbs:.1f} GB/s; decode floor {result['decode_ms']:.1f} ms")
     return result
 
 
 def bench_prefill(setup: Setup, plan: Plan, floor: Json) -> tuple[Json, KVCache]:
     """Prefill tok/s per length; returns the longest prompt's cache so decode can reuse it."""
     model, vocab = setup.model, setup.model.config.vocab_size
-    _prefill(model, _random_ids(32, vocab, seed=0), spare=0)  # warm-up: first-call allocations
+    timed_prefill(model, random_ids(32, vocab, seed=0), spare=0)  # warm-up: first-call allocations
     tok_s: dict[str, float] = {}
     gflops: dict[str, float] = {}
     cache: KVCache | None = None
     for length, runs in sorted(plan.prefill_runs.items()):
         times = []
         for run in range(runs):
-            _log(f"prefill {length} tokens, run {run + 1}/{runs}")
-            seconds, cache = _prefill(model, _random_ids(length, vocab, seed=length + run), spare=64)
+            log(f"prefill {length} tokens, run {run + 1}/{runs}")
+            seconds, cache = timed_prefill(model, random_ids(length, vocab, seed=length + run), spare=64)
             times.append(seconds)
         seconds = statistics.median(times)
         tok_s[str(length)] = length / seconds
         gflops[str(length)] = floors.prefill_flops(model.config, length) / seconds / 1e9
-        _log(f"  {tok_s[str(length)]:.0f} tok/s ({gflops[str(length)]:.0f} GFLOP/s)")
+        log(f"  {tok_s[str(length)]:.0f} tok/s ({gflops[str(length)]:.0f} GFLOP/s)")
     assert cache is not None
     return {
         "prefill_tok_s": tok_s,
@@ -271,26 +175,18 @@ def bench_decode(setup: Setup, plan: Plan, longest: KVCache) -> tuple[Json, dict
             caches[context] = longest.slice(0, context)
             caches[context].reserve(64)  # room for the decode and batch-1 steps that later sections run
         else:
-            _log(f"decode @{context}: prefilling the context")
-            caches[context] = _prefill(model, _random_ids(context, vocab, seed=7), spare=64)[1]
-        _log(f"decode @{context}: {plan.decode_tokens} single-token forwards")
-        result[str(context)] = _decode_ms(model, caches[context], context, plan.decode_tokens)
-        _log(f"  {result[str(context)]:.1f} ms/token")
+            log(f"decode @{context}: prefilling the context")
+            caches[context] = timed_prefill(model, random_ids(context, vocab, seed=7), spare=64)[1]
+        log(f"decode @{context}: {plan.decode_tokens} single-token forwards")
+        result[str(context)] = decode_ms(model, caches[context], context, plan.decode_tokens)
+        log(f"  {result[str(context)]:.1f} ms/token")
     return {"decode_ms_per_token": result}, caches
-
-
-def _slot_caches(model: LlamaModel, n: int, capacity: int) -> list[KVCache]:
-    """N empty caches in one KVSlots buffer: the layout the engine decodes batches in."""
-    c = model.config
-    slots = KVSlots(num_layers=c.num_layers, num_slots=n, num_kv_heads=c.num_kv_heads, capacity=capacity,
-                    head_dim=c.head_dim, dtype=model.dtype, device=model.device)
-    return [cache for cache in (slots.acquire() for _ in range(n)) if cache is not None]
 
 
 def _batch_prefill(model: LlamaModel, n: int, context: int, spare: int) -> tuple[float, list[KVCache]]:
     """Seconds for N prompts of `context` tokens prefilled together in one ForwardBatch, and their caches."""
-    ids = [_random_ids(context, model.config.vocab_size, seed=100 + i) for i in range(n)]
-    caches = _slot_caches(model, n, context + spare)
+    ids = [random_ids(context, model.config.vocab_size, seed=100 + i) for i in range(n)]
+    caches = slot_caches(model, n, context + spare)
     batch = ForwardBatch(
         token_ids=torch.cat(ids),
         positions=torch.arange(context).repeat(n),
@@ -308,23 +204,23 @@ def bench_batch(setup: Setup, plan: Plan, single: KVCache) -> Json:
     model, n, context = setup.model, plan.batch_size, plan.batch_context
     result: Json = {"batch_size": n, "batch_context": context}
     if plan.batch_prefill:
-        _log(f"batch {n}: prefilling {n} x {context} tokens in one ForwardBatch")
+        log(f"batch {n}: prefilling {n} x {context} tokens in one ForwardBatch")
         prefill_s, caches = _batch_prefill(model, n, context, spare=plan.batch_steps + 8)
         result["batch8_prefill_tok_s"] = n * context / prefill_s
     else:  # a step's cost does not depend on the KV values, so copies of one context will do
-        caches = _slot_caches(model, n, context + plan.batch_steps + 8)
+        caches = slot_caches(model, n, context + plan.batch_steps + 8)
         for cache in caches:
             cache.append(single.slice(0, context))
-    _log(f"batch {n}: {plan.batch_steps} decode steps, each beside a batch-1 step")
-    _batch_decode_step(model, caches, token=1)  # warm-up for the N-row shapes
+    log(f"batch {n}: {plan.batch_steps} decode steps, each beside a batch-1 step")
+    batch_decode_step(model, caches, token=1)  # warm-up for the N-row shapes
     single.truncate(context)
     batch_times, single_times = [], []
     for step in range(plan.batch_steps):
-        batch_times.append(_batch_decode_step(model, caches, token=step + 2))
-        single_times.append(_batch_decode_step(model, [single], token=step + 2))
+        batch_times.append(batch_decode_step(model, caches, token=step + 2))
+        single_times.append(batch_decode_step(model, [single], token=step + 2))
     single.truncate(context)
     batch_s, single_s = statistics.median(batch_times), statistics.median(single_times)
-    _log(f"  batch {n}: {1000 * batch_s:.0f} ms/step, batch 1: {1000 * single_s:.0f} ms/step")
+    log(f"  batch {n}: {1000 * batch_s:.0f} ms/step, batch 1: {1000 * single_s:.0f} ms/step")
     return result | {
         "batch8_tok_s": n / batch_s,
         "batch1_tok_s": 1 / single_s,
@@ -347,9 +243,9 @@ def bench_engine_batch(setup: Setup, plan: Plan) -> Json:
     # through all of their prefill steps and then `batch_steps` more, or no step has all N decoding.
     prefill_steps = -(-n * context // engine.config.scheduler.max_batch_tokens) + 2
     sampling = SamplingParams(max_tokens=prefill_steps + plan.batch_steps, ignore_eos=True)
-    ids = [engine.add_request(_random_ids(context, model.config.vocab_size, seed=200 + i).tolist(), sampling)
+    ids = [engine.add_request(random_ids(context, model.config.vocab_size, seed=200 + i).tolist(), sampling)
            for i in range(n)]
-    _log(f"engine batch {n}: {n} requests of {context} prompt tokens, {sampling.max_tokens} tokens each")
+    log(f"engine batch {n}: {n} requests of {context} prompt tokens, {sampling.max_tokens} tokens each")
     started: set[str] = set()
     times: list[float] = []
     while engine.has_work():
@@ -361,26 +257,8 @@ def bench_engine_batch(setup: Setup, plan: Plan) -> Json:
             times.append(elapsed)
         started.update(e.request_id for e in tokens)
     step_s = statistics.median(times)
-    _log(f"  {1000 * step_s:.0f} ms/step over {len(times)} steps of {len(ids)} requests")
+    log(f"  {1000 * step_s:.0f} ms/step over {len(times)} steps of {len(ids)} requests")
     return {"batch8_engine_tok_s": n / step_s, "batch8_engine_step_ms": 1000 * step_s}
-
-
-def _logits_distance(reference: torch.Tensor, other: torch.Tensor) -> Json:
-    """reference/other [T, V] logits of the same prompt: max |diff|, argmax agreement, mean KL(ref || other)."""
-    log_p, log_q = F.log_softmax(reference.double(), -1), F.log_softmax(other.double(), -1)
-    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # KL(p || q) per position
-    return {
-        "max_abs_logit_diff": float((reference - other).abs().max()),
-        "argmax_agreement": float((reference.argmax(-1) == other.argmax(-1)).float().mean()),
-        "kl_mean": float(kl.mean()),
-        "kl_max": float(kl.max()),
-    }
-
-
-def _all_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
-    logits = model.forward(ForwardBatch.single(model.new_cache(capacity=len(ids)), ids, all_logits=True))
-    assert logits is not None
-    return logits.float().cpu()
 
 
 def _linear_gbs(linear: Linear, in_features: int, device: torch.device, dtype: torch.dtype) -> float:
@@ -395,23 +273,23 @@ def _linear_gbs(linear: Linear, in_features: int, device: torch.device, dtype: t
 
 def _format_entry(setup: Setup, plan: Plan, fmt: WeightFormat, reference: LlamaModel, cache: KVCache,
                   reference_logits: torch.Tensor, prompt: list[int], bandwidth_gbs: float) -> Json:
-    _log(f"weight format {fmt}: building, then logits of a {len(prompt)}-token prompt")
+    log(f"weight format {fmt}: building, then logits of a {len(prompt)}-token prompt")
     start = time.perf_counter()
-    model = _build(setup.raw, setup.device, setup.dtype, fmt)
+    model = build_model(setup.raw, setup.device, setup.dtype, fmt)
     entry: Json = {"build_s": time.perf_counter() - start, "weight_bytes": floors.decode_weight_bytes(model)}
     entry["floor_decode_ms"] = 1000 * entry["weight_bytes"] / (bandwidth_gbs * 1e9)
     entry["gate_up_gemv_gbs"] = _linear_gbs(model.layers[0].gate_up, model.config.hidden_size, setup.device,
                                             setup.dtype)
-    entry.update(_logits_distance(reference_logits, _all_logits(model, prompt)))
+    entry.update(logits_distance(reference_logits, all_logits(model, prompt)))
     ours, theirs = [], []
     for _ in range(plan.format_rounds):  # interleaved, so both see the same machine load
-        _log(f"weight format {fmt}: decode @{plan.main_context} beside fp32")
-        ours.append(_decode_ms(model, cache, plan.main_context, plan.decode_tokens))
-        theirs.append(_decode_ms(reference, cache, plan.main_context, plan.decode_tokens))
+        log(f"weight format {fmt}: decode @{plan.main_context} beside fp32")
+        ours.append(decode_ms(model, cache, plan.main_context, plan.decode_tokens))
+        theirs.append(decode_ms(reference, cache, plan.main_context, plan.decode_tokens))
     entry["decode_ms"], entry["fp32_decode_ms"] = statistics.median(ours), statistics.median(theirs)
     entry["speedup_vs_fp32"] = entry["fp32_decode_ms"] / entry["decode_ms"]
-    _log(f"  {fmt}: {entry['decode_ms']:.1f} ms/token (fp32 {entry['fp32_decode_ms']:.1f}), "
-         f"max |dlogit| {entry['max_abs_logit_diff']:.3f}, argmax agree {entry['argmax_agreement']:.1%}")
+    log(f"  {fmt}: {entry['decode_ms']:.1f} ms/token (fp32 {entry['fp32_decode_ms']:.1f}), "
+        f"max |dlogit| {entry['max_abs_logit_diff']:.3f}, argmax agree {entry['argmax_agreement']:.1%}")
     return entry
 
 
@@ -425,9 +303,9 @@ def bench_formats(setup: Setup, plan: Plan, cache: KVCache, bandwidth_gbs: float
     skipped = sorted(set(plan.formats) - set(usable) - {"fp32"})
     reference = setup.model
     if reference.weight_format != "fp32":  # the reference is always fp32, whatever format the run uses
-        reference = _build(setup.raw, setup.device, setup.dtype, "fp32")
-    prompt = setup.raw.tokenizer.encode(_TEXT)[: plan.format_prompt_tokens]
-    reference_logits = _all_logits(reference, prompt)
+        reference = build_model(setup.raw, setup.device, setup.dtype, "fp32")
+    prompt = setup.raw.tokenizer.encode(SAMPLE_TEXT)[: plan.format_prompt_tokens]
+    reference_logits = all_logits(reference, prompt)
     result: Json = {"fp32": {
         "weight_bytes": floors.decode_weight_bytes(reference),
         "gate_up_gemv_gbs": _linear_gbs(reference.layers[0].gate_up, reference.config.hidden_size, setup.device,
@@ -494,9 +372,9 @@ def _transformers_round(hf: Any, setup: Setup, plan: Plan, ids: torch.Tensor, ca
     hf_ids = ids[None].to(setup.device)
     hf_prefill = _hf_generate_s(hf, hf_ids, 1)
     return {
-        "ours_prefill_s": _prefill(setup.model, ids, spare=0)[0],
+        "ours_prefill_s": timed_prefill(setup.model, ids, spare=0)[0],
         "transformers_prefill_s": hf_prefill,
-        "ours_decode_ms": _decode_ms(setup.model, cache, context, plan.decode_tokens),
+        "ours_decode_ms": decode_ms(setup.model, cache, context, plan.decode_tokens),
         "ours_engine_decode_ms": _engine_decode_ms(setup, ids, new),
         "transformers_decode_ms": 1000 * (_hf_generate_s(hf, hf_ids, new) - hf_prefill) / (new - 1),
     }
@@ -511,22 +389,22 @@ def bench_transformers(args: argparse.Namespace, setup: Setup, plan: Plan, cache
     """
     if plan.transformers_rounds == 0:
         return {"skipped": "--quick: transformers takes ~35 s to load"}
-    _log("transformers: loading the same model (~35 s)")
+    log("transformers: loading the same model (~35 s)")
     start = time.perf_counter()
     hf = _load_transformers(args.model, setup.device, setup.dtype)
     load_s = time.perf_counter() - start
-    ids = _random_ids(plan.main_context, setup.model.config.vocab_size, seed=300)
+    ids = random_ids(plan.main_context, setup.model.config.vocab_size, seed=300)
     _hf_generate_s(hf, ids[None].to(setup.device), 1)  # warm-up
     rounds = []
     for round_ in range(plan.transformers_rounds):
-        _log(f"transformers round {round_ + 1}/{plan.transformers_rounds}: prefill and a "
-             f"{plan.transformers_new_tokens}-token generate, ours beside")
+        log(f"transformers round {round_ + 1}/{plan.transformers_rounds}: prefill and a "
+            f"{plan.transformers_new_tokens}-token generate, ours beside")
         rounds.append(_transformers_round(hf, setup, plan, ids, cache))
     del hf
     gc.collect()
     m = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-    _log(f"  decode: ours {m['ours_decode_ms']:.1f} ms (engine {m['ours_engine_decode_ms']:.1f}), "
-         f"transformers {m['transformers_decode_ms']:.1f} ms/token")
+    log(f"  decode: ours {m['ours_decode_ms']:.1f} ms (engine {m['ours_engine_decode_ms']:.1f}), "
+        f"transformers {m['transformers_decode_ms']:.1f} ms/token")
     return {
         "context": plan.main_context,
         "new_tokens": plan.transformers_new_tokens,
@@ -669,25 +547,24 @@ class _Sections:
         except Exception as exc:
             if not optional:
                 raise
-            _log(f"{name} failed: {type(exc).__name__}: {exc}")  # one broken part costs no others
+            log(f"{name} failed: {type(exc).__name__}: {exc}")  # one broken part costs no others
             self.results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
             return None
         finally:
             load = self.others_cpu[name] = self.monitor.lap()
             if load is not None and load > 0.1:
-                _log(f"  note: other processes used {load:.0%} of the CPUs during {name}: its figures are suspect")
+                log(f"  note: other processes used {load:.0%} of the CPUs during {name}: its figures are suspect")
 
 
 def run_engine_bench(args: argparse.Namespace) -> int:
-    global _STARTED
-    _STARTED = time.perf_counter()  # progress lines count from the start of this run
+    started = restart_clock()  # progress lines count from the start of this run
     plan = QUICK if args.quick else FULL
-    setup = _setup(args)
+    setup = load_setup(args)
     config = setup.model.config
     results: Json = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "quick": bool(args.quick),
-        "machine": _machine_info(setup.device),
+        "machine": machine_info(setup.device),
         "model": {"name": config.name, "weight_format": setup.model.weight_format, "dtype": str(setup.dtype),
                   "layer_params": floors.layer_params(config), "vocab_size": config.vocab_size},
     }
@@ -709,8 +586,8 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     ) or {"skipped": "failed: see errors"}
     results["targets"] = evaluate_targets(results, plan)
     results["machine"].update(loadavg_end=os.getloadavg()[0], others_cpu=sections.others_cpu)
-    results["elapsed_s"] = time.perf_counter() - _STARTED
+    results["elapsed_s"] = time.perf_counter() - started
     print_table(results)
     sys.stdout.flush()  # the table before the last progress line, when both go to one terminal or file
-    save_json(args.json_path, results, _log)
+    save_json(args.json_path, results, log)
     return 0

@@ -38,7 +38,7 @@ from kvmesh.workers.llama import LlamaModel
 from kvmesh.workers.tokenizer import Tokenizer
 from kvmesh.workers.worker import WorkerConfig, build_worker
 
-from .engine_bench import _log, _machine_info
+from .bench_common import log, machine_info
 from .fidelity_frontier import plot_frontier
 from .fidelity_items import SHAPES, SPLITS, Item, ItemConfig, ItemSet, contains_answer, generate_items
 from .fidelity_pipelines import MAX_TOKENS, ShapePipeline, shape_pipeline
@@ -162,7 +162,7 @@ class FidelityBench:
             for item in items:
                 runs.append(self._item(spec, item, workers))
                 if len(runs) % self.config.progress_every == 0 or len(runs) == len(items):
-                    _log(_progress(shape, runs, len(items), time.perf_counter() - started))
+                    log(_progress(shape, runs, len(items), time.perf_counter() - started))
         finally:
             for mode_worker in workers.values():
                 mode_worker.worker.planner.close()
@@ -283,7 +283,7 @@ def run_fidelity_bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     item_set = generate_items(ItemConfig(seed=config.seed))
     chosen = {shape: select_items(item_set.items[shape], config.split, config.limit) for shape in config.shapes}
-    _log(f"fidelity: {sum(map(len, chosen.values()))} items ({', '.join(f'{s} {len(i)}' for s, i in chosen.items())})"
+    log(f"fidelity: {sum(map(len, chosen.values()))} items ({', '.join(f'{s} {len(i)}' for s, i in chosen.items())})"
          f" in modes {', '.join(config.modes)}")
     tasks: dict[str, Any] = {}
     with EmbeddedRedis() as redis:
@@ -297,7 +297,7 @@ def run_fidelity_bench(args: argparse.Namespace) -> int:
     results = {
         "model": {"name": args.model, "architecture": bench.model.config.name, "device": str(bench.model.device),
                   "dtype": str(bench.model.dtype).removeprefix("torch."), "weights": bench.model.weight_format},
-        "machine": _machine_info(bench.model.device),
+        "machine": machine_info(bench.model.device),
         "config": {"modes": list(config.modes), "shapes": list(config.shapes), "split": config.split,
                    "limit": config.limit, "seed": config.seed, "resamples": config.resamples,
                    "max_tokens": MAX_TOKENS},
@@ -305,10 +305,10 @@ def run_fidelity_bench(args: argparse.Namespace) -> int:
         "elapsed_s": time.perf_counter() - started,
     }
     print_report(results)
-    save_json(args.json_path, results, _log)
+    save_json(args.json_path, results, log)
     plot = args.plot or (str(Path(args.json_path).with_suffix(".png")) if args.sweep and args.json_path else None)
     if plot:
-        _log(f"frontier plot: {plot_frontier(results, plot)}")
+        log(f"frontier plot: {plot_frontier(results, plot)}")
     return 0
 
 

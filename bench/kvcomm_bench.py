@@ -36,7 +36,7 @@ from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.tokenizer import Tokenizer
 from kvmesh.workers.worker import WorkerConfig, build_worker
 
-from .engine_bench import _log, _machine_info
+from .bench_common import log, machine_info
 from .inprocess_worker import CallResult, InProcessWorker
 from .json_report import save_json
 from .kv_fidelity import compare, continuation, summarize
@@ -96,7 +96,7 @@ def bench_ttft(workers: dict[str, InProcessWorker], spec: Json) -> Json:
         query = synthetic_text(tokenizer, spec["query_tokens"], seed + 1000 + request, kind)
         outputs: list[str] = []
         for k in range(agents):
-            _log(f"ttft: request {request + 1}/{requests}, agent {k + 1}/{agents}")
+            log(f"ttft: request {request + 1}/{requests}, agent {k + 1}/{agents}")
             pieces = [PromptPiece("Question:\n"), PromptPiece(query, segment_id("query", query), "query")]
             for j, text in enumerate(outputs):
                 pieces += [PromptPiece(f"\n\nAgent {j + 1} said:\n"),
@@ -183,7 +183,7 @@ def bench_task(workers: dict[str, InProcessWorker], task: Json, limit: int | Non
     correct = {"dense": 0, "kvcomm": 0, "naive": 0}
     served = [0, 0]
     for index, item in enumerate(items):
-        _log(f"task: item {index + 1}/{len(items)}")
+        log(f"task: item {index + 1}/{len(items)}")
         for mode in correct:
             def llm(agent: Agent, prompt: Prompt, mode: str = mode) -> str:
                 call = workers[mode].call(agent.name, prompt.system, _pieces(prompt), mode,
@@ -241,7 +241,7 @@ def run_kvcomm_bench(args: argparse.Namespace) -> int:
         settings = WorkerConfig(match=FORCED if forced else config, warm_up=False)
         worker = build_worker(settings, stores[forced], model=loaded.model, tokenizer=loaded.tokenizer)
         workers[mode] = InProcessWorker(worker)
-    results: Json = {"workload": workload["name"], "machine": _machine_info(loaded.model.device),
+    results: Json = {"workload": workload["name"], "machine": machine_info(loaded.model.device),
                      "match_config": config.__dict__, "store": "redis" if redis else "memory"}
     try:
         if "ttft" in workload:
@@ -255,7 +255,7 @@ def run_kvcomm_bench(args: argparse.Namespace) -> int:
             redis.stop()
     results["wall_s"] = time.perf_counter() - started
     _print(results)
-    save_json(args.json_path, results, _log)
+    save_json(args.json_path, results, log)
     return 0
 
 

@@ -37,7 +37,7 @@ from kvmesh.workers.suffix_cache import Draft, SuffixCacheConfig
 from kvmesh.workers.tokenizer import Tokenizer
 
 from . import floors
-from .engine_bench import _log, _machine_info, _setup
+from .bench_common import load_setup, log, machine_info
 from .json_report import save_json
 from .workload import Call, Workload, run_call, run_session, shipped_workloads
 
@@ -193,8 +193,8 @@ def run_workload(model: LlamaModel, tokenizer: Tokenizer, workload: Workload, sp
             for name, engine in engines.items():
                 previous = calls[name][-1].completion.text if position else ""
                 calls[name].append(run_call(engine, workload, session, index, stage, previous))
-        _log(f"  {workload.name} session {index + 1}/{len(workload.sessions)}: "
-             + ", ".join(f"{n} {sum(c.completion.stats.output_tokens for c in calls[n])} tok" for n in engines))
+        log(f"  {workload.name} session {index + 1}/{len(workload.sessions)}: "
+            + ", ".join(f"{n} {sum(c.completion.stats.output_tokens for c in calls[n])} tok" for n in engines))
     others = monitor.lap()
     result: Json = {name: _summary(calls[name], before.get(name), e, line) for name, e in engines.items()}
     off = result["off"]["decode_tok_s"]
@@ -296,17 +296,17 @@ def run_suffix_bench(args: argparse.Namespace) -> int:
     if plan.sessions is not None:
         workloads = [w.shortened(plan.sessions, plan.warmup or 0, plan.max_tokens or w.max_tokens) for w in workloads]
     speculation = speculation_config(args)
-    setup = _setup(args)
+    setup = load_setup(args)
     tokenizer = setup.raw.tokenizer
     results: Json = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": bool(args.quick),
-                     "machine": _machine_info(setup.device), "model": setup.model.config.name,
+                     "machine": machine_info(setup.device), "model": setup.model.config.name,
                      "speculation": dataclasses.asdict(speculation), "workload_files": [str(p) for p in paths]}
-    _log(f"verify cost: forwards of {plan.cost_rows} rows at context {plan.cost_context}")
+    log(f"verify cost: forwards of {plan.cost_rows} rows at context {plan.cost_context}")
     results["verify_cost"] = measure_verify_cost(setup.model, plan)
     results["workloads"] = {}
     for workload in workloads:
-        _log(f"workload {workload.name}: {len(workload.sessions)} sessions (+{len(workload.warmup)} warmup), "
-             f"max_tokens {workload.max_tokens}")
+        log(f"workload {workload.name}: {len(workload.sessions)} sessions (+{len(workload.warmup)} warmup), "
+            f"max_tokens {workload.max_tokens}")
         results["workloads"][workload.name] = run_workload(setup.model, tokenizer, workload, speculation,
                                                            results["verify_cost"]["line_ms"])
     results["targets"] = _targets(results["workloads"])
@@ -314,5 +314,5 @@ def run_suffix_bench(args: argparse.Namespace) -> int:
     results["elapsed_s"] = time.perf_counter() - started
     print_table(results)
     sys.stdout.flush()
-    save_json(args.json_path, results, _log)
+    save_json(args.json_path, results, log)
     return 0

@@ -1,5 +1,5 @@
 import sys
 
-from kvmesh.runtime.cli import main
+from kvmesh.cli import main
 
 sys.exit(main())

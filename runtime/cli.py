@@ -1,23 +1,19 @@
-"""The `kvmesh` command line."""
+"""The runtime's `kvmesh` commands: generate, run, demo and serve, and the model options bench/cli.py shares.
+
+kvmesh/cli.py puts them under one parser with `kvmesh bench`: runtime never imports bench (tests/test_layering.py).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 import time
 
 from kvmesh.workers.linear import WEIGHT_FORMATS
-from kvmesh.workers.model_config import UnsupportedModelError
-from kvmesh.workers.model_files import ModelLoadError
-from kvmesh.workers.sampling import InvalidRequestError
-
-_terminated = threading.Event()
 
 
-def _add_model_options(parser: argparse.ArgumentParser, model_default: str | None = "smollm2") -> None:
+def add_model_options(parser: argparse.ArgumentParser, model_default: str | None = "smollm2") -> None:
     parser.add_argument(
         "--model",
         default=model_default,
@@ -70,7 +66,7 @@ def _add_run_options(parser: argparse.ArgumentParser, max_tokens_default: int | 
         default=max_tokens_default,
         help="cap every agent's max_tokens" + (f" (default {max_tokens_default})" if max_tokens_default else ""),
     )
-    _add_model_options(parser, model_default=None)
+    add_model_options(parser, model_default=None)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads per worker (default: the node's cores shared)"
     )
@@ -79,10 +75,7 @@ def _add_run_options(parser: argparse.ArgumentParser, max_tokens_default: int | 
     parser.add_argument("--json", dest="json_path", default=None, help="also write the result as JSON here")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvmesh", description="Multi-agent LLM pipelines with shared KV caches.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_runtime_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     generate = commands.add_parser("generate", help="stream a chat reply from the engine")
     generate.add_argument("prompt", help="the user message")
     generate.add_argument("--system", default=None, help="system message (default: the model's own)")
@@ -91,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    _add_model_options(generate)
+    add_model_options(generate)
     generate.set_defaults(handler=_generate)
 
     run = commands.add_parser("run", help="run a pipeline file (it defines `pipeline = kvmesh.Pipeline(...)`)")
@@ -120,110 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS, else an embedded local one)"
     )
-    _add_model_options(serve, model_default=None)
+    add_model_options(serve, model_default=None)
     serve.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads per worker (default: the node's cores shared)"
     )
     serve.set_defaults(handler=_serve)
-
-    bench = commands.add_parser("bench", help="benchmarks (write JSON)")
-    bench_kinds = bench.add_subparsers(dest="bench", required=True)
-    engine_bench = bench_kinds.add_parser("engine", help="engine speed against its physical floors")
-    engine_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
-    engine_bench.add_argument("--quick", action="store_true", help="short lengths, for smoke tests")
-    _add_model_options(engine_bench)
-    engine_bench.set_defaults(handler=_bench_engine)
-
-    suffix_bench = bench_kinds.add_parser("suffix", help="SuffixDecoding speculation on agent-loop workloads")
-    suffix_bench.add_argument("--workload", dest="workloads", action="append", default=[],
-                              help="a workload JSON file (repeatable; default: the shipped ones)")
-    suffix_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
-    suffix_bench.add_argument("--quick", action="store_true", help="one short session per workload, for smoke tests")
-    suffix_bench.add_argument("--spec-factor", type=float, default=None, help="draft tokens per matched token")
-    suffix_bench.add_argument("--max-spec-tokens", type=int, default=None, help="draft size cap")
-    suffix_bench.add_argument("--chain", action="store_true", help="chain drafts instead of trees")
-    suffix_bench.add_argument("--no-adaptive", action="store_true", help="verify every draft whole (no cost model)")
-    _add_model_options(suffix_bench)
-    suffix_bench.set_defaults(handler=_bench_suffix)
-
-    kvcomm_bench = bench_kinds.add_parser("kvcomm", help="KVCOMM beside dense, prefix-only and naive reuse")
-    kvcomm_bench.add_argument(
-        "--workload", default=None, help="workload file (default: bench/workloads/kvcomm/default.json)"
-    )
-    kvcomm_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
-    kvcomm_bench.add_argument("--quick", action="store_true", help="a small TTFT setting and 4 task items")
-    kvcomm_bench.add_argument("--store", choices=("redis", "memory"), default="redis", help="where anchors live")
-    _add_model_options(kvcomm_bench)
-    kvcomm_bench.set_defaults(handler=_bench_kvcomm)
-
-    blend_bench = bench_kinds.add_parser("blend", help="CacheBlend on retrieval beside dense, full reuse and KVCOMM")
-    blend_bench.add_argument(
-        "--workload", default=None, help="workload file (default: bench/workloads/blend/retrieval.json)"
-    )
-    blend_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
-    blend_bench.add_argument("--quick", action="store_true", help="4 questions, 3 modes")
-    _add_model_options(blend_bench)
-    blend_bench.set_defaults(handler=_bench_blend)
-
-    fidelity_bench = bench_kinds.add_parser(
-        "fidelity", help="do the reuse modes keep dense's answers? relay, retrieval and critique, paired"
-    )
-    fidelity_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
-    fidelity_bench.add_argument("--quick", action="store_true", help="4 items per shape (2 per split)")
-    fidelity_bench.add_argument(
-        "--modes", default=None,
-        help="comma-separated variants, dense required (default dense,auto,kvcomm,blend; forms: "
-        "bench/fidelity_variants.py)",
-    )  # fmt: skip
-    fidelity_bench.add_argument(
-        "--shapes", default=None, help="comma-separated item shapes (default relay,retrieval,critique)"
-    )
-    fidelity_bench.add_argument("--split", choices=("tune", "holdout"), default=None, help="one split (default both)")
-    fidelity_bench.add_argument(
-        "--sweep", action="store_true",
-        help="the reuse-accuracy frontier: every method of fidelity_variants.SWEEP on the tune split of relay and "
-        "retrieval (unless --modes/--shapes/--split say otherwise), plotted",
-    )  # fmt: skip
-    fidelity_bench.add_argument(
-        "--plot", default=None, help="write the frontier plot here (PNG; with --sweep, default: beside --json)"
-    )
-    fidelity_bench.add_argument("--limit", type=int, default=None, help="at most N items per shape")
-    fidelity_bench.add_argument("--seed", type=int, default=0, help="the items' and the bootstrap's seed")
-    _add_model_options(fidelity_bench)
-    fidelity_bench.set_defaults(handler=_bench_fidelity)
-
-    runtime_bench = bench_kinds.add_parser("runtime", help="agent-to-agent latency and orchestration overhead")
-    runtime_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
-    runtime_bench.add_argument("--quick", action="store_true", help="fewer calls, one run per chain, 4 tokens")
-    runtime_bench.add_argument("--model", default="smollm2", help="the worker's model (default: smollm2)")
-    runtime_bench.add_argument(
-        "--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS, else an embedded local one)"
-    )
-    runtime_bench.set_defaults(handler=_bench_runtime)
-
-    cluster_bench = bench_kinds.add_parser(
-        "cluster", help="concurrent runs on one worker and on two, on a two-node Ray cluster started here"
-    )
-    cluster_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
-    cluster_bench.add_argument("--quick", action="store_true", help="one block of 6 runs, half-length outputs")
-    cluster_bench.add_argument("--concurrency", type=int, default=None, help="runs at a time (default 8; quick 4)")
-    cluster_bench.add_argument("--runs", type=int, default=None, help="runs per measured block (default 16; quick 6)")
-    cluster_bench.set_defaults(handler=_bench_cluster)
-
-    serve_bench = bench_kinds.add_parser(
-        "serve", help="a multi-agent app through `kvmesh serve` at 1, 8 and 32 concurrent conversations"
-    )
-    serve_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
-    serve_bench.add_argument("--quick", action="store_true", help="concurrency 1 and 4, short replies")
-    serve_bench.add_argument("--model", default="smollm2", help="the worker's model (default: smollm2)")
-    serve_bench.set_defaults(handler=_bench_serve)
-    return parser
-
-
-def _bench_engine(args: argparse.Namespace) -> int:
-    from kvmesh.bench.engine_bench import run_engine_bench
-
-    return run_engine_bench(args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -247,84 +141,3 @@ def _serve(args: argparse.Namespace) -> int:
 
     return run_serve(args)
 
-
-def _bench_serve(args: argparse.Namespace) -> int:
-    from kvmesh.bench.serve_bench import run_serve_bench
-
-    return run_serve_bench(args)
-
-
-def _bench_blend(args: argparse.Namespace) -> int:
-    from kvmesh.bench.blend_bench import run_blend_bench
-
-    return run_blend_bench(args)
-
-
-def _bench_fidelity(args: argparse.Namespace) -> int:
-    from kvmesh.bench.fidelity_bench import run_fidelity_bench
-
-    return run_fidelity_bench(args)
-
-
-def _bench_kvcomm(args: argparse.Namespace) -> int:
-    from kvmesh.bench.kvcomm_bench import run_kvcomm_bench
-
-    return run_kvcomm_bench(args)
-
-
-def _bench_runtime(args: argparse.Namespace) -> int:
-    from kvmesh.bench.runtime_bench import run_runtime_bench
-
-    return run_runtime_bench(args)
-
-
-def _bench_cluster(args: argparse.Namespace) -> int:
-    from kvmesh.bench.cluster_bench import run_cluster_bench
-
-    return run_cluster_bench(args)
-
-
-def _bench_suffix(args: argparse.Namespace) -> int:
-    from kvmesh.bench.suffix_bench import run_suffix_bench
-    from kvmesh.bench.workload import WorkloadError
-
-    try:
-        return run_suffix_bench(args)
-    except WorkloadError as exc:
-        print(f"kvmesh: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM stops a command as Ctrl-C does: a run is cancelled, its session closed; then main exits 143.
-    Raised as KeyboardInterrupt, the one exception Ray's blocking calls pass on as it is."""
-    _terminated.set()
-    raise KeyboardInterrupt
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return args.handler(args)
-    except KeyboardInterrupt:
-        if _terminated.is_set():
-            print("\nterminated (SIGTERM): the run was cancelled and its actors released", file=sys.stderr)
-            return 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
-        print("\ninterrupted: the run was cancelled and its actors released", file=sys.stderr)
-        return 130
-    except (ModelLoadError, UnsupportedModelError, InvalidRequestError, ValueError) as exc:  # these say what to do
-        print(f"kvmesh: error: {exc}", file=sys.stderr)
-        return 2
-    except ConnectionError as exc:  # e.g. no Ray cluster at --address
-        print(f"kvmesh: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:  # a run that failed: the message names the agent or worker and the cause
-        print(f"kvmesh: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

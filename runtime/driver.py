@@ -143,8 +143,9 @@ class Session:
 
     # -- actors ----------------------------------------------------------------------------------------
     def _start_kv_store(self) -> None:
-        """KVCOMM's store (DESIGN §6): the configured Redis, or a private redis-server for this session; and
-        the secret the workers seal its records with (kvcomm/record_seal.py), travelling in the config."""
+        """KVCOMM's store (ARCHITECTURE.md, "KV memory"): the configured Redis, or a private redis-server for
+        this session; and the secret the workers seal its records with (kvcomm/record_seal.py), travelling in
+        the config."""
         if self.config.store_secret is None:
             self.config = dataclasses.replace(self.config, store_secret=store_secret_for(self.config.token))
         if self.config.redis_url is not None:

@@ -87,7 +87,7 @@ check_imports() {
 import importlib, os, subprocess, sys
 bad = 0
 for name in ("numpy", "yaml", "tqdm", "torch", "transformers", "safetensors", "tokenizers", "jinja2", "msgpack",
-             "grpc", "google.protobuf", "gguf", "redis", "kvmesh", "kvmesh.runtime.cli", "kvmesh.bench.cuda_check",
+             "grpc", "google.protobuf", "gguf", "redis", "kvmesh", "kvmesh.cli", "kvmesh.bench.cuda_check",
              "kvmesh.bench.engine_bench", "kvmesh.bench.kvcomm_bench", "kvmesh.bench.blend_bench"):
     try:
         module = importlib.import_module(name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvmesh.bench.cluster_bench import _report
-from kvmesh.runtime.cli import build_parser
+from kvmesh.cli import build_parser
 
 
 def session(runs_per_min: float, busy: float, hits: float) -> dict:

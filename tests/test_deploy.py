@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from kvmesh.runtime.cli import build_parser
+from kvmesh.cli import build_parser
 from kvmesh.runtime.config import RuntimeConfig
 from kvmesh.runtime.env_vars import ENV_VARS
 from kvmesh.runtime.placement import AGENT_RESOURCE, WORKER_RESOURCE, resolve

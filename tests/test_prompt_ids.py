@@ -1,4 +1,5 @@
-"""Prompt ids part by part (DESIGN §3): the model's chat frame around the parts, each tokenized alone."""
+"""Prompt ids part by part (ARCHITECTURE.md, "Prompts as parts"): the model's chat frame around the parts, each
+tokenized alone."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The model's chat frame around a conversation's messages: the ids between their contents, per system message.
 
 The chat template is rendered once per (system message, roles) around sentinel contents and split at them,
-so each message's content can be tokenized part by part (DESIGN §3) inside the model's own frame. One user
-message is the common case: `frame(system)` is its head and tail.
+so each message's content can be tokenized part by part (ARCHITECTURE.md, "Prompts as parts") inside the
+model's own frame. One user message is the common case: `frame(system)` is its head and tail.
 """
 
 from __future__ import annotations

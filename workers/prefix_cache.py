@@ -1,4 +1,4 @@
-"""Exact prefix cache shared across requests: a radix tree over token blocks (DESIGN.md §4, `prefix`).
+"""Exact prefix cache shared across requests: a radix tree over token blocks (ARCHITECTURE.md, "KV memory").
 
 Each node owns a run of whole blocks and its own copy of their KV. A token's KV depends only on the
 tokens before it, and a prefix sits at the same positions in every prompt, so loading a cached prefix

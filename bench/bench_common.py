@@ -1,0 +1,168 @@
+"""What several benchmarks share: progress lines, the machine's description, the model setup, and timed
+forwards and logits comparisons on a bare LlamaModel (engine_bench's measurements; cuda_check repeats them)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kvmesh.kvcomm.kv_cache import KVCache
+from kvmesh.workers.forward_batch import ForwardBatch, SequenceChunk
+from kvmesh.workers.kv_slots import KVSlots
+from kvmesh.workers.linear import WeightFormat
+from kvmesh.workers.llama import LlamaModel
+from kvmesh.workers.model_files import RawModel, load_raw_model
+
+from . import floors
+
+Json = dict[str, Any]
+
+# Real text for the logits comparison: quantization error shows on natural tokens, not random ids.
+SAMPLE_TEXT = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lantern and a small "
+    "notebook in which he recorded the weather, the ships that passed, and the colour of the sea. Over forty "
+    "years the notebooks filled three shelves. When the light was automated, the harbour museum asked for "
+    "them, and a historian spent a winter reading every page. She found storms that no official record "
+    "mentioned, a whale that visited the bay each spring, and, in the margins, sketches of birds drawn with "
+    "great care. Her book about the keeper became a quiet success, read mostly by people who live near the "
+    "coast and know how long a winter night can be."
+)
+
+_started = time.perf_counter()
+
+
+def restart_clock() -> float:
+    """Stamp log's lines from now on (a run's start); returns now."""
+    global _started
+    _started = time.perf_counter()
+    return _started
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - _started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def random_ids(count: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (count,), generator=torch.Generator().manual_seed(seed))
+
+
+# -- setup ------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    raw: RawModel
+    model: LlamaModel
+    device: torch.device
+    dtype: torch.dtype
+
+
+def build_model(raw: RawModel, device: torch.device, dtype: torch.dtype, fmt: WeightFormat) -> LlamaModel:
+    return LlamaModel(raw.config, raw.weights, device=device, dtype=dtype, weight_format=fmt)
+
+
+def load_setup(args: argparse.Namespace) -> Setup:
+    # The same defaults as Engine.load: fp32 on CPU, bf16 on CUDA.
+    device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    fmt: WeightFormat = getattr(args, "weights", None) or ("bf16" if on_gpu else "fp32")
+    log(f"loading {args.model} ({fmt} weights on {device})")
+    raw = load_raw_model(args.model)
+    return Setup(raw, build_model(raw, device, dtype, fmt), device, dtype)
+
+
+def machine_info(device: torch.device) -> Json:
+    cpu_model = platform.processor()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu_model = names[0] if names else cpu_model
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "loadavg_start": os.getloadavg()[0],
+        # OpenMP settings change how 2 threads behave when other processes share the cores
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS") if k in os.environ},
+    }
+
+
+# -- the model's forwards ---------------------------------------------------------------------------
+def timed_prefill(model: LlamaModel, ids: torch.Tensor, spare: int) -> tuple[float, KVCache]:
+    """Seconds for one prefill into a fresh cache (last token's logits), and the cache it filled."""
+    cache = model.new_cache(capacity=ids.numel() + spare)
+    start = time.perf_counter()
+    model.forward(ForwardBatch.single(cache, ids))
+    floors.sync(model.device)
+    return time.perf_counter() - start, cache
+
+
+def decode_ms(model: LlamaModel, cache: KVCache, context: int, tokens: int) -> float:
+    """Median ms of single-token forwards after `context` cached tokens (the cache is cut back first)."""
+    cache.truncate(context)
+    ids = random_ids(tokens + 1, model.config.vocab_size, seed=context)
+    times = []
+    for i, token in enumerate(ids.tolist()):
+        start = time.perf_counter()
+        model.forward(ForwardBatch.single(cache, [token]))
+        floors.sync(model.device)
+        if i:  # the first step after a prefill or a model switch is a warm-up
+            times.append(time.perf_counter() - start)
+    cache.truncate(context)
+    return 1000 * statistics.median(times)
+
+
+def batch_decode_step(model: LlamaModel, caches: list[KVCache], token: int) -> float:
+    """Seconds for one forward in which every cache's sequence decodes one token."""
+    n = len(caches)
+    batch = ForwardBatch(
+        token_ids=torch.full((n,), token),
+        positions=torch.tensor([c.length for c in caches]),
+        chunks=[SequenceChunk(c, 1) for c in caches],
+        logit_rows=torch.arange(n),
+    )
+    start = time.perf_counter()
+    model.forward(batch)
+    floors.sync(model.device)
+    return time.perf_counter() - start
+
+
+def slot_caches(model: LlamaModel, n: int, capacity: int) -> list[KVCache]:
+    """N empty caches in one KVSlots buffer: the layout the engine decodes batches in."""
+    c = model.config
+    slots = KVSlots(num_layers=c.num_layers, num_slots=n, num_kv_heads=c.num_kv_heads, capacity=capacity,
+                    head_dim=c.head_dim, dtype=model.dtype, device=model.device)
+    return [cache for cache in (slots.acquire() for _ in range(n)) if cache is not None]
+
+
+# -- logits -----------------------------------------------------------------------------------------
+def logits_distance(reference: torch.Tensor, other: torch.Tensor) -> Json:
+    """reference/other [T, V] logits of the same prompt: max |diff|, argmax agreement, mean KL(ref || other)."""
+    log_p, log_q = F.log_softmax(reference.double(), -1), F.log_softmax(other.double(), -1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # KL(p || q) per position
+    return {
+        "max_abs_logit_diff": float((reference - other).abs().max()),
+        "argmax_agreement": float((reference.argmax(-1) == other.argmax(-1)).float().mean()),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+    }
+
+
+def all_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+    logits = model.forward(ForwardBatch.single(model.new_cache(capacity=len(ids)), ids, all_logits=True))
+    assert logits is not None
+    return logits.float().cpu()
