@@ -97,7 +97,7 @@ def add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "serve", help="a multi-agent app through `kvmesh serve` at 1, 8 and 32 concurrent conversations"
     )
     serve_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
-    serve_bench.add_argument("--quick", action="store_true", help="concurrency 1 and 4, short replies")
+    serve_bench.add_argument("--quick", action="store_true", help="concurrency 1 and 2, short replies, for smoke tests")
     serve_bench.add_argument("--model", default="smollm2", help="the worker's model (default: smollm2)")
     serve_bench.set_defaults(handler=_bench_serve)
 

@@ -7,7 +7,8 @@ lines go to stderr.
 
 Sections: machine floors; prefill at several lengths; decode at several contexts; batch-8 decode (one
 ForwardBatch of 8 sequences, and the same through Engine.step); other weight formats (speed and logits
-distance from fp32); transformers on the same GGUF; the issue's targets, each marked pass or miss.
+distance from fp32); transformers on the same GGUF; llama.cpp on the same GGUF (llama_cpp_engine, when
+llama-cpp-python is installed); the issue's targets, each marked pass or miss.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from kvmesh.workers.llama import LlamaModel
 from kvmesh.workers.model_files import resolve_model_path
 from kvmesh.workers.sampling import SamplingParams
 
-from . import floors
+from . import floors, llama_cpp_engine
 from .bench_common import (
     SAMPLE_TEXT,
     Json,
@@ -53,12 +54,12 @@ from .bench_common import (
 from .json_report import save_json
 
 # The issue's targets: decode <= 50 ms/token at 512, prefill >= 80% of the matmul rate,
-# decode >= 1.5x transformers, batch-8 aggregate >= 4x batch 1.
+# decode >= 1.5x transformers, batch-8 aggregate >= 4x batch 1, decode faster than llama.cpp's.
 TARGET_DECODE_MS = 50.0
 TARGET_PREFILL_EFFICIENCY = 0.8
 TARGET_VS_TRANSFORMERS = 1.5
 TARGET_BATCH_SPEEDUP = 4.0
-
+TARGET_VS_LLAMACPP = 1.0  # llama.cpp ms/token / ours: above 1 is faster (an exact tie is not a practical case)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Plan:
     format_rounds: int  # interleaved fp32 / format decode measurements
     transformers_rounds: int  # 0 skips transformers
     transformers_new_tokens: int
+    llamacpp_rounds: int  # interleaved llama.cpp / ours rounds at the prefill lengths and decode contexts
     floor_sizes: floors.FloorSizes
 
 
@@ -97,6 +99,7 @@ FULL = Plan(
     format_rounds=2,
     transformers_rounds=3,
     transformers_new_tokens=32,
+    llamacpp_rounds=3,
     floor_sizes=floors.FloorSizes(),
 )
 QUICK = Plan(
@@ -114,8 +117,10 @@ QUICK = Plan(
     format_rounds=1,
     transformers_rounds=0,
     transformers_new_tokens=0,
+    llamacpp_rounds=2,  # llama.cpp loads in under a second: it runs in --quick too, when installed
     floor_sizes=floors.QUICK_SIZES,
 )
+
 
 def bench_floors(setup: Setup, plan: Plan) -> Json:
     log("floors: matmul rate, copy bandwidth, GEMV rate")
@@ -419,6 +424,29 @@ def bench_transformers(args: argparse.Namespace, setup: Setup, plan: Plan, cache
     }
 
 
+# -- llama.cpp ------------------------------------------------------------------------------------
+def _ours_measure(model: LlamaModel) -> llama_cpp_engine.Measure:
+    """Our side of the llama.cpp rounds: a timed prefill of ids [n] into a fresh cache, then decode_ms on it."""
+
+    def measure(ids: torch.Tensor, decode_tokens: int) -> tuple[float, float | None]:
+        seconds, cache = timed_prefill(model, ids, spare=decode_tokens + 1)  # decode_ms runs tokens + 1 steps
+        return seconds, decode_ms(model, cache, ids.numel(), decode_tokens) if decode_tokens else None
+
+    return measure
+
+
+def bench_llamacpp(args: argparse.Namespace, setup: Setup, plan: Plan) -> Json:
+    """llama.cpp on the same GGUF at the prefill lengths and decode contexts, interleaved with ours."""
+    sizes = llama_cpp_engine.Sizes(
+        prefill_lengths=tuple(sorted(plan.prefill_runs)),
+        decode_contexts=plan.decode_contexts,
+        decode_tokens=plan.decode_tokens,
+        rounds=plan.llamacpp_rounds,
+    )
+    return llama_cpp_engine.bench_llamacpp(resolve_model_path(args.model), torch.get_num_threads(), sizes,
+                                           setup.model.config.vocab_size, _ours_measure(setup.model))
+
+
 # -- targets and the table --------------------------------------------------------------------------
 def _target(value: float | None, target: float, at_least: bool, note: str) -> Json:
     passed = None if value is None else (value >= target if at_least else value <= target)
@@ -427,7 +455,7 @@ def _target(value: float | None, target: float, at_least: bool, note: str) -> Js
 
 def evaluate_targets(results: Json, plan: Plan) -> Json:
     main, batch = str(plan.main_context), results["batch_context"]
-    vs_hf = results["vs_transformers"]
+    vs_hf, vs_llama = results["vs_transformers"], results["vs_llamacpp"]
     return {
         "decode_ms": _target(results["decode_ms_per_token"].get(main), TARGET_DECODE_MS, False,
                              f"ms/token @{main}, batch 1"),
@@ -437,6 +465,9 @@ def evaluate_targets(results: Json, plan: Plan) -> Json:
                                           vs_hf.get("skipped", f"transformers ms/token / ours @{main}")),
         "batch8_speedup": _target(results["batch8_speedup"], TARGET_BATCH_SPEEDUP, True,
                                   f"batch-{plan.batch_size} aggregate tok/s / batch-1 tok/s @{batch}"),
+        "decode_vs_llamacpp": _target(vs_llama.get("decode_speedup"), TARGET_VS_LLAMACPP, True,
+                                      vs_llama.get("skipped", f"llama.cpp ms/token / ours @{main}, "
+                                                   "llama.cpp on the GGUF's own quantized weights")),
     }
 
 
@@ -492,6 +523,23 @@ def _transformers_rows(vs: Json) -> list[Row]:
     ]
 
 
+def _llamacpp_rows(llama: Json, weight_format: str) -> list[Row]:
+    if "skipped" in llama:
+        return [("vs llama.cpp", "-", llama["skipped"], "")]
+    ours, rows = llama["ours"], []
+    for n, tok_s in llama["prefill_tok_s"].items():
+        rows.append((f"vs llama.cpp prefill {n} tok/s", _fmt(ours["prefill_tok_s"][n], ".0f"), f"llama.cpp {tok_s:.0f}",
+                     f"{ours['prefill_tok_s'][n] / tok_s:.2f}x (spread {ours['prefill_spread'][n]:.0%} / "
+                     f"{llama['prefill_spread'][n]:.0%})"))
+    for c, ms in llama["decode_ms_per_token"].items():
+        rows.append((f"vs llama.cpp decode @{c} ms/token", _fmt(ours["decode_ms_per_token"][c]), f"llama.cpp {ms:.1f}",
+                     f"{ms / ours['decode_ms_per_token'][c]:.2f}x faster (spread {ours['decode_spread'][c]:.0%} / "
+                     f"{llama['decode_spread'][c]:.0%})"))
+    rows.append(("  weights", weight_format, f"llama.cpp: the GGUF's own {llama['weights'] or '(unknown type)'}",
+                 f"llama-cpp-python {llama['version']}, {llama['rounds']} rounds"))
+    return rows
+
+
 def _format_rows(formats: Json) -> list[Row]:
     rows = []
     for fmt, entry in formats.items():
@@ -514,6 +562,7 @@ def print_table(results: Json) -> None:
         *_speed_rows(results),
         *_format_rows(results["weight_formats"]),
         *_transformers_rows(results["vs_transformers"]),
+        *_llamacpp_rows(results["llamacpp"], results["model"]["weight_format"]),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for i, row in enumerate(rows):
@@ -584,6 +633,10 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     results["vs_transformers"] = sections.run(
         "vs_transformers", lambda: bench_transformers(args, setup, plan, cache), optional=True
     ) or {"skipped": "failed: see errors"}
+    results["llamacpp"] = sections.run(
+        "llamacpp", lambda: bench_llamacpp(args, setup, plan), optional=True
+    ) or {"skipped": "failed: see errors"}
+    results["vs_llamacpp"] = llama_cpp_engine.speedups(results["llamacpp"], plan.main_context)
     results["targets"] = evaluate_targets(results, plan)
     results["machine"].update(loadavg_end=os.getloadavg()[0], others_cpu=sections.others_cpu)
     results["elapsed_s"] = time.perf_counter() - started

@@ -21,11 +21,17 @@ from pathlib import Path
 MODEL_ALIAS = "smollm2"
 
 
-def missing_note() -> str | None:
-    """None when llama-cpp-python's server can run here, else why not and how to get it."""
+def missing_note(*, server: bool = True) -> str | None:
+    """None when llama-cpp-python (with its OpenAI server, if `server`) can run here, else why not and how to get it.
+
+    `server=False` is for the in-process comparison (llama_cpp_engine), which needs the library alone.
+    """
     if importlib.util.find_spec("llama_cpp") is None:
-        return ("llama-cpp-python is not installed: `pip install 'llama-cpp-python[server]'` (it compiles llama.cpp, "
+        package = "'llama-cpp-python[server]'" if server else "llama-cpp-python"
+        return (f"llama-cpp-python is not installed: `pip install {package}` (it compiles llama.cpp, "
                 "~11 minutes of CPU) and run the bench again for this column")
+    if not server:
+        return None
     if importlib.util.find_spec("llama_cpp.server") is None or importlib.util.find_spec("uvicorn") is None:
         return "llama-cpp-python is installed without its server: `pip install 'llama-cpp-python[server]'`"
     return None

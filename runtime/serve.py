@@ -1,10 +1,14 @@
-"""`kvmesh serve`: a session's workers behind an OpenAI-compatible HTTP API, as a Ray Serve application.
+"""`kvmesh serve`: a session's workers behind an OpenAI-compatible HTTP API (FastAPI, openai_app.py).
 
-The HTTP ingress is a Ray Serve deployment (FastAPI, openai_app.py) whose replicas sit behind Ray Serve's
-proxy and call the session's workers through its registry, as agents do; on one machine it is the same
-deployment with one replica. Serve's proxy binds `ServeConfig.host` (127.0.0.1 by default); any other host
-requires an API key. Joining a cluster where Serve already runs, its proxy's settings stand (Serve cannot
-change them while it runs): the server refuses to start if that proxy listens off loopback and no key is set.
+Two ingresses serve the same app, each calling the session's workers through its registry, as agents do:
+- `driver` (default): uvicorn in the driver's process, one event loop. No hop between processes: on a 2-core
+  machine Ray Serve's proxy → replica → proxy hop cost ~15 ms of a ~500 ms TTFT (bench/NOTES.md), the driver's
+  uvicorn ~1 ms. One process serves every request, which a single machine's workers saturate long before.
+- `serve`: a Ray Serve deployment whose replicas sit behind Serve's proxy, for `--replicas` > 1 (HTTP work
+  spread over a cluster). Joining a cluster where Serve already runs, its proxy's settings stand (Serve
+  cannot change them while it runs): the server refuses to start if that proxy listens off loopback and no
+  key is set.
+Either binds `ServeConfig.host` (127.0.0.1 by default); any other host requires an API key.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import uvicorn
 from fastapi import FastAPI
 from ray import serve
 from ray.serve.context import _get_global_client  # Serve's own handle on its controller: its proxy settings
@@ -31,6 +36,7 @@ from .openai_app import build_app
 from .worker_actor import model_label
 
 MAX_ONGOING_REQUESTS = 256  # per replica: each holds an open stream from a worker, not a core
+INGRESSES = ("driver", "serve")
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: a free port
     api_key: str | None = field(default_factory=lambda: os.environ.get("KVMESH_API_KEY") or None, repr=False)
-    replicas: int = 1  # HTTP ingress replicas behind Serve's proxy
+    replicas: int = 1  # HTTP ingress replicas behind Serve's proxy (ingress="serve")
+    ingress: Literal["driver", "serve"] = "driver"  # uvicorn in the driver, or a Ray Serve deployment
+    startup_timeout_s: float = 60.0  # the driver's uvicorn: until it listens
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -54,6 +62,10 @@ class ServeConfig:
             )
         if not isinstance(self.replicas, int) or self.replicas < 1:
             raise ConfigError(f"--replicas must be an int >= 1, got {self.replicas!r}")
+        if self.ingress not in INGRESSES:
+            raise ConfigError(f"--ingress must be one of {', '.join(INGRESSES)}, got {self.ingress!r}")
+        if self.replicas > 1 and self.ingress != "serve":
+            raise ConfigError(f"--replicas {self.replicas} needs --ingress serve (the driver's ingress is one process)")
 
 
 @serve.deployment(
@@ -78,27 +90,43 @@ class OpenAIServer:
     def __init__(self, session: Session, config: ServeConfig | None = None) -> None:
         config = config or ServeConfig()
         self.model = model_label(session.model)
+        self.config = config
         self.app_name = f"kvmesh-{session.id}"
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's progress lines, in the driver
-        self._owns_serve = _get_global_client(raise_if_no_controller_running=False) is None
-        port = config.port or _free_port(config.host)
+        self._uvicorn: _DriverIngress | None = None
+        self._owns_serve = False
+        settings = DoorSettings(session.id, session.config, self.model, config.api_key)
         try:
-            serve.start(
-                http_options={"host": config.host, "port": port},
-                proxy_location="HeadOnly",  # one proxy, on the head node, in front of replicas on every node
-                logging_config={"log_level": "WARNING"},
-            )
-            host, port = _proxy_address(config.host, port, config.api_key)
-            settings = DoorSettings(session.id, session.config, self.model, config.api_key)
-            ingress = OpenAIIngress.options(num_replicas=config.replicas).bind(settings)
-            serve.run(ingress, name=self.app_name, route_prefix="/", logging_config={"log_level": "WARNING"})
+            if config.ingress == "driver":
+                self._uvicorn = _DriverIngress(build_app(ChatDoor(settings)), config)
+                host, port = config.host, self._uvicorn.port
+            else:
+                host, port = self._start_serve(settings, config)
         except BaseException:
             self.close()
             raise
         shown = _reachable(host, session)
         self.base_url = f"http://[{shown}]:{port}/v1" if ":" in shown else f"http://{shown}:{port}/v1"
 
+    def _start_serve(self, settings: DoorSettings, config: ServeConfig) -> tuple[str, int]:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's progress lines, in the driver
+        self._owns_serve = _get_global_client(raise_if_no_controller_running=False) is None
+        port = config.port or _free_port(config.host)
+        serve.start(
+            http_options={"host": config.host, "port": port},
+            proxy_location="HeadOnly",  # one proxy, on the head node, in front of replicas on every node
+            logging_config={"log_level": "WARNING"},
+        )
+        host, port = _proxy_address(config.host, port, config.api_key)
+        ingress = OpenAIIngress.options(num_replicas=config.replicas).bind(settings)
+        serve.run(ingress, name=self.app_name, route_prefix="/", logging_config={"log_level": "WARNING"})
+        return host, port
+
     def close(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.close()
+            self._uvicorn = None
+        if self.config.ingress != "serve":
+            return
         try:
             serve.delete(self.app_name)
             if self._owns_serve and not serve.status().applications:
@@ -111,6 +139,38 @@ class OpenAIServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _DriverIngress:
+    """uvicorn serving the app from a thread of this process, on a socket bound before it starts (so port 0
+    gives a known free port and a bind error surfaces here, not in the thread)."""
+
+    def __init__(self, app: FastAPI, config: ServeConfig) -> None:
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((config.host, config.port))
+        except OSError as exc:
+            self.socket.close()
+            raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}; choose another --port "
+                              "(0: a free one)") from None
+        self.port = int(self.socket.getsockname()[1])
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True,
+                                       name="kvmesh-http")
+        self.thread.start()
+        deadline = time.monotonic() + config.startup_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"the HTTP server did not start within {config.startup_timeout_s:.0f} s")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.server.should_exit = True  # finishes open responses, then returns from run()
+        self.thread.join(timeout=30)
+        self.socket.close()
 
 
 def _free_port(host: str) -> int:
@@ -149,7 +209,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from .pipeline_runs import session_config
 
     config = ServeConfig(  # validated before Ray starts
-        host=args.host, port=args.port, replicas=args.replicas, **({"api_key": args.api_key} if args.api_key else {})
+        host=args.host, port=args.port, replicas=args.replicas, ingress=args.ingress,
+        **({"api_key": args.api_key} if args.api_key else {}),
     )
     session_settings = session_config(args)
     started = time.perf_counter()
@@ -161,7 +222,7 @@ def run_serve(args: argparse.Namespace) -> int:
         where = "embedded local Ray" if session.cluster.embedded else f"Ray at {session.cluster.address}"
         print(
             f"kvmesh: {where}, ready in {time.perf_counter() - started:.1f} s; serving {server.model!r} "
-            f"({config.replicas} HTTP replica(s)" + (", API key required" if config.api_key else "") + ")",
+            f"({_ingress_label(config)}" + (", API key required" if config.api_key else "") + ")",
             file=sys.stderr,
         )
         print(server.base_url, flush=True)  # stdout: the one line a script wants
@@ -170,3 +231,7 @@ def run_serve(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("\nkvmesh: stopping the server, the workers and Ray …", file=sys.stderr, flush=True)
     return 0
+
+
+def _ingress_label(config: ServeConfig) -> str:
+    return "uvicorn in the driver" if config.ingress == "driver" else f"{config.replicas} Ray Serve replica(s)"

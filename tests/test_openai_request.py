@@ -179,6 +179,9 @@ def test_serving_off_loopback_requires_an_api_key(monkeypatch):
     assert ServeConfig(host="0.0.0.0", api_key="k").api_key == "k"
     monkeypatch.setenv("KVMESH_API_KEY", "from-env")
     assert ServeConfig(host="0.0.0.0").api_key == "from-env"
-    for bad in ({"port": 70000}, {"replicas": 0}, {"api_key": " "}, {"host": ""}):
+    for bad in ({"port": 70000}, {"replicas": 0}, {"api_key": " "}, {"host": ""}, {"ingress": "nginx"}):
         with pytest.raises(ConfigError):
             ServeConfig(**bad)
+    with pytest.raises(ConfigError, match="--replicas 2 needs --ingress serve"):
+        ServeConfig(replicas=2)
+    assert ServeConfig(replicas=2, ingress="serve").replicas == 2

@@ -1,7 +1,8 @@
 """`kvmesh serve` through real clients: the openai library, curl, raw HTTP, and a LangGraph app left unchanged.
 
-One server for the module (a Session with one SmolLM2 worker behind Ray Serve, an API key required); the
-`kvmesh serve` command itself runs once as a subprocess, as a user starts and Ctrl-Cs it.
+One server for the module (a Session with one SmolLM2 worker behind the default ingress, uvicorn in the driver,
+an API key required), and once the same workers behind a Ray Serve ingress; the `kvmesh serve` command itself
+runs once as a subprocess, as a user starts and Ctrl-Cs it.
 """
 
 from __future__ import annotations
@@ -211,11 +212,30 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request_in_the_engine(
         time.sleep(0.1)  # 3000 tokens would take minutes: it was cancelled, its KV slot freed
 
 
-def test_serve_proxy_listens_on_loopback_only(served):
+def test_the_http_server_listens_on_loopback_only(served):
     _, server = served
     port = urlsplit(server.base_url).port
     addresses = {address for p, address in listening() if p == port}
     assert addresses == {"127.0.0.1"}, addresses
+
+
+def test_a_ray_serve_ingress_serves_the_same_workers_with_the_same_key_on_loopback(served):
+    from openai import AuthenticationError, OpenAI
+
+    session, _ = served
+    with OpenAIServer(session, ServeConfig(port=0, api_key=KEY, ingress="serve")) as server:
+        port = urlsplit(server.base_url).port
+        assert {address for p, address in listening() if p == port} == {"127.0.0.1"}
+        reply = OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0).chat.completions.create(
+            **ask("Name a colour.")
+        )
+        assert reply.choices[0].message.content and reply.model_extra["kvmesh"]["worker"]
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0).chat.completions.create(**ask("Hi."))
+    deadline = time.monotonic() + 15  # Serve's proxy actor is killed, not joined
+    while port in {p for p, _ in listening()}:
+        assert time.monotonic() < deadline, "Serve's proxy still listens after close()"
+        time.sleep(0.2)
 
 
 def test_a_reply_coming_back_whole_or_quoted_has_the_id_its_worker_published(client):

@@ -1,0 +1,27 @@
+"""`kvmesh bench serve --quick` end to end: both ingresses' overheads and the blocks' keys, on a real session."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvmesh.cli import build_parser
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_serve_bench_reports_blocks_and_both_ingresses_overhead(ray_cluster, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    args = build_parser().parse_args(["bench", "serve", "--quick", "--json", str(out)])
+    assert args.handler(args) == 0
+    report = json.loads(out.read_text())
+    assert [(b["concurrency"], b["mode"]) for b in report["blocks"]] == [(1, "auto"), (1, "dense"), (2, "auto"),
+                                                                         (2, "dense")]
+    assert all(b["errors"] == 0 and b["calls"] == 3 * b["conversations"] for b in report["blocks"])
+    for key in ("overhead_c1", "overhead_c1_serve_ingress"):
+        overhead = report[key]
+        assert overhead["calls"] == 12  # 2 conversations × 3 agents × 2 modes
+        assert 0 < overhead["worker_ttft_p50_ms"] < overhead["http_ttft_p50_ms"]
+    printed = capsys.readouterr().out
+    assert "uvicorn in the driver" in printed and "Ray Serve" in printed
