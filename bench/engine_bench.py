@@ -523,18 +523,25 @@ def _transformers_rows(vs: Json) -> list[Row]:
     ]
 
 
-def _llamacpp_rows(llama: Json, weight_format: str) -> list[Row]:
+def _times_faster(speedup: float) -> str:
+    """A vs_llamacpp speedup (> 1: kvmesh faster) in words either way."""
+    if speedup >= 1:
+        return f"{speedup:.2f}x, kvmesh faster"
+    return f"{speedup:.2f}x, llama.cpp {1 / speedup:.1f}x faster"
+
+
+def _llamacpp_rows(llama: Json, vs: Json, weight_format: str) -> list[Row]:
     if "skipped" in llama:
         return [("vs llama.cpp", "-", llama["skipped"], "")]
     ours, rows = llama["ours"], []
     for n, tok_s in llama["prefill_tok_s"].items():
         rows.append((f"vs llama.cpp prefill {n} tok/s", _fmt(ours["prefill_tok_s"][n], ".0f"), f"llama.cpp {tok_s:.0f}",
-                     f"{ours['prefill_tok_s'][n] / tok_s:.2f}x (spread {ours['prefill_spread'][n]:.0%} / "
-                     f"{llama['prefill_spread'][n]:.0%})"))
+                     f"{_times_faster(vs['prefill_speedup_by_length'][n])} (spread ours "
+                     f"{ours['prefill_spread'][n]:.0%}, llama.cpp {llama['prefill_spread'][n]:.0%})"))
     for c, ms in llama["decode_ms_per_token"].items():
         rows.append((f"vs llama.cpp decode @{c} ms/token", _fmt(ours["decode_ms_per_token"][c]), f"llama.cpp {ms:.1f}",
-                     f"{ms / ours['decode_ms_per_token'][c]:.2f}x faster (spread {ours['decode_spread'][c]:.0%} / "
-                     f"{llama['decode_spread'][c]:.0%})"))
+                     f"{_times_faster(vs['decode_speedup_by_context'][c])} (spread ours "
+                     f"{ours['decode_spread'][c]:.0%}, llama.cpp {llama['decode_spread'][c]:.0%})"))
     rows.append(("  weights", weight_format, f"llama.cpp: the GGUF's own {llama['weights'] or '(unknown type)'}",
                  f"llama-cpp-python {llama['version']}, {llama['rounds']} rounds"))
     return rows
@@ -562,7 +569,7 @@ def print_table(results: Json) -> None:
         *_speed_rows(results),
         *_format_rows(results["weight_formats"]),
         *_transformers_rows(results["vs_transformers"]),
-        *_llamacpp_rows(results["llamacpp"], results["model"]["weight_format"]),
+        *_llamacpp_rows(results["llamacpp"], results["vs_llamacpp"], results["model"]["weight_format"]),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for i, row in enumerate(rows):

@@ -1,4 +1,4 @@
-"""llama.cpp itself on the same GGUF, in this process through llama-cpp-python: `kvmesh bench engine`'s
+"""llama.cpp itself on the same GGUF, through llama-cpp-python in a child process: `kvmesh bench engine`'s
 comparison column.
 
 It is the CPU user's alternative, measured as that user would run it: llama.cpp computes with the GGUF's
@@ -7,7 +7,10 @@ load (fp32 on CPU by default). So this compares two engines on one file, not two
 
 Each round measures both engines at every length back to back, the one to go first alternating, so that
 both see the same load on this shared machine; a figure is the median over rounds, with its spread
-(max - min) / median.
+(max - min) / median. llama.cpp runs in a child process with OMP_WAIT_POLICY=PASSIVE: in one process, two
+OpenMP runtimes (torch's and llama.cpp's) keep their idle threads spinning against each other's work, which
+made our decode 10x slower in this section than alone (1.2 s/token against 0.13 s); the child's threads
+sleep while ours compute, and ours (the default policy spins only briefly) sleep while the child's compute.
 
 Optional: llama-cpp-python compiles llama.cpp when installed (~11 minutes of CPU), so it is no dependency of
 kvmesh; without it the section is skipped with a note saying how to get it.
@@ -15,8 +18,11 @@ kvmesh; without it the section is skipped with a note saying how to get it.
 
 from __future__ import annotations
 
-import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +39,7 @@ from .llama_cpp_server import missing_note
 Measure = Callable[[torch.Tensor, int], tuple[float, float | None]]
 
 LLAMA, OURS = "llama_cpp", "ours"
+WARMUP_TOKENS = 32  # the warm-up prompt's length, as bench_prefill's
 
 DEFINITIONS = {
     "prefill_speedup": "ours prefill tok/s / llama.cpp's at the same length: how many times faster kvmesh is "
@@ -63,14 +70,13 @@ class LlamaCpp:
         import llama_cpp
 
         self.vocab = vocab
-
-        longest = max(sizes.lengths)
+        n_ctx = max(*sizes.lengths, WARMUP_TOKENS) + sizes.decode_tokens + 8  # the longest prompt and its steps
         self.llm: Any = llama_cpp.Llama(
             model_path=str(gguf),
-            n_ctx=longest + sizes.decode_tokens + 8,
+            n_ctx=n_ctx,
             n_threads=threads,  # decode
             n_threads_batch=threads,  # prefill
-            n_batch=max(longest, 512),  # a prompt in one eval; llama.cpp still computes it in n_ubatch pieces
+            n_batch=n_ctx,  # a prompt in one eval call; llama.cpp computes it in n_ubatch (<= 512) pieces
             logits_all=False,  # only the last position's logits, as our prefill computes
             verbose=False,
         )
@@ -164,33 +170,89 @@ def bench_llamacpp(gguf: Path, threads: int, sizes: Sizes, vocab: int, ours: Mea
     if note is not None:
         log(f"llama.cpp: skipped: {note}")
         return {"skipped": note}
-    log(f"llama.cpp: loading {gguf.name} through llama-cpp-python ({threads} threads)")
+    log(f"llama.cpp: loading {gguf.name} through llama-cpp-python ({threads} threads, a child process)")
     start = time.perf_counter()
-    llama = LlamaCpp(gguf, threads, sizes, vocab)
-    load_s = time.perf_counter() - start
-    try:
+    with LlamaCppProcess(gguf, threads, sizes, vocab) as llama:
+        info = llama.info()
+        load_s = time.perf_counter() - start
         for measure in (llama.measure, ours):  # warm-up: first-call allocations, and a warm cache for both
-            measure(random_ids(32, vocab, seed=0), 2)
+            measure(random_ids(WARMUP_TOKENS, vocab, seed=0), 2)
         engines = interleaved_rounds({LLAMA: llama.measure, OURS: ours}, sizes, vocab)
-        weights, context = llama.weights(), llama.llm.context_params
-        settings = {"n_ctx": llama.llm.n_ctx(), "n_batch": context.n_batch, "n_ubatch": context.n_ubatch,
-                    "n_threads": threads}
-    finally:
-        llama.close()
-        del llama
-        gc.collect()
+    weights = info["weights"]
     return {
-        **_library_info(),
+        **info["library"],
         "weights": weights,
         "note": f"llama.cpp computes with the GGUF's own {weights or 'quantized'} weights and its own kernels",
         "load_s": load_s,
-        "settings": settings,
+        "settings": info["settings"],
         "rounds": sizes.rounds,
         "decode_tokens": sizes.decode_tokens,
         **engines[LLAMA],
         "ours": engines[OURS],
         "definitions": DEFINITIONS,
     }
+
+
+class LlamaCppProcess:
+    """A LlamaCpp in a child process (OMP_WAIT_POLICY=PASSIVE there), driven by one JSON line per request."""
+
+    def __init__(self, gguf: Path, threads: int, sizes: Sizes, vocab: int) -> None:
+        spec = {"gguf": str(gguf), "threads": threads, "vocab": vocab, "lengths": list(sizes.lengths),
+                "decode_tokens": sizes.decode_tokens}
+        self.child = subprocess.Popen(
+            [sys.executable, "-m", __name__, json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=os.environ | {"OMP_WAIT_POLICY": "PASSIVE"},
+        )  # fmt: skip
+
+    def _ask(self, request: Json) -> Json:
+        assert self.child.stdin is not None and self.child.stdout is not None
+        self.child.stdin.write(json.dumps(request) + "\n")
+        self.child.stdin.flush()
+        answer = self.child.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"llama.cpp's process exited (code {self.child.wait()}); its error is above")
+        return json.loads(answer)
+
+    def info(self) -> Json:
+        return self._ask({"info": True})
+
+    def measure(self, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float | None]:
+        """The `Measure` of llama.cpp, computed in the child."""
+        found = self._ask({"ids": ids.tolist(), "decode_tokens": decode_tokens})
+        return found["prefill_s"], found["decode_ms"]
+
+    def __enter__(self) -> LlamaCppProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.child.stdin is not None:
+            self.child.stdin.close()  # end of requests: the child returns
+        try:
+            self.child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+
+
+def _serve_requests(spec: Json) -> None:
+    """The child: a LlamaCpp answering LlamaCppProcess's requests on stdin, one JSON line each, until EOF."""
+    lengths = tuple(spec["lengths"])
+    sizes = Sizes(prefill_lengths=lengths, decode_contexts=(), decode_tokens=spec["decode_tokens"], rounds=1)
+    llama = LlamaCpp(Path(spec["gguf"]), spec["threads"], sizes, spec["vocab"])
+    try:
+        for line in sys.stdin:
+            request = json.loads(line)
+            if request.get("info"):
+                context = llama.llm.context_params
+                answer: Json = {"library": _library_info(), "weights": llama.weights(), "settings": {
+                    "n_ctx": llama.llm.n_ctx(), "n_batch": context.n_batch, "n_ubatch": context.n_ubatch,
+                    "n_threads": spec["threads"]}}  # fmt: skip
+            else:
+                prefill_s, decode_ms = llama.measure(torch.tensor(request["ids"]), request["decode_tokens"])
+                answer = {"prefill_s": prefill_s, "decode_ms": decode_ms}
+            print(json.dumps(answer), flush=True)
+    finally:
+        llama.close()
 
 
 def speedups(result: Json, main: int) -> Json:
@@ -209,3 +271,7 @@ def speedups(result: Json, main: int) -> Json:
         "prefill_speedup_by_length": prefill,
         "definitions": {k: v for k, v in DEFINITIONS.items() if k.endswith("_speedup")},
     }
+
+
+if __name__ == "__main__":
+    _serve_requests(json.loads(sys.argv[1]))

@@ -36,7 +36,7 @@ def test_without_llama_cpp_the_section_is_skipped_saying_how_to_get_it(monkeypat
 
     vs = llama_cpp_engine.speedups(result, 16)
     assert vs == {"skipped": note}
-    assert engine_bench._llamacpp_rows(result, "fp32") == [("vs llama.cpp", "-", note, "")]
+    assert engine_bench._llamacpp_rows(result, vs, "fp32") == [("vs llama.cpp", "-", note, "")]
     results = {"decode_ms_per_token": {"128": 40.0}, "prefill_efficiency": {"128": 0.5}, "batch_context": 128,
                "batch8_speedup": 3.0, "vs_transformers": {"skipped": "--quick"}, "vs_llamacpp": vs}
     target = engine_bench.evaluate_targets(results, engine_bench.QUICK)["decode_vs_llamacpp"]
@@ -72,6 +72,8 @@ def test_rounds_alternate_the_first_engine_and_speedups_say_how_many_times_faste
     assert vs["decode_speedup"] == pytest.approx(2.0) and vs["prefill_speedup"] == pytest.approx(2.0)
     assert vs["prefill_speedup_by_length"] == pytest.approx({"8": 2.0, "16": 2.0})
     assert "> 1: kvmesh faster" in vs["definitions"]["decode_speedup"]
+    assert engine_bench._times_faster(2.0) == "2.00x, kvmesh faster"
+    assert engine_bench._times_faster(0.25) == "0.25x, llama.cpp 4.0x faster"
 
 
 @pytest.mark.slow
@@ -89,6 +91,6 @@ def test_llama_cpp_beside_kvmesh_at_tiny_sizes(request: pytest.FixtureRequest):
         assert all(v >= 0 for v in [*side["prefill_spread"].values(), *side["decode_spread"].values()])
     vs = llama_cpp_engine.speedups(result, 16)
     assert vs["decode_speedup"] > 0 and vs["prefill_speedup"] > 0
-    rows = engine_bench._llamacpp_rows(result, "fp32")
+    rows = engine_bench._llamacpp_rows(result, vs, "fp32")
     assert [row[0] for row in rows] == ["vs llama.cpp prefill 8 tok/s", "vs llama.cpp prefill 16 tok/s",
                                         "vs llama.cpp decode @16 ms/token", "  weights"]
