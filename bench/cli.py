@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
 
 from kvmesh.runtime.cli import add_model_options
 
@@ -15,7 +17,7 @@ def add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     engine_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
     engine_bench.add_argument("--quick", action="store_true", help="short lengths, for smoke tests")
     add_model_options(engine_bench)
-    engine_bench.set_defaults(handler=_bench_engine)
+    engine_bench.set_defaults(handler=_deferred("engine_bench", "run_engine_bench"))
 
     suffix_bench = bench_kinds.add_parser("suffix", help="SuffixDecoding speculation on agent-loop workloads")
     suffix_bench.add_argument("--workload", dest="workloads", action="append", default=[],
@@ -37,7 +39,7 @@ def add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     kvcomm_bench.add_argument("--quick", action="store_true", help="a small TTFT setting and 4 task items")
     kvcomm_bench.add_argument("--store", choices=("redis", "memory"), default="redis", help="where anchors live")
     add_model_options(kvcomm_bench)
-    kvcomm_bench.set_defaults(handler=_bench_kvcomm)
+    kvcomm_bench.set_defaults(handler=_deferred("kvcomm_bench", "run_kvcomm_bench"))
 
     blend_bench = bench_kinds.add_parser("blend", help="CacheBlend on retrieval beside dense, full reuse and KVCOMM")
     blend_bench.add_argument(
@@ -46,7 +48,7 @@ def add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     blend_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
     blend_bench.add_argument("--quick", action="store_true", help="4 questions, 3 modes")
     add_model_options(blend_bench)
-    blend_bench.set_defaults(handler=_bench_blend)
+    blend_bench.set_defaults(handler=_deferred("blend_bench", "run_blend_bench"))
 
     fidelity_bench = bench_kinds.add_parser(
         "fidelity", help="do the reuse modes keep dense's answers? relay, retrieval and critique, paired"
@@ -73,7 +75,7 @@ def add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     fidelity_bench.add_argument("--limit", type=int, default=None, help="at most N items per shape")
     fidelity_bench.add_argument("--seed", type=int, default=0, help="the items' and the bootstrap's seed")
     add_model_options(fidelity_bench)
-    fidelity_bench.set_defaults(handler=_bench_fidelity)
+    fidelity_bench.set_defaults(handler=_deferred("fidelity_bench", "run_fidelity_bench"))
 
     runtime_bench = bench_kinds.add_parser("runtime", help="agent-to-agent latency and orchestration overhead")
     runtime_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
@@ -82,7 +84,7 @@ def add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     runtime_bench.add_argument(
         "--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS, else an embedded local one)"
     )
-    runtime_bench.set_defaults(handler=_bench_runtime)
+    runtime_bench.set_defaults(handler=_deferred("runtime_bench", "run_runtime_bench"))
 
     cluster_bench = bench_kinds.add_parser(
         "cluster", help="concurrent runs on one worker and on two, on a two-node Ray cluster started here"
@@ -91,7 +93,7 @@ def add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     cluster_bench.add_argument("--quick", action="store_true", help="one block of 6 runs, half-length outputs")
     cluster_bench.add_argument("--concurrency", type=int, default=None, help="runs at a time (default 8; quick 4)")
     cluster_bench.add_argument("--runs", type=int, default=None, help="runs per measured block (default 16; quick 6)")
-    cluster_bench.set_defaults(handler=_bench_cluster)
+    cluster_bench.set_defaults(handler=_deferred("cluster_bench", "run_cluster_bench"))
 
     serve_bench = bench_kinds.add_parser(
         "serve", help="a multi-agent app through `kvmesh serve` at 1, 8 and 32 concurrent conversations"
@@ -99,14 +101,18 @@ def add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     serve_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
     serve_bench.add_argument("--quick", action="store_true", help="concurrency 1 and 2, short replies, for smoke tests")
     serve_bench.add_argument("--model", default="smollm2", help="the worker's model (default: smollm2)")
-    serve_bench.set_defaults(handler=_bench_serve)
+    serve_bench.set_defaults(handler=_deferred("serve_bench", "run_serve_bench"))
 
 
 # Each benchmark loads only when its command runs: `kvmesh --help` stays cheap.
-def _bench_engine(args: argparse.Namespace) -> int:
-    from .engine_bench import run_engine_bench
+def _deferred(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A handler that imports bench.<module> when called and runs its <function>(args)."""
 
-    return run_engine_bench(args)
+    def handler(args: argparse.Namespace) -> int:
+        run: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(f"{__package__}.{module}"), function)
+        return run(args)
+
+    return handler
 
 
 def _bench_suffix(args: argparse.Namespace) -> int:
@@ -118,39 +124,3 @@ def _bench_suffix(args: argparse.Namespace) -> int:
     except WorkloadError as exc:
         print(f"kvmesh: error: {exc}", file=sys.stderr)
         return 2
-
-
-def _bench_kvcomm(args: argparse.Namespace) -> int:
-    from .kvcomm_bench import run_kvcomm_bench
-
-    return run_kvcomm_bench(args)
-
-
-def _bench_blend(args: argparse.Namespace) -> int:
-    from .blend_bench import run_blend_bench
-
-    return run_blend_bench(args)
-
-
-def _bench_fidelity(args: argparse.Namespace) -> int:
-    from .fidelity_bench import run_fidelity_bench
-
-    return run_fidelity_bench(args)
-
-
-def _bench_runtime(args: argparse.Namespace) -> int:
-    from .runtime_bench import run_runtime_bench
-
-    return run_runtime_bench(args)
-
-
-def _bench_cluster(args: argparse.Namespace) -> int:
-    from .cluster_bench import run_cluster_bench
-
-    return run_cluster_bench(args)
-
-
-def _bench_serve(args: argparse.Namespace) -> int:
-    from .serve_bench import run_serve_bench
-
-    return run_serve_bench(args)
