@@ -188,7 +188,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
             _, serve_single = bench_server(server.base_url, server.model, levels[:1], ["auto", "dense"], max_tokens,
                                            warm_up=0, first=sum(n for _, n in levels) * 2)
         threads = session.worker_threads
-    note = missing_note()
+    note = "not in --quick (its server takes minutes to load and answer on a busy machine)" if quick else missing_note()
     llama: Json = {"skipped": note}
     if note is None:
         _log("llama-cpp-python's server on the same GGUF …")

@@ -29,7 +29,6 @@ from .registry import NAMESPACE
 # (measured 10-40x slowdowns on 2 cores). Every actor runs with this environment.
 ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
-LOOPBACK = "127.0.0.1"
 _lock = threading.Lock()
 _saved_env: dict[str, str | None] = {}
 _started_here = False
@@ -64,7 +63,7 @@ def connect(address: str | None = None) -> ClusterInfo:
                 else:
                     _require_token_auth()
                     # "local": a new cluster of our own even when `ray start` left one running here
-                    ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, **common)
+                    ray.init(address="local", include_dashboard=False, **common)
                     _started_here = True
                     atexit.register(shutdown)
         context = ray.get_runtime_context()

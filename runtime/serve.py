@@ -227,7 +227,10 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         print(server.base_url, flush=True)  # stdout: the one line a script wants
         try:
-            threading.Event().wait()
+            # Wake regularly: Ctrl-C may land on any of this process's threads (uvicorn's, gRPC's, Ray's), and
+            # Python runs the handler only once the main thread wakes; a plain wait could sleep through it.
+            while True:
+                time.sleep(0.5)
         except KeyboardInterrupt:
             print("\nkvmesh: stopping the server, the workers and Ray …", file=sys.stderr, flush=True)
     return 0
