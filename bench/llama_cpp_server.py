@@ -12,11 +12,13 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 MODEL_ALIAS = "smollm2"
 
@@ -43,31 +45,35 @@ def llama_cpp_server(gguf: Path, threads: int, startup_timeout_s: float = 180.0)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL_ALIAS,
-         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "8192", "--n_threads", str(threads)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
-            if process.poll() is not None:
-                said = process.stderr.read() if process.stderr else ""
-                raise RuntimeError(f"llama-cpp-python's server exited: {said[-500:]}")
-            try:
-                with urllib.request.urlopen(f"{base_url}/models", timeout=5) as response:
-                    if MODEL_ALIAS in {m["id"] for m in json.loads(response.read())["data"]}:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llama-cpp-python's server did not answer within {startup_timeout_s:.0f} s")
-            time.sleep(0.5)
-        yield base_url
-    finally:
-        process.terminate()
+    # Its log goes to a file: llama.cpp logs the whole model load, and an undrained pipe fills and blocks it.
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL_ALIAS,
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "8192", "--n_threads", str(threads)],
+            stdout=log, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            yield _wait_until_serving(process, log, f"http://127.0.0.1:{port}/v1", startup_timeout_s)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _wait_until_serving(process: subprocess.Popen[str], log: IO[str], base_url: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"llama-cpp-python's server exited: {log.read()[-500:]}")
+        try:
+            with urllib.request.urlopen(f"{base_url}/models", timeout=5) as response:
+                if MODEL_ALIAS in {m["id"] for m in json.loads(response.read())["data"]}:
+                    return base_url
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"llama-cpp-python's server did not answer within {timeout_s:.0f} s")
+        time.sleep(0.5)
