@@ -35,7 +35,7 @@ from .driver import Session
 from .openai_app import build_app
 from .worker_actor import model_label
 
-MAX_ONGOING_REQUESTS = 256  # per replica: each holds an open stream from a worker, not a core
+MAX_ONGOING_REQUESTS = 256  # per ingress process: each holds an open stream from a worker, not a core
 INGRESSES = ("driver", "serve")
 
 
@@ -156,7 +156,9 @@ class _DriverIngress:
             raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}; choose another --port "
                               "(0: a free one)") from None
         self.port = int(self.socket.getsockname()[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(  # past the bound, 503: as a Serve replica's max_ongoing_requests
+            app, log_level="warning", access_log=False, lifespan="off", limit_concurrency=MAX_ONGOING_REQUESTS
+        ))  # fmt: skip
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True,
                                        name="kvmesh-http")
         self.thread.start()
