@@ -1,10 +1,10 @@
 """Connecting to Ray: an embedded local cluster by default, an existing one by `address=` or RAY_ADDRESS.
 
 The embedded cluster is private to this process: it is always a new one (never a `ray start` cluster that
-happens to run on this machine), its node address is 127.0.0.1, and Ray's token authentication is on with
-a token generated for it (RAY_AUTH_TOKEN in this process's environment, which Ray's processes inherit; never
-on a command line). Ray 2.60's own gRPC servers still listen on every interface, so the token is what keeps
-other machines' and other users' drivers out. It is quiet (no dashboard, actors' logs stay in Ray's log
+happens to run on this machine), every server of it (GCS, raylet, workers, agents) listens on 127.0.0.1 only,
+and Ray's token authentication is on with a token generated for it (RAY_AUTH_TOKEN in this process's
+environment, which Ray's processes inherit; never on a command line), so other local users' drivers are
+refused too. It is quiet (no dashboard, actors' logs stay in Ray's log
 files, warnings only) and shut down at exit. A cluster kvmesh did not start (address=, RAY_ADDRESS) is joined
 as it is: kvmesh never changes its authentication settings. A Ray already initialized in this process (by
 the user, or an earlier Session) is reused as it is.
@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -59,11 +60,13 @@ def connect(address: str | None = None) -> ClusterInfo:
             }
             with _keeping_sigterm():
                 if address:
-                    ray.init(address=address, **common)
+                    with _loopback_only() if _listens_on_loopback_only(address) else contextlib.nullcontext():
+                        ray.init(address=address, **common)
                 else:
                     _require_token_auth()
                     # "local": a new cluster of our own even when `ray start` left one running here
-                    ray.init(address="local", include_dashboard=False, **common)
+                    with _loopback_only():
+                        ray.init(address="local", include_dashboard=False, **common)
                     _started_here = True
                     atexit.register(shutdown)
         context = ray.get_runtime_context()
@@ -106,6 +109,39 @@ def _require_token_auth() -> None:
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         _set_env("RAY_AUTH_TOKEN", secrets.token_hex(32))
     _reload_ray_auth()
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Ray's servers bind to the node's address, and on Linux Ray turns a loopback node address into the
+    outward one, unless it runs in its single-machine mode (its default on macOS and Windows; on Linux,
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 read at `import ray`). The mode's constant is switched for the start
+    alone: Ray's processes get 127.0.0.1 on their command lines, and the variable stays out of the environment,
+    where it would stop a child process from starting a multi-node cluster of its own."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def _listens_on_loopback_only(address: str) -> bool:
+    """A GCS at a loopback address that the machine's outward address does not reach (another kvmesh
+    session's embedded cluster): Ray must then not turn 127.0.0.1 into the outward address to dial it."""
+    host, _, port = address.rpartition(":")
+    if host.strip("[]") not in ("127.0.0.1", "localhost", "::1") or not port.isdigit():
+        return False
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # sends nothing: picks the outbound interface's address
+            outward = probe.getsockname()[0]
+        socket.create_connection((outward, int(port)), timeout=2).close()
+    except OSError:
+        return True
+    return False
 
 
 def _reload_ray_auth() -> None:

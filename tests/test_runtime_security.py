@@ -3,6 +3,7 @@ where, and which calls are refused (issue: security and fault hardening)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -28,14 +29,48 @@ LISTEN = "0A"  # the TCP state LISTEN in /proc/net/tcp
 def tcp_listeners() -> dict[int, set[str]]:
     """The OS's socket table: port -> the local addresses something listens on (IPv4 and IPv6)."""
     found: dict[int, set[str]] = {}
+    for _, address, port in _listening_sockets():
+        found.setdefault(port, set()).add(address)
+    return found
+
+
+def _listening_sockets() -> list[tuple[int, str, int]]:
+    """(socket inode, local address, port) of every listening TCP socket, from /proc/net/tcp{,6}."""
+    sockets = []
     for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            local, state = fields[1], fields[3]
-            if state != LISTEN:
-                continue
-            address, port = local.split(":")
-            found.setdefault(int(port, 16), set()).add(_address(address, width))
+            local, state, inode = fields[1], fields[3], int(fields[9])
+            if state == LISTEN:
+                address, port = local.split(":")
+                sockets.append((inode, _address(address, width), int(port, 16)))
+    return sockets
+
+
+def listeners_of_this_process_tree() -> dict[str, set[str]]:
+    """'name(pid):port' -> local addresses, for every socket that this process or any process it started
+    (Ray's gcs_server, raylet, workers and agents; Redis) listens on."""
+    parent_of = {}
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            parent_of[int(status.parent.name)] = int(status.read_text().rsplit(")", 1)[1].split()[1])
+    tree, grew = {os.getpid()}, True
+    while grew:
+        children = {pid for pid, parent in parent_of.items() if parent in tree} - tree
+        tree |= children
+        grew = bool(children)
+    owner = {}
+    for pid in tree:
+        name = Path(f"/proc/{pid}/comm").read_text().strip() if Path(f"/proc/{pid}/comm").exists() else "?"
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    owner[int(link[8:-1])] = f"{name}({pid})"
+    found: dict[str, set[str]] = {}
+    for inode, address, port in _listening_sockets():
+        if inode in owner:
+            found.setdefault(f"{owner[inode]}:{port}", set()).add(address)
     return found
 
 
@@ -79,6 +114,15 @@ def test_every_listener_kvmesh_started_is_on_loopback(runtime_session, addresses
     assert (runtime_session.config.redis_url or "").startswith("unix://")  # its Redis has no TCP port at all
 
 
+def test_no_process_the_session_started_listens_off_loopback(runtime_session, addresses):
+    """Ray's own servers included: the GCS, the raylet, every worker process and Ray's agents."""
+    listeners = listeners_of_this_process_tree()
+    names = " ".join(listeners)
+    assert "gcs_server" in names and "raylet" in names, listeners  # the table does see Ray's processes
+    outside = {name: where for name, where in listeners.items() if not all(is_loopback(a) for a in where)}
+    assert not outside, f"listening off loopback: {outside}"
+
+
 def test_the_sessions_redis_is_a_private_socket_that_wants_a_password(runtime_session):
     socket_path = runtime_session.redis.socket_path
     assert stat.S_IMODE(os.stat(os.path.dirname(socket_path)).st_mode) == 0o700  # other users cannot reach it
@@ -118,24 +162,34 @@ def test_an_agent_takes_start_and_cancel_only_from_its_driver(runtime_session, a
 
 
 def test_a_second_ray_driver_cannot_join_the_embedded_cluster(runtime_session):
-    """Ray's own servers listen on every interface in this Ray version; its token is what refuses strangers."""
-    port = runtime_session.cluster.address.rsplit(":", 1)[1]
-    join = (
-        "import ray, sys\n"
-        "try:\n"
-        f"    ray.init(address='{outward_address()}:{port}', log_to_driver=False)\n"
-        "except Exception as exc:\n"
-        "    print(type(exc).__name__, exc)\n"
-        "    sys.exit(3)\n"
-        "print('joined', ray.get(ray.remote(lambda: 1).remote()))\n"
-    )
-    for env in ({}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}):
+    """Through the outward address nothing answers; through loopback (another local user) the token refuses."""
+    host, port = runtime_session.cluster.address.rsplit(":", 1)
+    assert is_loopback(host)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((outward_address(), int(port)), timeout=10).close()
+    joining = {  # a plain Ray driver, as a stranger would write it; kvmesh's own connect, as a user would
+        "ray": f"import ray\nray.init(address='{host}:{port}', log_to_driver=False)\n",
+        "kvmesh": f"from kvmesh.runtime.cluster import connect\nconnect('{host}:{port}')\n",
+    }
+    then = "import ray\nprint('joined', ray.get(ray.remote(lambda: 1).remote()))\n"
+    # Ray dials a loopback address through the outward one unless told it is a single machine; kvmesh's
+    # connect finds that out by itself (no variable set in its case)
+    single_machine = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    wrong = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}
+    own = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"]}
+    cases = [("ray", single_machine, False), ("ray", single_machine | wrong, False), ("kvmesh", own, True)]
+    for driver, env, joins in cases:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | env
         done = subprocess.run(
-            [sys.executable, "-c", join], env=clean, capture_output=True, text=True, timeout=120, check=False
+            [sys.executable, "-c", joining[driver] + then],
+            env=clean,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
-        assert done.returncode != 0 and "joined" not in done.stdout, (env, done.stdout, done.stderr[-2000:])
-
+        # the session's own token joins: the refusals are the token's doing, not an unreachable address
+        assert ("joined 1" in done.stdout) == joins, (driver, env, done.stdout, done.stderr[-2000:])
 
 
 def test_an_agents_inbox_holds_at_most_its_bound_of_runs_that_never_start(runtime_session, addresses):
