@@ -101,6 +101,14 @@ def add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     serve_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
     serve_bench.add_argument("--quick", action="store_true", help="concurrency 1 and 2, short replies, for smoke tests")
     serve_bench.add_argument("--model", default="smollm2", help="the worker's model (default: smollm2)")
+    serve_bench.add_argument(
+        "--fidelity-items", type=int, default=None, metavar="N",
+        help="fidelity items a shape through the server and the pipeline path (default: 20; --quick: 1; 0: skip)",
+    )
+    serve_bench.add_argument(
+        "--fidelity-shapes", default=None, metavar="S,S",
+        help="fidelity shapes (default: relay,retrieval,critique; --quick: relay,retrieval)",
+    )
     serve_bench.set_defaults(handler=_deferred("serve_bench", "run_serve_bench"))
 
 

@@ -21,8 +21,15 @@ class StreamedCall:
     ttft_s: float | None = None  # request sent -> first text
     total_s: float = 0.0
     usage: dict[str, Any] = field(default_factory=dict)
+    text_events: int = 0  # events that carried text: one per generated token on a server that streams tokens
     kvmesh: dict[str, Any] | None = None  # kvmesh serve's figures (another server has none)
     error: str | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        """The server's count, else the text events: llama-cpp-python's server streams one event per token
+        and sends no usage (it ignores stream_options.include_usage)."""
+        return int(self.usage.get("completion_tokens", self.text_events))
 
 
 def stream_chat(
@@ -53,6 +60,7 @@ def stream_chat(
             for choice in chunk.get("choices") or ():
                 text = choice.get("delta", {}).get("content")
                 if text:
+                    call.text_events += 1
                     call.ttft_s = call.ttft_s if call.ttft_s is not None else time.perf_counter() - started
                     pieces.append(text)
             call.usage = chunk.get("usage") or call.usage

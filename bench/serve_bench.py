@@ -36,9 +36,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .fidelity_items import SHAPES
 from .json_report import save_json
 from .llama_cpp_server import MODEL_ALIAS, llama_cpp_server, missing_note
 from .openai_client import StreamedCall, stream_chat
+from .serve_fidelity import bench_serve_fidelity, print_serve_fidelity
 
 Json = dict[str, Any]
 TARGET_OVERHEAD_SHARE = 0.05  # HTTP + routing, of TTFT at concurrency 1
@@ -99,7 +101,7 @@ def run_block(
     done = [c for c in calls if c.error is None]
     ttfts = [c.ttft_s for c in done if c.ttft_s is not None]
     prompt = sum(c.usage.get("prompt_tokens", 0) for c in done)
-    output = sum(c.usage.get("completion_tokens", 0) for c in done)
+    output = sum(c.completion_tokens for c in done)
     stats = [c.kvmesh for c in done if c.kvmesh]
 
     def share(key: str) -> float | None:
@@ -116,6 +118,7 @@ def run_block(
         "output_tok_s": output / wall if wall else 0.0,
         "prompt_tokens": prompt,
         "output_tokens": output,
+        "output_tokens_counted_by": "server" if all("completion_tokens" in c.usage for c in done) else "text events",
         "reused_share": share("reused_tokens"),
         "cached_share": share("cached_tokens"),
         "kvcomm_calls": sum(s["reuse_mode"] == "kvcomm" for s in stats),
@@ -175,6 +178,14 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     levels = [(1, 2), (2, 2)] if quick else [(1, 6), (8, 16), (32, 32)]
     max_tokens = 8 if quick else 32
     warm_up = 2 if quick else 8
+    fidelity_items = args.fidelity_items if args.fidelity_items is not None else (1 if quick else 20)
+    if fidelity_items < 0:
+        raise ValueError(f"--fidelity-items must be >= 0, got {fidelity_items}")
+    shapes = tuple(s.strip() for s in args.fidelity_shapes.split(",")) if args.fidelity_shapes else (
+        ("relay", "retrieval") if quick else SHAPES)
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        raise ValueError(f"--fidelity-shapes: no shape {', '.join(unknown)}; use {', '.join(SHAPES)}")
     started = time.perf_counter()
     _log("starting a session (Ray, 1 worker) and the OpenAI server …")
     with Session(workers=1, model=args.model) as session:
@@ -183,6 +194,11 @@ def run_serve_bench(args: argparse.Namespace) -> int:
             _log(f"serving {server.model!r} at {server.base_url} (uvicorn in the driver) after {ready_s:.1f} s; "
                  f"{warm_up} warm-up conversations …")
             blocks, single = bench_server(server.base_url, server.model, levels, ["auto", "dense"], max_tokens, warm_up)
+            fidelity: Json = {"skipped": "--fidelity-items 0"}
+            if fidelity_items:
+                _log(f"the fidelity tasks ({', '.join(shapes)}; {fidelity_items} a shape) through the server and "
+                     "the pipeline path …")
+                fidelity = bench_serve_fidelity(session, server.base_url, server.model, shapes, fidelity_items, _log)
         with OpenAIServer(session, ServeConfig(port=0, ingress="serve")) as server:  # the other ingress, same workers
             _log(f"the same at concurrency 1 through a Ray Serve ingress at {server.base_url} …")
             _, serve_single = bench_server(server.base_url, server.model, levels[:1], ["auto", "dense"], max_tokens,
@@ -206,6 +222,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         "overhead_c1_serve_ingress": overhead(serve_single),
         f"streams_{widest}_errors": sum(b["errors"] for b in blocks if b["concurrency"] == widest),
         "llama_cpp_python": llama,
+        "fidelity": fidelity,
         "settings": {"levels": levels, "max_tokens": max_tokens, "warm_up": warm_up,
                      "agents": list(SYSTEMS), "temperature": 0, "ingress": "driver", "replicas": 1, "workers": 1},
         "definitions": DEFINITIONS,
@@ -221,7 +238,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
 
 DEFINITIONS = {
     "ttft": "client: request sent -> first event carrying text (streamed, include_usage)",
-    "output_tok_s": "the block's completion tokens / its wall time (all conversations together)",
+    "output_tok_s": "the block's completion tokens / its wall time (all conversations together); tokens as the "
+    "server's usage counts them, else its text events (one per token: llama-cpp-python's server sends no usage)",
     "reused_share": "prompt tokens served from segments' KV (kvmesh.reused_tokens) / prompt tokens",
     "cached_share": "prompt tokens served by the exact prefix cache (kvmesh.cached_tokens) / prompt tokens",
     "overhead": "HTTP TTFT - kvmesh.ttft_s (the worker's, from the call's arrival there) of the same call, "
@@ -260,6 +278,8 @@ def _print(report: Json) -> None:
                   f"{o['http_ttft_p50_ms']:.1f} ms, the worker's {o['worker_ttft_p50_ms']:.1f} ms: "
                   f"+{o['overhead_p50_ms']:.1f} ms = {o['overhead_share_p50']:.1%} of TTFT ({verdict} the "
                   f"{TARGET_OVERHEAD_SHARE:.0%} target)")
+    if "shapes" in report["fidelity"]:
+        print_serve_fidelity(report["fidelity"])
     skipped = report["llama_cpp_python"].get("skipped")
     if skipped:
         print(f"llama-cpp-python column skipped: {skipped}")

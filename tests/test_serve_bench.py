@@ -23,5 +23,13 @@ def test_quick_serve_bench_reports_blocks_and_both_ingresses_overhead(ray_cluste
         overhead = report[key]
         assert overhead["calls"] == 12  # 2 conversations × 3 agents × 2 modes
         assert 0 < overhead["worker_ttft_p50_ms"] < overhead["http_ttft_p50_ms"]
+    fidelity = report["fidelity"]
+    assert list(fidelity["shapes"]) == ["relay", "retrieval"] and fidelity["split"] == "holdout"
+    for shape in fidelity["shapes"].values():
+        assert shape["dense"]["server_reused_share"] == 0  # dense through the server reuses nothing
+        for row in shape.values():
+            assert row["items"] == 1 and 0 <= row["same_text"] <= 1
+            assert row["server_minus_pipeline"] == row["server_accuracy"] - row["pipeline_accuracy"]
     printed = capsys.readouterr().out
     assert "uvicorn in the driver" in printed and "Ray Serve" in printed
+    assert "fidelity tasks through the server" in printed
