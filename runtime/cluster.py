@@ -29,6 +29,15 @@ from .registry import NAMESPACE
 # Many processes share few cores: an OpenMP thread that spins while waiting starves the others
 # (measured 10-40x slowdowns on 2 cores). Every actor runs with this environment.
 ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# An inference worker is the one that computes: its OpenMP threads wait at each parallel region's barrier as
+# libgomp does by default, spinning briefly (GOMP_SPINCOUNT overrides PASSIVE's zero) instead of sleeping and
+# waking thousands of times a prefill. Together with Ray's worker niceness at 0 (below) this brought a worker
+# actor's dense prefill from 1.15x an in-process engine's to 0.98x (bench/NOTES.md, prefill parity).
+WORKER_ENV = {**ACTOR_ENV, "GOMP_SPINCOUNT": "300000"}
+# Ray starts its worker processes at niceness 15 by default, below the driver's 0: on a small machine every
+# waking nice-0 thread (the driver, Ray's own) then preempts the worker's compute threads. The embedded cluster
+# is this user's own: its workers run at the driver's priority.
+EMBEDDED_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 _lock = threading.Lock()
 _saved_env: dict[str, str | None] = {}
@@ -66,7 +75,9 @@ def connect(address: str | None = None) -> ClusterInfo:
                     _require_token_auth()
                     # "local": a new cluster of our own even when `ray start` left one running here
                     with _loopback_only():
-                        ray.init(address="local", include_dashboard=False, **common)
+                        ray.init(
+                            address="local", include_dashboard=False, _system_config=EMBEDDED_SYSTEM_CONFIG, **common
+                        )
                     _started_here = True
                     atexit.register(shutdown)
         context = ray.get_runtime_context()

@@ -33,7 +33,7 @@ from kvmesh.v1 import agent_pb2_grpc
 
 from . import portable
 from .agent_actor import AGENT_SERVICE, AgentActor
-from .cluster import ACTOR_ENV, ClusterInfo, connect
+from .cluster import ACTOR_ENV, WORKER_ENV, ClusterInfo, connect
 from .config import RuntimeConfig
 from .driver_sink import DriverSink
 from .errors import AgentDiedError, RuntimeFailure
@@ -171,7 +171,7 @@ class Session:
                 name=f"kvmesh-{self.id}-{name}",
                 namespace=NAMESPACE,
                 max_restarts=1,  # a crashed worker comes back once (fresh engine, new port, registered again)
-                runtime_env={"env_vars": {**ACTOR_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
+                runtime_env={"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
                 **options.ray_options(),
             ).remote(name, self.id, self.config, self.worker_threads)
         self._wait_ready(self.workers, "worker", f"each asks for {options.describe()}")

@@ -11,6 +11,7 @@ import pytest
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from os_probes import environment, niceness, pid_listening_on
 
 import kvmesh
 from kvmesh import Agent, Pipeline, debate, run_locally, tool
@@ -205,6 +206,21 @@ def test_the_workers_server_wants_the_token_and_speaks_health_and_reflection(run
     # torch computes on the node's cores (one worker here), not on Ray's 1 thread for a 0.5-CPU actor
     assert stats.threads == runtime_session.worker_threads == int(runtime_session.cluster.num_cpus)
     assert (stats.device, stats.weights) == ("cpu", "fp32")
+
+
+def test_the_worker_computes_at_the_drivers_priority_and_its_threads_spin_at_barriers(runtime_session):
+    """Ray would start it at niceness 15 with passive OpenMP waits, which cost a Session's prefill ~20% against
+    an in-process engine (bench/NOTES.md, prefill parity); agents keep the passive waits (they are idle)."""
+    worker = ray.get(runtime_session.registry.workers.remote())[0]
+    pid = pid_listening_on(int(worker.address.rsplit(":", 1)[1]))
+    assert niceness(pid) == niceness(os.getpid()) == 0
+    env = environment(pid)
+    assert env["GOMP_SPINCOUNT"] == "300000" and env["OMP_NUM_THREADS"] == str(runtime_session.worker_threads)
+    pipeline = Pipeline("nice", [Agent("echo", "Repeat: {query}", max_tokens=1)])  # held: its agents live on
+    agent_address = runtime_session._agents_for(pipeline).addresses["echo"]
+    agent_env = environment(pid_listening_on(int(agent_address.rsplit(":", 1)[1])))
+    runtime_session.release(pipeline)
+    assert "GOMP_SPINCOUNT" not in agent_env and agent_env["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
 def test_an_interrupt_cancels_the_run_stops_its_llm_call_and_releases_its_agents(runtime_session):

@@ -3,7 +3,6 @@ where, and which calls are refused (issue: security and fault hardening)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import stat
@@ -16,6 +15,7 @@ import pytest
 import ray
 import redis
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from os_probes import listeners_of_this_process_tree, tcp_listeners
 
 from kvmesh import Agent, Pipeline
 from kvmesh.runtime.grpc_client import open_channel
@@ -23,65 +23,6 @@ from kvmesh.runtime.wire import DRIVER, Kind
 from kvmesh.v1 import agent_pb2, agent_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.slow
-LISTEN = "0A"  # the TCP state LISTEN in /proc/net/tcp
-
-
-def tcp_listeners() -> dict[int, set[str]]:
-    """The OS's socket table: port -> the local addresses something listens on (IPv4 and IPv6)."""
-    found: dict[int, set[str]] = {}
-    for _, address, port in _listening_sockets():
-        found.setdefault(port, set()).add(address)
-    return found
-
-
-def _listening_sockets() -> list[tuple[int, str, int]]:
-    """(socket inode, local address, port) of every listening TCP socket, from /proc/net/tcp{,6}."""
-    sockets = []
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], int(fields[9])
-            if state == LISTEN:
-                address, port = local.split(":")
-                sockets.append((inode, _address(address, width), int(port, 16)))
-    return sockets
-
-
-def listeners_of_this_process_tree() -> dict[str, set[str]]:
-    """'name(pid):port' -> local addresses, for every socket that this process or any process it started
-    (Ray's gcs_server, raylet, workers and agents; Redis) listens on."""
-    parent_of = {}
-    for status in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            parent_of[int(status.parent.name)] = int(status.read_text().rsplit(")", 1)[1].split()[1])
-    tree, grew = {os.getpid()}, True
-    while grew:
-        children = {pid for pid, parent in parent_of.items() if parent in tree} - tree
-        tree |= children
-        grew = bool(children)
-    owner = {}
-    for pid in tree:
-        name = Path(f"/proc/{pid}/comm").read_text().strip() if Path(f"/proc/{pid}/comm").exists() else "?"
-        for fd in Path(f"/proc/{pid}/fd").glob("*"):
-            with contextlib.suppress(OSError):
-                link = os.readlink(fd)
-                if link.startswith("socket:["):
-                    owner[int(link[8:-1])] = f"{name}({pid})"
-    found: dict[str, set[str]] = {}
-    for inode, address, port in _listening_sockets():
-        if inode in owner:
-            found.setdefault(f"{owner[inode]}:{port}", set()).add(address)
-    return found
-
-
-def _address(hexed: str, width: int) -> str:
-    raw = bytes.fromhex(hexed)
-    if width == 8:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))  # four little-endian words
-    return socket.inet_ntop(socket.AF_INET6, words)
-
-
 def is_loopback(address: str) -> bool:
     return address in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
