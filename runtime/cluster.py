@@ -31,8 +31,8 @@ from .registry import NAMESPACE
 ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 # An inference worker is the one that computes: its OpenMP threads wait at each parallel region's barrier as
 # libgomp does by default, spinning briefly (GOMP_SPINCOUNT overrides PASSIVE's zero) instead of sleeping and
-# waking thousands of times a prefill. Together with Ray's worker niceness at 0 (below) this brought a worker
-# actor's dense prefill from 1.15x an in-process engine's to 0.98x (bench/NOTES.md, prefill parity).
+# waking thousands of times a prefill. With Ray's worker niceness at 0 (below) a Session's dense prefill went
+# from ~1.21x an in-process engine's time to ~1.13x (bench/NOTES.md, prefill parity).
 WORKER_ENV = {**ACTOR_ENV, "GOMP_SPINCOUNT": "300000"}
 # Ray starts its worker processes at niceness 15 by default, below the driver's 0: on a small machine every
 # waking nice-0 thread (the driver, Ray's own) then preempts the worker's compute threads. The embedded cluster

@@ -209,8 +209,9 @@ def test_the_workers_server_wants_the_token_and_speaks_health_and_reflection(run
 
 
 def test_the_worker_computes_at_the_drivers_priority_and_its_threads_spin_at_barriers(runtime_session):
-    """Ray would start it at niceness 15 with passive OpenMP waits, which cost a Session's prefill ~20% against
-    an in-process engine (bench/NOTES.md, prefill parity); agents keep the passive waits (they are idle)."""
+    """Ray would start it at niceness 15 with passive OpenMP waits: a Session's dense prefill took ~1.21x an
+    in-process engine's time that way, ~1.13x this way (bench/NOTES.md, prefill parity). Agents keep the passive
+    waits: they are idle."""
     worker = ray.get(runtime_session.registry.workers.remote())[0]
     pid = pid_listening_on(int(worker.address.rsplit(":", 1)[1]))
     assert niceness(pid) == niceness(os.getpid()) == 0
