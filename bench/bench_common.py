@@ -80,17 +80,24 @@ def load_setup(args: argparse.Namespace) -> Setup:
     return Setup(raw, build_model(raw, device, dtype, fmt), device, dtype)
 
 
+# the CPU features the engine's kernels (oneDNN, PyTorch's int8/int4, llama.cpp's) choose their paths by
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
 def machine_info(device: torch.device) -> Json:
     cpu_model = platform.processor()
+    flags: set[str] = set()
     if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         cpu_model = names[0] if names else cpu_model
+        flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_model": cpu_model,
+        "isa": [flag for flag in ISA_FLAGS if flag in flags],  # as /proc/cpuinfo lists them
         "cpu_count": os.cpu_count(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -562,7 +563,18 @@ def _format_rows(formats: Json) -> list[Row]:
     return rows
 
 
+def kernel_paths(model: LlamaModel) -> dict[str, int]:
+    """Which implementation each linear layer took (make_linear picks by format, device and oneDNN's presence)."""
+    linears = [model.lm_head, *(part for layer in model.layers for part in (layer.qkv, layer.o, layer.gate_up,
+                                                                          layer.down))]
+    return dict(Counter(type(linear).__name__ for linear in linears))
+
+
 def print_table(results: Json) -> None:
+    machine, model = results["machine"], results["model"]
+    print(f"{machine['cpu_model']} ({machine['cpu_count']} CPUs; ISA {' '.join(machine['isa']) or 'n/a'}; torch's "
+          f"kernels for {machine['cpu_capability']}); {model['weight_format']} linears: "
+          + ", ".join(f"{count} {name}" for name, count in model["kernels"].items()))
     rows: list[Row] = [
         ("measure", "ours", "floor / peer", "ratio"),
         *_floor_rows(results["floor"]),
@@ -622,7 +634,8 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         "quick": bool(args.quick),
         "machine": machine_info(setup.device),
         "model": {"name": config.name, "weight_format": setup.model.weight_format, "dtype": str(setup.dtype),
-                  "layer_params": floors.layer_params(config), "vocab_size": config.vocab_size},
+                  "layer_params": floors.layer_params(config), "vocab_size": config.vocab_size,
+                  "kernels": kernel_paths(setup.model)},
     }
     sections = _Sections(results)
     results["floor"] = sections.run("floors", lambda: bench_floors(setup, plan))

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from cli_child import start_cli
 
+from kvmesh.bench.bench_common import ISA_FLAGS
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +52,11 @@ def test_engine_benchmark_quick_run_writes_the_promised_keys(tmp_path):
     assert report["batch8_tok_s"] > 0 and report["floor"]["decode_ms"] > 0
     assert report["floor"]["matmul_gflops"] > 0 and report["floor"]["bandwidth_gbs"] > 0
     assert "vs_transformers" in report
+    kernels = report["model"]["kernels"]  # which implementation each linear took
+    assert sum(kernels.values()) == 4 * 30 + 1  # SmolLM2's 30 layers' four linears, and the LM head
+    assert all(f"{count} {name}" in result.stdout for name, count in kernels.items())
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    assert report["machine"]["isa"] == [flag for flag in ISA_FLAGS if flag in flags]
 
 
 @pytest.mark.parametrize(
