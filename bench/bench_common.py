@@ -9,6 +9,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,30 @@ def decode_ms(model: LlamaModel, cache: KVCache, context: int, tokens: int) -> f
             times.append(time.perf_counter() - start)
     cache.truncate(context)
     return 1000 * statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A figure measured in blocks until two blocks in a row agree (an unsettled machine or a cold cache shows
+    as blocks that keep moving): the last block's value, how far it was from the one before, and how many ran."""
+
+    value: float
+    spread: float  # (max - min) / median of the last two blocks, as llama_cpp_engine's spreads over rounds
+    blocks: int
+
+
+def settle(measure: Callable[[], float], tolerance: float = 0.05, max_blocks: int = 4) -> Settled:
+    """Repeat `measure` (itself a median over a block) until two consecutive results differ by <= tolerance."""
+    if not 0 < tolerance < 1 or max_blocks < 2:
+        raise ValueError(f"settle needs 0 < tolerance < 1 and max_blocks >= 2, got {tolerance}, {max_blocks}")
+    previous, blocks = measure(), 1
+    while True:
+        current = measure()
+        blocks += 1
+        spread = abs(current - previous) / statistics.median((current, previous))
+        if spread <= tolerance or blocks == max_blocks:
+            return Settled(current, spread, blocks)
+        previous = current
 
 
 def batch_decode_step(model: LlamaModel, caches: list[KVCache], token: int) -> float:

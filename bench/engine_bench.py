@@ -49,6 +49,7 @@ from .bench_common import (
     machine_info,
     random_ids,
     restart_clock,
+    settle,
     slot_caches,
     timed_prefill,
 )
@@ -176,6 +177,8 @@ def bench_decode(setup: Setup, plan: Plan, longest: KVCache) -> tuple[Json, dict
     model, vocab = setup.model, setup.model.config.vocab_size
     caches: dict[int, KVCache] = {}
     result: dict[str, float] = {}
+    spread: dict[str, float] = {}
+    blocks: dict[str, int] = {}
     for context in plan.decode_contexts:
         if context <= longest.length:
             caches[context] = longest.slice(0, context)
@@ -183,10 +186,12 @@ def bench_decode(setup: Setup, plan: Plan, longest: KVCache) -> tuple[Json, dict
         else:
             log(f"decode @{context}: prefilling the context")
             caches[context] = timed_prefill(model, random_ids(context, vocab, seed=7), spare=64)[1]
-        log(f"decode @{context}: {plan.decode_tokens} single-token forwards")
-        result[str(context)] = decode_ms(model, caches[context], context, plan.decode_tokens)
-        log(f"  {result[str(context)]:.1f} ms/token")
-    return {"decode_ms_per_token": result}, caches
+        log(f"decode @{context}: blocks of {plan.decode_tokens} single-token forwards until two agree")
+        settled = settle(lambda cache=caches[context], context=context: decode_ms(model, cache, context,
+                                                                                  plan.decode_tokens))
+        result[str(context)], spread[str(context)], blocks[str(context)] = settled.value, settled.spread, settled.blocks
+        log(f"  {settled.value:.1f} ms/token ({settled.blocks} blocks; spread of the last two {settled.spread:.0%})")
+    return {"decode_ms_per_token": result, "decode_spread": spread, "decode_blocks": blocks}, caches
 
 
 def _batch_prefill(model: LlamaModel, n: int, context: int, spare: int) -> tuple[float, list[KVCache]]:
@@ -497,7 +502,8 @@ def _speed_rows(results: Json) -> list[Row]:
                      f"{results['prefill_efficiency'][n]:.0%} of mm, "
                      f"{results['prefill_efficiency_vs_linear'][n]:.0%} of linear"))
     for c, ms in results["decode_ms_per_token"].items():
-        rows.append((f"decode @{c} ms/token", _fmt(ms), f"floor {fl['decode_ms']:.1f}, GEMV {fl['decode_gemv_ms']:.1f}",
+        ours = f"{_fmt(ms)} ±{results['decode_spread'][c]:.0%}"  # the last two blocks' distance
+        rows.append((f"decode @{c} ms/token", ours, f"floor {fl['decode_ms']:.1f}, GEMV {fl['decode_gemv_ms']:.1f}",
                      f"{ms / fl['decode_ms']:.1f}x floor, {ms / fl['decode_gemv_ms']:.1f}x GEMV"))
     n, context = results["batch_size"], str(results["batch_context"])
     rows.append((f"batch-{n} decode @{context} tok/s", _fmt(results["batch8_tok_s"]),

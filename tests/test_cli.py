@@ -49,6 +49,8 @@ def test_engine_benchmark_quick_run_writes_the_promised_keys(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["decode_ms_per_token"] and report["prefill_tok_s"]
+    for context, blocks in report["decode_blocks"].items():  # measured until two blocks agreed, or 4 ran
+        assert 2 <= blocks <= 4 and (report["decode_spread"][context] <= 0.05 or blocks == 4)
     assert report["batch8_tok_s"] > 0 and report["floor"]["decode_ms"] > 0
     assert report["floor"]["matmul_gflops"] > 0 and report["floor"]["bandwidth_gbs"] > 0
     assert "vs_transformers" in report
