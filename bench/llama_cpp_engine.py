@@ -7,10 +7,11 @@ load (fp32 on CPU by default). So this compares two engines on one file, not two
 
 Each round measures both engines at every length back to back, the one to go first alternating, so that
 both see the same load on this shared machine; a figure is the median over rounds, with its spread
-(max - min) / median. llama.cpp runs in a child process with OMP_WAIT_POLICY=PASSIVE: in one process, two
-OpenMP runtimes (torch's and llama.cpp's) keep their idle threads spinning against each other's work, which
-made our decode 10x slower in this section than alone (1.2 s/token against 0.13 s); the child's threads
-sleep while ours compute, and ours (the default policy spins only briefly) sleep while the child's compute.
+(max - min) / median. llama.cpp runs in a child process: in one process, two OpenMP runtimes (torch's and
+llama.cpp's) keep their idle threads spinning against each other's work, which made our decode 10x slower in
+this section than alone (1.2 s/token against 0.13 s). Both processes keep the same wait policy (this one's
+environment, libgomp's brief spin by default): a passive policy for the child alone handicapped llama.cpp,
+whose decode crosses a barrier per operation (bench/NOTES.md).
 
 Optional: llama-cpp-python compiles llama.cpp when installed (~11 minutes of CPU), so it is no dependency of
 kvmesh; without it the section is skipped with a note saying how to get it.
@@ -19,7 +20,6 @@ kvmesh; without it the section is skipped with a note saying how to get it.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -124,6 +124,9 @@ def _library_info() -> Json:
     return info
 
 
+IDLE_PAUSE_S = 0.5
+
+
 def interleaved_rounds(engines: dict[str, Measure], sizes: Sizes, vocab: int) -> dict[str, Json]:
     """Every engine at every length, round by round; per engine: median prefill tok/s and decode ms/token,
     each with its spread."""
@@ -139,6 +142,7 @@ def interleaved_rounds(engines: dict[str, Measure], sizes: Sizes, vocab: int) ->
                 log(f"llama.cpp round {round_ + 1}/{sizes.rounds}: {name} prefill {n}"
                     + (f", {tokens} decode steps" if tokens else ""))
                 samples[name][n].append(engines[name](ids, tokens))
+                time.sleep(IDLE_PAUSE_S)  # the other engine's idle threads stop spinning before its turn
     return {name: _summarize(by_length, sizes) for name, by_length in samples.items()}
 
 
@@ -194,7 +198,7 @@ def bench_llamacpp(gguf: Path, threads: int, sizes: Sizes, vocab: int, ours: Mea
 
 
 class LlamaCppProcess:
-    """A LlamaCpp in a child process (OMP_WAIT_POLICY=PASSIVE there), driven by one JSON line per request."""
+    """A LlamaCpp in a child process, driven by one JSON line per request."""
 
     def __init__(self, gguf: Path, threads: int, sizes: Sizes, vocab: int) -> None:
         spec = {"gguf": str(gguf), "threads": threads, "vocab": vocab, "lengths": list(sizes.lengths),
@@ -202,7 +206,6 @@ class LlamaCppProcess:
         self.child = subprocess.Popen(
             [sys.executable, "-m", __name__, json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env=os.environ | {"OMP_WAIT_POLICY": "PASSIVE"},
         )  # fmt: skip
 
     def _ask(self, request: Json) -> Json:
