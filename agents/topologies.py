@@ -26,9 +26,7 @@ def _template(instruction: str, reads: list[str]) -> str:
 def chain(name: str, roles: Mapping[str, str], **agent_options: Any) -> Pipeline:
     """a -> b -> c: each agent reads the previous one's output."""
     names = list(roles)
-    agents = [
-        Agent(role, _template(roles[role], names[i - 1 : i]), **agent_options) for i, role in enumerate(names)
-    ]
+    agents = [Agent(role, _template(roles[role], names[i - 1 : i]), **agent_options) for i, role in enumerate(names)]
     return Pipeline(name, agents)
 
 

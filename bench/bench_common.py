@@ -176,8 +176,15 @@ def batch_decode_step(model: LlamaModel, caches: list[KVCache], token: int) -> f
 def slot_caches(model: LlamaModel, n: int, capacity: int) -> list[KVCache]:
     """N empty caches in one KVSlots buffer: the layout the engine decodes batches in."""
     c = model.config
-    slots = KVSlots(num_layers=c.num_layers, num_slots=n, num_kv_heads=c.num_kv_heads, capacity=capacity,
-                    head_dim=c.head_dim, dtype=model.dtype, device=model.device)
+    slots = KVSlots(
+        num_layers=c.num_layers,
+        num_slots=n,
+        num_kv_heads=c.num_kv_heads,
+        capacity=capacity,
+        head_dim=c.head_dim,
+        dtype=model.dtype,
+        device=model.device,
+    )
     return [cache for cache in (slots.acquire() for _ in range(n)) if cache is not None]
 
 
@@ -198,3 +205,12 @@ def all_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     logits = model.forward(ForwardBatch.single(model.new_cache(capacity=len(ids)), ids, all_logits=True))
     assert logits is not None
     return logits.float().cpu()
+
+
+def decode_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+    """[T, V] logits of `ids` fed one token a forward: the path generated tokens take, whose kernels can
+    differ from a prompt's (quantized formats run prefill-sized products in fp32)."""
+    cache = model.new_cache(capacity=len(ids))
+    rows = [model.forward(ForwardBatch.single(cache, [token])) for token in ids]
+    assert all(row is not None for row in rows)
+    return torch.cat(rows).float().cpu()  # type: ignore[arg-type]

@@ -51,16 +51,22 @@ def item_pieces(workload: Json, item: Json, texts: dict[str, str]) -> list[Promp
     pieces: list[PromptPiece] = []
     for index, chunk in enumerate(item["chunks"], 1):
         text = texts[chunk]
-        pieces += [PromptPiece(head.format(index=index)), PromptPiece(text, segment_id("doc", text), "document"),
-                   PromptPiece(tail.format(index=index))]
+        pieces += [
+            PromptPiece(head.format(index=index)),
+            PromptPiece(text, segment_id("doc", text), "document"),
+            PromptPiece(tail.format(index=index)),
+        ]
     return [*pieces, PromptPiece(item["question"])]
 
 
 def run_blend_bench(args: argparse.Namespace) -> int:
     workload = json.loads(Path(args.workload or WORKLOADS / "retrieval.json").read_text())
     items = workload["items"][: 4 if args.quick else None]
-    modes = {"dense": MODES["dense"], "full_reuse": MODES["full_reuse"], "blend_0.15": MODES["blend_0.15"]} \
-        if args.quick else MODES
+    modes = (
+        {"dense": MODES["dense"], "full_reuse": MODES["full_reuse"], "blend_0.15": MODES["blend_0.15"]}
+        if args.quick
+        else MODES
+    )
     started = time.perf_counter()
     loaded = Engine.load(args.model, device=args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -82,15 +88,16 @@ def run_blend_bench(args: argparse.Namespace) -> int:
         pieces = item_pieces(workload, item, texts)
         reference = None
         for name, (mode, _) in modes.items():
-            call = workers[name].call("reader", workload.get("system"), pieces, mode, SamplingParams(max_tokens=1),
-                                      capture=True)
+            call = workers[name].call(
+                "reader", workload.get("system"), pieces, mode, SamplingParams(max_tokens=1), capture=True
+            )
             assert call.prompt_kv is not None
             logits, tokens = continuation(model, call.prompt_kv, call.prompt_ids)
             answer = tokenizer.decode(tokens)
             correct[name] += item["answer"].lower() in answer.lower()
             ttft[name].append(call.ttft_s)
             served[name] += call.reuse.mode == mode
-            span = (call.reuse.reused_tokens or 1)
+            span = call.reuse.reused_tokens or 1
             recomputed[name].append(call.reuse.blend_recomputed / span)
             if reference is None:
                 reference = (logits, tokens)
@@ -99,8 +106,11 @@ def run_blend_bench(args: argparse.Namespace) -> int:
     for worker in workers.values():
         worker.planner.close()
     results = _results(modes, items, ttft, fidelity, correct, served, recomputed, model.config.num_layers)
-    results |= {"workload": workload["name"], "machine": machine_info(model.device),
-                "wall_s": time.perf_counter() - started}
+    results |= {
+        "workload": workload["name"],
+        "machine": machine_info(model.device),
+        "wall_s": time.perf_counter() - started,
+    }
     _print(results)
     save_json(args.json_path, results, log)
     return 0
@@ -150,9 +160,14 @@ def _print(results: Json) -> None:
     header = ("mode", "TTFT s", "speedup", "bound", "first tok", "greedy32", "KL", "accuracy")
     print(" ".join(f"{h:>11}" for h in header))
     for name, row in results["modes"].items():
-        cells = [name, f"{row['ttft_s']:.3f}", f"{row['speedup']:.2f}x",
-                 f"{row['speedup_bound']:.1f}x" if "speedup_bound" in row else "-",
-                 f"{row['first_token_agreement']:.0%}" if "first_token_agreement" in row else "-",
-                 f"{row['greedy32_agreement']:.0%}" if "greedy32_agreement" in row else "-",
-                 f"{row['mean_kl']:.4f}" if "mean_kl" in row else "-", f"{row['accuracy']:.0%}"]
+        cells = [
+            name,
+            f"{row['ttft_s']:.3f}",
+            f"{row['speedup']:.2f}x",
+            f"{row['speedup_bound']:.1f}x" if "speedup_bound" in row else "-",
+            f"{row['first_token_agreement']:.0%}" if "first_token_agreement" in row else "-",
+            f"{row['greedy32_agreement']:.0%}" if "greedy32_agreement" in row else "-",
+            f"{row['mean_kl']:.4f}" if "mean_kl" in row else "-",
+            f"{row['accuracy']:.0%}",
+        ]
         print(" ".join(f"{c:>11}" for c in cells))

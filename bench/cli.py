@@ -20,8 +20,13 @@ def add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     engine_bench.set_defaults(handler=_deferred("engine_bench", "run_engine_bench"))
 
     suffix_bench = bench_kinds.add_parser("suffix", help="SuffixDecoding speculation on agent-loop workloads")
-    suffix_bench.add_argument("--workload", dest="workloads", action="append", default=[],
-                              help="a workload JSON file (repeatable; default: the shipped ones)")
+    suffix_bench.add_argument(
+        "--workload",
+        dest="workloads",
+        action="append",
+        default=[],
+        help="a workload JSON file (repeatable; default: the shipped ones)",
+    )
     suffix_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
     suffix_bench.add_argument("--quick", action="store_true", help="one short session per workload, for smoke tests")
     suffix_bench.add_argument("--spec-factor", type=float, default=None, help="draft tokens per matched token")
@@ -102,11 +107,16 @@ def add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     serve_bench.add_argument("--quick", action="store_true", help="concurrency 1 and 2, short replies, for smoke tests")
     serve_bench.add_argument("--model", default="smollm2", help="the worker's model (default: smollm2)")
     serve_bench.add_argument(
-        "--fidelity-items", type=int, default=None, metavar="N",
+        "--fidelity-items",
+        type=int,
+        default=None,
+        metavar="N",
         help="fidelity items a shape through the server and the pipeline path (default: 20; --quick: 1; 0: skip)",
     )
     serve_bench.add_argument(
-        "--fidelity-shapes", default=None, metavar="S,S",
+        "--fidelity-shapes",
+        default=None,
+        metavar="S,S",
         help="fidelity shapes (default: relay,retrieval,critique; --quick: relay,retrieval)",
     )
     serve_bench.set_defaults(handler=_deferred("serve_bench", "run_serve_bench"))

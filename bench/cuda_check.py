@@ -73,14 +73,34 @@ CHAT_PROMPTS = ("What is the capital of France?", "Write a haiku about the sea."
 
 # -- shapes -----------------------------------------------------------------------------------------
 def llama_shape(
-    name: str, *, vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, head_dim: int,
-    theta: float, tied: bool, llama3_factor: float | None = None,
+    name: str,
+    *,
+    vocab: int,
+    hidden: int,
+    ffn: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    theta: float,
+    tied: bool,
+    llama3_factor: float | None = None,
 ) -> ModelConfig:
     return ModelConfig(
-        name=name, vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
-        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        name=name,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
         rope=RopeSpec(head_dim=head_dim, theta=theta, scaling_factor=llama3_factor),
-        rms_norm_eps=1e-5, max_context=8192, tie_word_embeddings=tied, bos_token_id=1, eos_token_ids=(2,),
+        rms_norm_eps=1e-5,
+        max_context=8192,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_ids=(2,),
     )
 
 
@@ -92,19 +112,65 @@ class Shape:
 
 
 SHAPES: dict[str, Shape] = {
-    "tiny": Shape(llama_shape("tiny", vocab=256, hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, head_dim=16,
-                              theta=10000.0, tied=False), vs_transformers=True, speed=True),
+    "tiny": Shape(
+        llama_shape(
+            "tiny", vocab=256, hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, head_dim=16, theta=10000.0, tied=False
+        ),
+        vs_transformers=True,
+        speed=True,
+    ),
     # the bundled model's shape; its speed is measured on the real file (speed:model)
-    "smollm2": Shape(llama_shape("smollm2-135m-shape", vocab=49152, hidden=576, ffn=1536, layers=30, heads=9,
-                                 kv_heads=3, head_dim=64, theta=100000.0, tied=True),
-                     vs_transformers=True, speed=False),
-    "1b": Shape(llama_shape("llama-3.2-1b-shape", vocab=128256, hidden=2048, ffn=8192, layers=16, heads=32,
-                            kv_heads=8, head_dim=64, theta=500000.0, tied=True, llama3_factor=32.0),
-                vs_transformers=True, speed=True),
+    "smollm2": Shape(
+        llama_shape(
+            "smollm2-135m-shape",
+            vocab=49152,
+            hidden=576,
+            ffn=1536,
+            layers=30,
+            heads=9,
+            kv_heads=3,
+            head_dim=64,
+            theta=100000.0,
+            tied=True,
+        ),
+        vs_transformers=True,
+        speed=False,
+    ),
+    "1b": Shape(
+        llama_shape(
+            "llama-3.2-1b-shape",
+            vocab=128256,
+            hidden=2048,
+            ffn=8192,
+            layers=16,
+            heads=32,
+            kv_heads=8,
+            head_dim=64,
+            theta=500000.0,
+            tied=True,
+            llama3_factor=32.0,
+        ),
+        vs_transformers=True,
+        speed=True,
+    ),
     # fp32 numerics at 8B would hold 2 x 32 GB of weights for little news over 1B: speed only
-    "8b": Shape(llama_shape("llama-3.1-8b-shape", vocab=128256, hidden=4096, ffn=14336, layers=32, heads=32,
-                            kv_heads=8, head_dim=128, theta=500000.0, tied=False, llama3_factor=8.0),
-                vs_transformers=False, speed=True),
+    "8b": Shape(
+        llama_shape(
+            "llama-3.1-8b-shape",
+            vocab=128256,
+            hidden=4096,
+            ffn=14336,
+            layers=32,
+            heads=32,
+            kv_heads=8,
+            head_dim=128,
+            theta=500000.0,
+            tied=False,
+            llama3_factor=8.0,
+        ),
+        vs_transformers=False,
+        speed=True,
+    ),
 }
 DEFAULT_SHAPES = ("smollm2", "1b", "8b")
 CPU_MAX_BYTES = 2 << 30  # random shapes with more fp32 weight bytes are skipped on the CPU (2 CPU cores, shared RAM)
@@ -132,15 +198,31 @@ class Plan:
 
 # Sized for ~2 minutes on an H200: every GPU figure here is milliseconds; loads and builds dominate.
 FULL = Plan(
-    logit_tokens=(128, 1024), gen_tokens=32, hf_tokens=256, prefill_lengths=(512, 2048), decode_context=512,
-    decode_tokens=24, batch_size=8, rounds=3, engine_steps=16,
+    logit_tokens=(128, 1024),
+    gen_tokens=32,
+    hf_tokens=256,
+    prefill_lengths=(512, 2048),
+    decode_context=512,
+    decode_tokens=24,
+    batch_size=8,
+    rounds=3,
+    engine_steps=16,
     # large enough that each timed op runs ~1 ms or more on an H200, so launch and sync costs vanish
-    floor_sizes=floors.FloorSizes(mm_n=8192, linear_mkn=(2048, 4096, 14336), copy_bytes=(1 << 30, 4 << 30),
-                                  gemv_kn=(32768, 16384), repeats=10),
+    floor_sizes=floors.FloorSizes(
+        mm_n=8192, linear_mkn=(2048, 4096, 14336), copy_bytes=(1 << 30, 4 << 30), gemv_kn=(32768, 16384), repeats=10
+    ),
 )
 QUICK = Plan(
-    logit_tokens=(64,), gen_tokens=16, hf_tokens=32, prefill_lengths=(64, 128), decode_context=64,
-    decode_tokens=4, batch_size=8, rounds=1, engine_steps=3, floor_sizes=floors.QUICK_SIZES,
+    logit_tokens=(64,),
+    gen_tokens=16,
+    hf_tokens=32,
+    prefill_lengths=(64, 128),
+    decode_context=64,
+    decode_tokens=4,
+    batch_size=8,
+    rounds=1,
+    engine_steps=3,
+    floor_sizes=floors.QUICK_SIZES,
 )
 
 
@@ -148,9 +230,15 @@ def speed_plan(plan: Plan, device: torch.device) -> Plan:
     """The CPU always gets the quick speed plan: there it tests this code, it does not measure the engine."""
     if device.type == "cuda":
         return plan
-    return replace(plan, prefill_lengths=QUICK.prefill_lengths, decode_context=QUICK.decode_context,
-                   decode_tokens=QUICK.decode_tokens, rounds=QUICK.rounds, engine_steps=QUICK.engine_steps,
-                   floor_sizes=QUICK.floor_sizes)
+    return replace(
+        plan,
+        prefill_lengths=QUICK.prefill_lengths,
+        decode_context=QUICK.decode_context,
+        decode_tokens=QUICK.decode_tokens,
+        rounds=QUICK.rounds,
+        engine_steps=QUICK.engine_steps,
+        floor_sizes=QUICK.floor_sizes,
+    )
 
 
 def default_dtype(device: torch.device) -> tuple[torch.dtype, WeightFormat]:
@@ -176,8 +264,13 @@ class Check:
         self.device = device
         self.plan = plan
         self.started = time.perf_counter()
-        self.results: Json = {"argv": sys.argv[1:], "device": str(device), "quick": bool(args.quick),
-                              "plan": asdict(plan), "sections": {}}
+        self.results: Json = {
+            "argv": sys.argv[1:],
+            "device": str(device),
+            "quick": bool(args.quick),
+            "plan": asdict(plan),
+            "sections": {},
+        }
         self.current: str | None = None
         self._raw: RawModel | None = None
 
@@ -237,9 +330,12 @@ def _guarded(fn: Callable[[], Json]) -> Json:
 # -- env --------------------------------------------------------------------------------------------
 def section_env(device: torch.device) -> Json:
     info = machine_info(device)
-    info.update(torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
-                fp32_matmul_precision=torch.get_float32_matmul_precision(),
-                allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    info.update(
+        torch_cuda=torch.version.cuda,
+        cuda_available=torch.cuda.is_available(),
+        fp32_matmul_precision=torch.get_float32_matmul_precision(),
+        allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+    )
     try:
         import transformers
 
@@ -253,9 +349,11 @@ def section_env(device: torch.device) -> Json:
             capability=f"{props.major}.{props.minor}",
             multiprocessors=props.multi_processor_count,
             cudnn=torch.backends.cudnn.version(),
-            sdpa={"flash": torch.backends.cuda.flash_sdp_enabled(),
-                  "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
-                  "math": torch.backends.cuda.math_sdp_enabled()},
+            sdpa={
+                "flash": torch.backends.cuda.flash_sdp_enabled(),
+                "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                "math": torch.backends.cuda.math_sdp_enabled(),
+            },
         )
     log(f"   torch {torch.__version__} (CUDA {torch.version.cuda}), {info.get('gpu') or 'no GPU'}")
     return info
@@ -265,8 +363,10 @@ def section_env(device: torch.device) -> Json:
 def section_floors(device: torch.device, plan: Plan) -> Json:
     dtype, _ = default_dtype(device)
     found = floors.measure_floors(device, dtype, plan.floor_sizes)
-    log(f"   {dtype}: mm {found.matmul_gflops / 1e3:.1f} TFLOP/s, linear {found.linear_gflops / 1e3:.1f}, "
-        f"copy {found.bandwidth_gbs:.0f} GB/s, read {found.read_gbs:.0f} GB/s, GEMV {found.gemv_gbs:.0f} GB/s")
+    log(
+        f"   {dtype}: mm {found.matmul_gflops / 1e3:.1f} TFLOP/s, linear {found.linear_gflops / 1e3:.1f}, "
+        f"copy {found.bandwidth_gbs:.0f} GB/s, read {found.read_gbs:.0f} GB/s, GEMV {found.gemv_gbs:.0f} GB/s"
+    )
     return {"dtype": str(dtype), **found.as_dict()}
 
 
@@ -302,8 +402,11 @@ def _greedy(model: LlamaModel, raw: RawModel, plan: Plan) -> Json:
     prompts = [engine.chat_prompt(p) for p in CHAT_PROMPTS]
     start = time.perf_counter()
     done = engine.generate(prompts, SamplingParams(max_tokens=plan.gen_tokens))
-    return {"seconds": time.perf_counter() - start, "tokens": [c.token_ids for c in done],
-            "texts": [c.text for c in done]}
+    return {
+        "seconds": time.perf_counter() - start,
+        "tokens": [c.token_ids for c in done],
+        "texts": [c.text for c in done],
+    }
 
 
 def section_numerics(check: Check) -> Json:
@@ -315,10 +418,15 @@ def section_numerics(check: Check) -> Json:
     ref_logits = {n: all_logits(reference, ids) for n, ids in prompts.items()}
     ref_gen = _greedy(reference, raw, plan) | {"first_token_top2": _first_token_top2(reference, raw)}
     del reference
-    result: Json = {"model": raw.config.name, "reference": {"device": "cpu", "dtype": "float32", **ref_gen},
-                    "logit_scale": {n: float(v.abs().max()) for n, v in ref_logits.items()}}
+    result: Json = {
+        "model": raw.config.name,
+        "reference": {"device": "cpu", "dtype": "float32", **ref_gen},
+        "logit_scale": {n: float(v.abs().max()) for n, v in ref_logits.items()},
+    }
     variants: dict[str, tuple[torch.dtype, WeightFormat]] = {
-        "device_fp32": (torch.float32, "fp32"), "device_bf16": (torch.bfloat16, "bf16")}
+        "device_fp32": (torch.float32, "fp32"),
+        "device_bf16": (torch.bfloat16, "bf16"),
+    }
     logits: dict[str, dict[str, torch.Tensor]] = {}
     for name, (dtype, fmt) in variants.items():
         reason = bf16_unsupported(device) if dtype == torch.bfloat16 else None
@@ -334,15 +442,18 @@ def section_numerics(check: Check) -> Json:
             gen["common_prefix"] = [_common_prefix(a, b) for a, b in zip(ref_gen["tokens"], gen["tokens"], strict=True)]
             gen["same_text"] = [a == b for a, b in zip(ref_gen["texts"], gen["texts"], strict=True)]
             distances = {n: logits_distance(ref_logits[n], v) for n, v in logits[name].items()}
-            log(f"   {name}: argmax agreement {[round(d['argmax_agreement'], 4) for d in distances.values()]}, "
-                f"greedy common prefix {gen['common_prefix']}")
+            log(
+                f"   {name}: argmax agreement {[round(d['argmax_agreement'], 4) for d in distances.values()]}, "
+                f"greedy common prefix {gen['common_prefix']}"
+            )
             entry = {"logits_vs_cpu_fp32": distances}
             return {"dtype": str(dtype), **entry, "greedy": gen}
 
         result[name] = _guarded(variant)
     if len(logits) == 2:  # what bf16 costs on the device itself, kernels held equal
         result["device_bf16_vs_device_fp32"] = {
-            n: logits_distance(logits["device_fp32"][n], logits["device_bf16"][n]) for n in prompts}
+            n: logits_distance(logits["device_fp32"][n], logits["device_bf16"][n]) for n in prompts
+        }
     return result
 
 
@@ -367,8 +478,11 @@ def section_vs_transformers(check: Check, config: ModelConfig) -> Json:
     weights = random_llama_weights(config, seed=1, device=device)  # fp32: both dtypes are cast from it
     hf = hf_llama_from_weights(config, weights, device=device, dtype=torch.float32)
     hf_fp32 = _hf_logits(hf, ids, device)
-    result: Json = {"tokens": len(ids), "logit_scale": float(hf_fp32.abs().max()),
-                    "attn_implementation": getattr(hf.config, "_attn_implementation", None)}
+    result: Json = {
+        "tokens": len(ids),
+        "logit_scale": float(hf_fp32.abs().max()),
+        "attn_implementation": getattr(hf.config, "_attn_implementation", None),
+    }
 
     def fp32() -> Json:
         ours = all_logits(LlamaModel(config, weights, device=device), ids)
@@ -396,8 +510,10 @@ def section_vs_transformers(check: Check, config: ModelConfig) -> Json:
     for dtype in ("fp32", "bf16"):
         d = result[dtype].get("ours_vs_hf")
         if d:
-            log(f"   {dtype}: max |dlogit| {d['max_abs_logit_diff']:.3g} (scale {result['logit_scale']:.3g}), "
-                f"argmax agreement {d['argmax_agreement']:.2%}")
+            log(
+                f"   {dtype}: max |dlogit| {d['max_abs_logit_diff']:.3g} (scale {result['logit_scale']:.3g}), "
+                f"argmax agreement {d['argmax_agreement']:.2%}"
+            )
     return result
 
 
@@ -428,6 +544,7 @@ def _hf_decode_ms(hf: Any, context_ids: torch.Tensor, steps: int, vocab: int, se
     tokens = random_ids(batch * (steps + 1), vocab, seed).view(steps + 1, batch, 1).to(context_ids.device)
     times = []
     for i in range(steps + 1):
+
         def step(i: int = i) -> None:
             with torch.inference_mode():
                 hf(input_ids=tokens[i], past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -480,8 +597,10 @@ def _speed_rounds(check: Check, model: LlamaModel, hf: Any, plan: Plan) -> dict[
         samples.setdefault(key, []).append(value)
 
     for round_ in range(plan.rounds):
-        log(f"   round {round_ + 1}/{plan.rounds}: prefill {list(ids)}, decode @{context} batch 1 and {n}, "
-            f"ours then transformers")
+        log(
+            f"   round {round_ + 1}/{plan.rounds}: prefill {list(ids)}, decode @{context} batch 1 and {n}, "
+            f"ours then transformers"
+        )
         for length, length_ids in ids.items():
             add(f"ours_prefill_s_{length}", timed_prefill(model, length_ids, spare=0)[0])
             add(f"hf_prefill_s_{length}", _hf_prefill(hf, length_ids[None].to(device))[0])
@@ -495,8 +614,9 @@ def _speed_rounds(check: Check, model: LlamaModel, hf: Any, plan: Plan) -> dict[
 def _engine_batch(check: Check, raw: RawModel, model: LlamaModel, plan: Plan) -> Json:
     dtype, _ = default_dtype(check.device)
     setup = Setup(raw, model, check.device, dtype)
-    eplan = replace(engine_bench.QUICK, batch_size=plan.batch_size, batch_context=plan.decode_context,
-                    batch_steps=plan.engine_steps)
+    eplan = replace(
+        engine_bench.QUICK, batch_size=plan.batch_size, batch_context=plan.decode_context, batch_steps=plan.engine_steps
+    )
     return engine_bench.bench_engine_batch(setup, eplan)
 
 
@@ -513,43 +633,70 @@ def section_speed(check: Check, shape: str) -> Json:
     hf_build_s = time.perf_counter() - start
     del weights  # what the models share stays alive through them; the rest can go
     weight_bytes = floors.decode_weight_bytes(model)
-    log(f"   {config.name} ({source}): {weight_bytes / 1e9:.2f} GB of {dtype} weights per decode step; "
-        f"built in {ours_build_s:.1f} s (transformers {hf_build_s:.1f} s)")
+    log(
+        f"   {config.name} ({source}): {weight_bytes / 1e9:.2f} GB of {dtype} weights per decode step; "
+        f"built in {ours_build_s:.1f} s (transformers {hf_build_s:.1f} s)"
+    )
     m = {key: statistics.median(v) for key, v in _speed_rounds(check, model, hf, plan).items()}
     del hf
     n, context = plan.batch_size, plan.decode_context
     result: Json = {
-        "model": config.name, "source": source, "dtype": str(dtype), "weight_bytes": weight_bytes,
-        "layer_params": floors.layer_params(config), "rounds": plan.rounds,
+        "model": config.name,
+        "source": source,
+        "dtype": str(dtype),
+        "weight_bytes": weight_bytes,
+        "layer_params": floors.layer_params(config),
+        "rounds": plan.rounds,
         "build_s": {"ours": ours_build_s, "transformers": hf_build_s},
-        "prefill": {}, "decode": {"context": context, "ours_ms": m["ours_decode_ms"], "hf_ms": m["hf_decode_ms"],
-                                  "speedup_vs_hf": m["hf_decode_ms"] / m["ours_decode_ms"]},
-        "batch": {"size": n, "context": context, "ours_step_ms": m["ours_batch_ms"], "hf_step_ms": m["hf_batch_ms"],
-                  "ours_tok_s": 1000 * n / m["ours_batch_ms"], "hf_tok_s": 1000 * n / m["hf_batch_ms"],
-                  "speedup_vs_hf": m["hf_batch_ms"] / m["ours_batch_ms"],
-                  "vs_batch1": m["ours_decode_ms"] * n / m["ours_batch_ms"]},
+        "prefill": {},
+        "decode": {
+            "context": context,
+            "ours_ms": m["ours_decode_ms"],
+            "hf_ms": m["hf_decode_ms"],
+            "speedup_vs_hf": m["hf_decode_ms"] / m["ours_decode_ms"],
+        },
+        "batch": {
+            "size": n,
+            "context": context,
+            "ours_step_ms": m["ours_batch_ms"],
+            "hf_step_ms": m["hf_batch_ms"],
+            "ours_tok_s": 1000 * n / m["ours_batch_ms"],
+            "hf_tok_s": 1000 * n / m["hf_batch_ms"],
+            "speedup_vs_hf": m["hf_batch_ms"] / m["ours_batch_ms"],
+            "vs_batch1": m["ours_decode_ms"] * n / m["ours_batch_ms"],
+        },
     }
     floor = check.results.get("floors")
     for length in plan.prefill_lengths:
         ours_s, hf_s = m[f"ours_prefill_s_{length}"], m[f"hf_prefill_s_{length}"]
-        entry = {"ours_tok_s": length / ours_s, "hf_tok_s": length / hf_s, "speedup_vs_hf": hf_s / ours_s,
-                 "ours_tflops": floors.prefill_flops(config, length) / ours_s / 1e12}
+        entry = {
+            "ours_tok_s": length / ours_s,
+            "hf_tok_s": length / hf_s,
+            "speedup_vs_hf": hf_s / ours_s,
+            "ours_tflops": floors.prefill_flops(config, length) / ours_s / 1e12,
+        }
         if floor:
             entry["ours_vs_mm"] = entry["ours_tflops"] * 1e3 / floor["matmul_gflops"]
         result["prefill"][str(length)] = entry
     if floor:  # one decode step streams every weight once: the time to read them is its floor
         floor_ms = 1000 * weight_bytes / (floor["bandwidth_gbs"] * 1e9)
-        result["decode"].update(floor_ms=floor_ms, floor_read_ms=1000 * weight_bytes / (floor["read_gbs"] * 1e9),
-                                ours_x_floor=m["ours_decode_ms"] / floor_ms, hf_x_floor=m["hf_decode_ms"] / floor_ms)
+        result["decode"].update(
+            floor_ms=floor_ms,
+            floor_read_ms=1000 * weight_bytes / (floor["read_gbs"] * 1e9),
+            ours_x_floor=m["ours_decode_ms"] / floor_ms,
+            hf_x_floor=m["hf_decode_ms"] / floor_ms,
+        )
         result["batch"]["floor_tok_s"] = 1000 * n / floor_ms
     if raw is not None:
         result["engine_batch"] = _guarded(lambda: _engine_batch(check, raw, model, plan))
     else:
         result["engine_batch"] = {"skipped": "random weights have no tokenizer for Engine"}
     d, b = result["decode"], result["batch"]
-    log(f"   decode @{context}: ours {d['ours_ms']:.2f} ms, transformers {d['hf_ms']:.2f} ms"
+    log(
+        f"   decode @{context}: ours {d['ours_ms']:.2f} ms, transformers {d['hf_ms']:.2f} ms"
         + (f", floor {d['floor_ms']:.2f} ms" if "floor_ms" in d else "")
-         + f"; batch {n}: ours {b['ours_tok_s']:.0f} tok/s, transformers {b['hf_tok_s']:.0f} tok/s")
+        + f"; batch {n}: ours {b['ours_tok_s']:.0f} tok/s, transformers {b['hf_tok_s']:.0f} tok/s"
+    )
     return result
 
 
@@ -574,8 +721,10 @@ def _verdict(good: bool) -> str:
 
 
 def _numerics_lines(num: Json) -> list[str]:
-    lines = [f"numerics: {num['model']} vs fp32 on the CPU (logits over {', '.join(num['logit_scale'])} tokens; "
-             f"greedy replies to {len(num['reference']['texts'])} chat prompts)"]
+    lines = [
+        f"numerics: {num['model']} vs fp32 on the CPU (logits over {', '.join(num['logit_scale'])} tokens; "
+        f"greedy replies to {len(num['reference']['texts'])} chat prompts)"
+    ]
     for name in ("device_fp32", "device_bf16"):
         entry = num.get(name, {})
         if "logits_vs_cpu_fp32" not in entry:
@@ -589,11 +738,16 @@ def _numerics_lines(num: Json) -> list[str]:
             f"{' / '.join(_f(d['max_abs_logit_diff'], '.3g') for d in dist)}, argmax "
             f"{' / '.join(_f(100 * d['argmax_agreement'], '.1f') + '%' for d in dist)}, KL "
             f"{' / '.join(_f(d['kl_mean'], '.1e') for d in dist)}; greedy common prefix "
-            f"{entry['greedy']['common_prefix']} of {[len(t) for t in num['reference']['tokens']]}")
-    lines.append(f"  reference first-token top-2 probabilities (near-ties flip in bf16): "
-                 f"{num['reference'].get('first_token_top2')}")
-    texts = {"cpu": num["reference"]["texts"], **{
-        k: num[k]["greedy"]["texts"] for k in ("device_fp32", "device_bf16") if "greedy" in num.get(k, {})}}
+            f"{entry['greedy']['common_prefix']} of {[len(t) for t in num['reference']['tokens']]}"
+        )
+    lines.append(
+        f"  reference first-token top-2 probabilities (near-ties flip in bf16): "
+        f"{num['reference'].get('first_token_top2')}"
+    )
+    texts = {
+        "cpu": num["reference"]["texts"],
+        **{k: num[k]["greedy"]["texts"] for k in ("device_fp32", "device_bf16") if "greedy" in num.get(k, {})},
+    }
     for i in range(len(texts["cpu"])):
         for name, replies in texts.items():
             lines.append(f"  [{i}] {name:11} {json.dumps(replies[i])[:100]}")
@@ -608,13 +762,17 @@ def _vs_hf_lines(name: str, entry: Json) -> list[str]:
             parts.append(f"{dtype}: {_error_line(entry.get(dtype, {})) or 'missing'}")
             continue
         good = d["argmax_agreement"] >= FP32_MIN_ARGMAX and d["kl_mean"] <= FP32_MAX_KL if dtype == "fp32" else True
-        parts.append(f"{dtype}{'' if good else ' [SUSPECT]'} max|d| {_f(d['max_abs_logit_diff'], '.3g')} argmax "
-                     f"{100 * d['argmax_agreement']:.1f}%")
+        parts.append(
+            f"{dtype}{'' if good else ' [SUSPECT]'} max|d| {_f(d['max_abs_logit_diff'], '.3g')} argmax "
+            f"{100 * d['argmax_agreement']:.1f}%"
+        )
     bf16 = entry.get("bf16", {})
     if "ours_vs_hf_fp32" in bf16:
         ours, theirs = bf16["ours_vs_hf_fp32"]["kl_mean"], bf16["hf_bf16_vs_hf_fp32"]["kl_mean"]
-        parts.append(f"vs fp32 truth [{_verdict(ours <= 2 * theirs + FP32_MAX_KL)}]: ours-bf16 KL {_f(ours, '.1e')}, "
-                     f"hf-bf16 KL {_f(theirs, '.1e')}")
+        parts.append(
+            f"vs fp32 truth [{_verdict(ours <= 2 * theirs + FP32_MAX_KL)}]: ours-bf16 KL {_f(ours, '.1e')}, "
+            f"hf-bf16 KL {_f(theirs, '.1e')}"
+        )
     return [f"  {name} (logit scale {_f(entry['logit_scale'], '.3g')}): " + "; ".join(parts)]
 
 
@@ -622,21 +780,25 @@ def _speed_rows(name: str, s: Json) -> list[str]:
     d, b = s["decode"], s["batch"]
     prefill = " ".join(f"{_f(e['ours_tok_s'], '.0f')}/{_f(e['hf_tok_s'], '.0f')}" for e in s["prefill"].values())
     engine = s.get("engine_batch", {})
-    return [f"  {name:8} {s['weight_bytes'] / 1e9:6.2f}  prefill {list(s['prefill'])} ours/hf tok/s {prefill}; "
-            f"decode@{d['context']} ours {_f(d['ours_ms'])} hf {_f(d['hf_ms'])} ms (floor {_f(d.get('floor_ms'))}, "
-            f"ours {_f(d.get('ours_x_floor'), '.1f')}x); batch {b['size']} ours {_f(b['ours_tok_s'], '.0f')} "
-            f"hf {_f(b['hf_tok_s'], '.0f')} tok/s"
-            + (f", Engine.step {_f(engine['batch8_engine_tok_s'], '.0f')}" if "batch8_engine_tok_s" in engine else "")]
+    return [
+        f"  {name:8} {s['weight_bytes'] / 1e9:6.2f}  prefill {list(s['prefill'])} ours/hf tok/s {prefill}; "
+        f"decode@{d['context']} ours {_f(d['ours_ms'])} hf {_f(d['hf_ms'])} ms (floor {_f(d.get('floor_ms'))}, "
+        f"ours {_f(d.get('ours_x_floor'), '.1f')}x); batch {b['size']} ours {_f(b['ours_tok_s'], '.0f')} "
+        f"hf {_f(b['hf_tok_s'], '.0f')} tok/s"
+        + (f", Engine.step {_f(engine['batch8_engine_tok_s'], '.0f')}" if "batch8_engine_tok_s" in engine else "")
+    ]
 
 
 def summary_lines(results: Json) -> list[str]:
     sections = results.get("sections", {})
     env = results.get("env", {})
     ok = sum(1 for s in sections.values() if s.get("ok"))
-    lines = [f"cuda_check on {env.get('gpu') or results.get('device')} (torch {env.get('torch')}, CUDA "
-             f"{env.get('torch_cuda')}, transformers {env.get('transformers')}): {ok}/{len(sections)} sections ok "
-             f"in {_f(results.get('elapsed_s'), '.0f')} s" + (f"; KILLED in {results['killed_in']}"
-                                                             if results.get("killed_in") else "")]
+    lines = [
+        f"cuda_check on {env.get('gpu') or results.get('device')} (torch {env.get('torch')}, CUDA "
+        f"{env.get('torch_cuda')}, transformers {env.get('transformers')}): {ok}/{len(sections)} sections ok "
+        f"in {_f(results.get('elapsed_s'), '.0f')} s"
+        + (f"; KILLED in {results['killed_in']}" if results.get("killed_in") else "")
+    ]
     for name, status in sections.items():
         if not status.get("ok"):
             lines.append(f"  {'SKIPPED' if 'skipped' in status else 'FAILED'} {name}: {_error_line(status)}")
@@ -649,8 +811,10 @@ def summary_lines(results: Json) -> list[str]:
             lines += _vs_hf_lines(name, entry)
     if "floors" in results:
         fl = results["floors"]
-        lines.append(f"floors ({fl['dtype']}): mm {fl['matmul_gflops'] / 1e3:.1f} TFLOP/s, copy "
-                     f"{fl['bandwidth_gbs']:.0f} GB/s, read {fl['read_gbs']:.0f} GB/s, GEMV {fl['gemv_gbs']:.0f} GB/s")
+        lines.append(
+            f"floors ({fl['dtype']}): mm {fl['matmul_gflops'] / 1e3:.1f} TFLOP/s, copy "
+            f"{fl['bandwidth_gbs']:.0f} GB/s, read {fl['read_gbs']:.0f} GB/s, GEMV {fl['gemv_gbs']:.0f} GB/s"
+        )
     speed = {k.split(":", 1)[1]: v for k, v in results.items() if k.startswith("speed:")}
     if speed:
         lines.append("speed (engine default dtype; GB = weights streamed per decode step):")
@@ -670,17 +834,29 @@ def _shape_names(values: list[str]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kvmesh.bench.cuda_check", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="a .gguf file or HF directory (without it: no numerics, "
-                                                      "no speed:model)")
+    parser.add_argument(
+        "--model", default=None, help="a .gguf file or HF directory (without it: no numerics, no speed:model)"
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="write the results here (after each section)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--quick", action="store_true", help="short prompts, one round: for smoke tests")
-    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES),
-                        help=f"random-weight shapes, space or comma separated, of {sorted(SHAPES)}")
-    parser.add_argument("--sections", default="floors,numerics,vs_transformers,speed",
-                        help="comma-separated subset of floors,numerics,vs_transformers,speed (env always runs)")
-    parser.add_argument("--deadline-s", type=float, default=180.0,
-                        help="sections that would start after this many seconds are skipped (default 180)")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=list(DEFAULT_SHAPES),
+        help=f"random-weight shapes, space or comma separated, of {sorted(SHAPES)}",
+    )
+    parser.add_argument(
+        "--sections",
+        default="floors,numerics,vs_transformers,speed",
+        help="comma-separated subset of floors,numerics,vs_transformers,speed (env always runs)",
+    )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=180.0,
+        help="sections that would start after this many seconds are skipped (default 180)",
+    )
     parser.add_argument("--summarize", metavar="JSON", default=None, help="print the summary of a results file, exit")
     return parser
 
@@ -697,8 +873,11 @@ def _plan_sections(check: Check, shapes: list[str], wanted: set[str]) -> list[tu
         check.results["skipped_shapes"] = {s: "too large for fp32 on the CPU" for s in too_big}
     usable = [s for s in shapes if s not in too_big]
     if "vs_transformers" in wanted:
-        plan += [(f"vs_transformers:{s}", lambda s=s: section_vs_transformers(check, SHAPES[s].config))
-                 for s in usable if SHAPES[s].vs_transformers]
+        plan += [
+            (f"vs_transformers:{s}", lambda s=s: section_vs_transformers(check, SHAPES[s].config))
+            for s in usable
+            if SHAPES[s].vs_transformers
+        ]
     if "speed" in wanted:
         speed = (["model"] if args.model else []) + [s for s in usable if SHAPES[s].speed]
         plan += [(f"speed:{s}", lambda s=s: section_speed(check, s)) for s in speed]

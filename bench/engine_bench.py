@@ -42,6 +42,7 @@ from .bench_common import (
     all_logits,
     batch_decode_step,
     build_model,
+    decode_logits,
     decode_ms,
     load_setup,
     log,
@@ -114,7 +115,7 @@ QUICK = Plan(
     batch_steps=3,
     batch_prefill=False,
     engine_batch=False,
-    formats=("int8",),  # the cheapest quantized format to build and run; int4's kernel is slower
+    formats=("int4",),  # the quantized format that reads the fewest bytes
     format_prompt_tokens=16,
     format_rounds=1,
     transformers_rounds=0,
@@ -141,8 +142,10 @@ def bench_floors(setup: Setup, plan: Plan) -> Json:
             str(n): found.matmul_gflops * 1e9 * n / floors.prefill_flops(config, n) for n in plan.prefill_runs
         },
     )
-    log(f"  mm {found.matmul_gflops:.0f} GFLOP/s, copy {found.bandwidth_gbs:.1f} GB/s, read {found.read_gbs:.1f} "
-        f"GB/s, GEMV {found.gemv_gbs:.1f} GB/s; decode floor {result['decode_ms']:.1f} ms")
+    log(
+        f"  mm {found.matmul_gflops:.0f} GFLOP/s, copy {found.bandwidth_gbs:.1f} GB/s, read {found.read_gbs:.1f} "
+        f"GB/s, GEMV {found.gemv_gbs:.1f} GB/s; decode floor {result['decode_ms']:.1f} ms"
+    )
     return result
 
 
@@ -187,8 +190,9 @@ def bench_decode(setup: Setup, plan: Plan, longest: KVCache) -> tuple[Json, dict
             log(f"decode @{context}: prefilling the context")
             caches[context] = timed_prefill(model, random_ids(context, vocab, seed=7), spare=64)[1]
         log(f"decode @{context}: blocks of {plan.decode_tokens} single-token forwards until two agree")
-        settled = settle(lambda cache=caches[context], context=context: decode_ms(model, cache, context,
-                                                                                  plan.decode_tokens))
+        settled = settle(
+            lambda cache=caches[context], context=context: decode_ms(model, cache, context, plan.decode_tokens)
+        )
         result[str(context)], spread[str(context)], blocks[str(context)] = settled.value, settled.spread, settled.blocks
         log(f"  {settled.value:.1f} ms/token ({settled.blocks} blocks; spread of the last two {settled.spread:.0%})")
     return {"decode_ms_per_token": result, "decode_spread": spread, "decode_blocks": blocks}, caches
@@ -254,8 +258,10 @@ def bench_engine_batch(setup: Setup, plan: Plan) -> Json:
     # through all of their prefill steps and then `batch_steps` more, or no step has all N decoding.
     prefill_steps = -(-n * context // engine.config.scheduler.max_batch_tokens) + 2
     sampling = SamplingParams(max_tokens=prefill_steps + plan.batch_steps, ignore_eos=True)
-    ids = [engine.add_request(random_ids(context, model.config.vocab_size, seed=200 + i).tolist(), sampling)
-           for i in range(n)]
+    ids = [
+        engine.add_request(random_ids(context, model.config.vocab_size, seed=200 + i).tolist(), sampling)
+        for i in range(n)
+    ]
     log(f"engine batch {n}: {n} requests of {context} prompt tokens, {sampling.max_tokens} tokens each")
     started: set[str] = set()
     times: list[float] = []
@@ -279,19 +285,28 @@ def _linear_gbs(linear: Linear, in_features: int, device: torch.device, dtype: t
     """
     x = torch.randn(1, in_features, device=device, dtype=dtype)
     seconds = floors.median_seconds(lambda: linear(x), device, repeats=20, warmup=3)
-    return floors.tensor_bytes(linear) / seconds / 1e9
+    return linear.weight_bytes / seconds / 1e9
 
 
-def _format_entry(setup: Setup, plan: Plan, fmt: WeightFormat, reference: LlamaModel, cache: KVCache,
-                  reference_logits: torch.Tensor, prompt: list[int], bandwidth_gbs: float) -> Json:
+def _format_entry(
+    setup: Setup,
+    plan: Plan,
+    fmt: WeightFormat,
+    reference: LlamaModel,
+    cache: KVCache,
+    reference_logits: torch.Tensor,
+    prompt: list[int],
+    bandwidth_gbs: float,
+) -> Json:
     log(f"weight format {fmt}: building, then logits of a {len(prompt)}-token prompt")
     start = time.perf_counter()
     model = build_model(setup.raw, setup.device, setup.dtype, fmt)
     entry: Json = {"build_s": time.perf_counter() - start, "weight_bytes": floors.decode_weight_bytes(model)}
     entry["floor_decode_ms"] = 1000 * entry["weight_bytes"] / (bandwidth_gbs * 1e9)
-    entry["gate_up_gemv_gbs"] = _linear_gbs(model.layers[0].gate_up, model.config.hidden_size, setup.device,
-                                            setup.dtype)
-    entry.update(logits_distance(reference_logits, all_logits(model, prompt)))
+    entry["gate_up_gemv_gbs"] = _linear_gbs(
+        model.layers[0].gate_up, model.config.hidden_size, setup.device, setup.dtype
+    )
+    entry.update(logits_distance(reference_logits, decode_logits(model, prompt)))
     ours, theirs = [], []
     for _ in range(plan.format_rounds):  # interleaved, so both see the same machine load
         log(f"weight format {fmt}: decode @{plan.main_context} beside fp32")
@@ -299,8 +314,10 @@ def _format_entry(setup: Setup, plan: Plan, fmt: WeightFormat, reference: LlamaM
         theirs.append(decode_ms(reference, cache, plan.main_context, plan.decode_tokens))
     entry["decode_ms"], entry["fp32_decode_ms"] = statistics.median(ours), statistics.median(theirs)
     entry["speedup_vs_fp32"] = entry["fp32_decode_ms"] / entry["decode_ms"]
-    log(f"  {fmt}: {entry['decode_ms']:.1f} ms/token (fp32 {entry['fp32_decode_ms']:.1f}), "
-        f"max |dlogit| {entry['max_abs_logit_diff']:.3f}, argmax agree {entry['argmax_agreement']:.1%}")
+    log(
+        f"  {fmt}: {entry['decode_ms']:.1f} ms/token (fp32 {entry['fp32_decode_ms']:.1f}), "
+        f"max |dlogit| {entry['max_abs_logit_diff']:.3f}, argmax agree {entry['argmax_agreement']:.1%}"
+    )
     return entry
 
 
@@ -317,11 +334,14 @@ def bench_formats(setup: Setup, plan: Plan, cache: KVCache, bandwidth_gbs: float
         reference = build_model(setup.raw, setup.device, setup.dtype, "fp32")
     prompt = setup.raw.tokenizer.encode(SAMPLE_TEXT)[: plan.format_prompt_tokens]
     reference_logits = all_logits(reference, prompt)
-    result: Json = {"fp32": {
-        "weight_bytes": floors.decode_weight_bytes(reference),
-        "gate_up_gemv_gbs": _linear_gbs(reference.layers[0].gate_up, reference.config.hidden_size, setup.device,
-                                        setup.dtype),
-    }}
+    result: Json = {
+        "fp32": {
+            "weight_bytes": floors.decode_weight_bytes(reference),
+            "gate_up_gemv_gbs": _linear_gbs(
+                reference.layers[0].gate_up, reference.config.hidden_size, setup.device, setup.dtype
+            ),
+        }
+    }
     for fmt in usable:
         result[fmt] = _format_entry(setup, plan, fmt, reference, cache, reference_logits, prompt, bandwidth_gbs)
         gc.collect()  # the format's model is gone with its entry's frame; free its memory before the next
@@ -408,14 +428,18 @@ def bench_transformers(args: argparse.Namespace, setup: Setup, plan: Plan, cache
     _hf_generate_s(hf, ids[None].to(setup.device), 1)  # warm-up
     rounds = []
     for round_ in range(plan.transformers_rounds):
-        log(f"transformers round {round_ + 1}/{plan.transformers_rounds}: prefill and a "
-            f"{plan.transformers_new_tokens}-token generate, ours beside")
+        log(
+            f"transformers round {round_ + 1}/{plan.transformers_rounds}: prefill and a "
+            f"{plan.transformers_new_tokens}-token generate, ours beside"
+        )
         rounds.append(_transformers_round(hf, setup, plan, ids, cache))
     del hf
     gc.collect()
     m = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-    log(f"  decode: ours {m['ours_decode_ms']:.1f} ms (engine {m['ours_engine_decode_ms']:.1f}), "
-        f"transformers {m['transformers_decode_ms']:.1f} ms/token")
+    log(
+        f"  decode: ours {m['ours_decode_ms']:.1f} ms (engine {m['ours_engine_decode_ms']:.1f}), "
+        f"transformers {m['transformers_decode_ms']:.1f} ms/token"
+    )
     return {
         "context": plan.main_context,
         "new_tokens": plan.transformers_new_tokens,
@@ -449,8 +473,13 @@ def bench_llamacpp(args: argparse.Namespace, setup: Setup, plan: Plan) -> Json:
         decode_tokens=plan.decode_tokens,
         rounds=plan.llamacpp_rounds,
     )
-    return llama_cpp_engine.bench_llamacpp(resolve_model_path(args.model), torch.get_num_threads(), sizes,
-                                           setup.model.config.vocab_size, _ours_measure(setup.model))
+    return llama_cpp_engine.bench_llamacpp(
+        resolve_model_path(args.model),
+        torch.get_num_threads(),
+        sizes,
+        setup.model.config.vocab_size,
+        _ours_measure(setup.model),
+    )
 
 
 # -- targets and the table --------------------------------------------------------------------------
@@ -463,17 +492,35 @@ def evaluate_targets(results: Json, plan: Plan) -> Json:
     main, batch = str(plan.main_context), results["batch_context"]
     vs_hf, vs_llama = results["vs_transformers"], results["vs_llamacpp"]
     return {
-        "decode_ms": _target(results["decode_ms_per_token"].get(main), TARGET_DECODE_MS, False,
-                             f"ms/token @{main}, batch 1"),
-        "prefill_efficiency": _target(results["prefill_efficiency"].get(main), TARGET_PREFILL_EFFICIENCY, True,
-                                      f"prefill GFLOP/s @{main} / torch.mm GFLOP/s"),
-        "decode_vs_transformers": _target(vs_hf.get("decode_speedup"), TARGET_VS_TRANSFORMERS, True,
-                                          vs_hf.get("skipped", f"transformers ms/token / ours @{main}")),
-        "batch8_speedup": _target(results["batch8_speedup"], TARGET_BATCH_SPEEDUP, True,
-                                  f"batch-{plan.batch_size} aggregate tok/s / batch-1 tok/s @{batch}"),
-        "decode_vs_llamacpp": _target(vs_llama.get("decode_speedup"), TARGET_VS_LLAMACPP, True,
-                                      vs_llama.get("skipped", f"llama.cpp ms/token / ours @{main}, "
-                                                   "llama.cpp on the GGUF's own quantized weights")),
+        "decode_ms": _target(
+            results["decode_ms_per_token"].get(main), TARGET_DECODE_MS, False, f"ms/token @{main}, batch 1"
+        ),
+        "prefill_efficiency": _target(
+            results["prefill_efficiency"].get(main),
+            TARGET_PREFILL_EFFICIENCY,
+            True,
+            f"prefill GFLOP/s @{main} / torch.mm GFLOP/s",
+        ),
+        "decode_vs_transformers": _target(
+            vs_hf.get("decode_speedup"),
+            TARGET_VS_TRANSFORMERS,
+            True,
+            vs_hf.get("skipped", f"transformers ms/token / ours @{main}"),
+        ),
+        "batch8_speedup": _target(
+            results["batch8_speedup"],
+            TARGET_BATCH_SPEEDUP,
+            True,
+            f"batch-{plan.batch_size} aggregate tok/s / batch-1 tok/s @{batch}",
+        ),
+        "decode_vs_llamacpp": _target(
+            vs_llama.get("decode_speedup"),
+            TARGET_VS_LLAMACPP,
+            True,
+            vs_llama.get(
+                "skipped", f"llama.cpp ms/token / ours @{main}, llama.cpp on the GGUF's own quantized weights"
+            ),
+        ),
     }
 
 
@@ -487,33 +534,71 @@ Row = tuple[str, str, str, str]  # measure, ours, floor or peer, ratio
 def _floor_rows(fl: Json) -> list[Row]:
     return [
         ("torch.mm GFLOP/s", _fmt(fl["matmul_gflops"], ".0f"), f"linear {fl['linear_gflops']:.0f}", ""),
-        ("copy GB/s (read + write)", _fmt(fl["bandwidth_gbs"]),
-         f"read {fl['read_gbs']:.1f}, GEMV {fl['gemv_gbs']:.1f}", ""),
-        ("weights per decode token MB", _fmt(fl["weight_bytes_per_token"] / 1e6, ".0f"),
-         f"floor {fl['decode_ms']:.1f} ms at copy, {fl['decode_read_ms']:.1f} at read, "
-         f"{fl['decode_gemv_ms']:.1f} at GEMV rate", ""),
+        (
+            "copy GB/s (read + write)",
+            _fmt(fl["bandwidth_gbs"]),
+            f"read {fl['read_gbs']:.1f}, GEMV {fl['gemv_gbs']:.1f}",
+            "",
+        ),
+        (
+            "weights per decode token MB",
+            _fmt(fl["weight_bytes_per_token"] / 1e6, ".0f"),
+            f"floor {fl['decode_ms']:.1f} ms at copy, {fl['decode_read_ms']:.1f} at read, "
+            f"{fl['decode_gemv_ms']:.1f} at GEMV rate",
+            "",
+        ),
     ]
 
 
 def _speed_rows(results: Json) -> list[Row]:
     fl, rows = results["floor"], []
     for n, tok_s in results["prefill_tok_s"].items():
-        rows.append((f"prefill {n} tok/s", _fmt(tok_s, ".0f"), f"floor {fl['prefill_tok_s'][n]:.0f}",
-                     f"{results['prefill_efficiency'][n]:.0%} of mm, "
-                     f"{results['prefill_efficiency_vs_linear'][n]:.0%} of linear"))
+        rows.append(
+            (
+                f"prefill {n} tok/s",
+                _fmt(tok_s, ".0f"),
+                f"floor {fl['prefill_tok_s'][n]:.0f}",
+                f"{results['prefill_efficiency'][n]:.0%} of mm, "
+                f"{results['prefill_efficiency_vs_linear'][n]:.0%} of linear",
+            )
+        )
     for c, ms in results["decode_ms_per_token"].items():
         ours = f"{_fmt(ms)} ±{results['decode_spread'][c]:.0%}"  # the last two blocks' distance
-        rows.append((f"decode @{c} ms/token", ours, f"floor {fl['decode_ms']:.1f}, GEMV {fl['decode_gemv_ms']:.1f}",
-                     f"{ms / fl['decode_ms']:.1f}x floor, {ms / fl['decode_gemv_ms']:.1f}x GEMV"))
+        rows.append(
+            (
+                f"decode @{c} ms/token",
+                ours,
+                f"floor {fl['decode_ms']:.1f}, GEMV {fl['decode_gemv_ms']:.1f}",
+                f"{ms / fl['decode_ms']:.1f}x floor, {ms / fl['decode_gemv_ms']:.1f}x GEMV",
+            )
+        )
     n, context = results["batch_size"], str(results["batch_context"])
-    rows.append((f"batch-{n} decode @{context} tok/s", _fmt(results["batch8_tok_s"]),
-                 f"batch 1: {results['batch1_tok_s']:.1f}", f"{results['batch8_speedup']:.2f}x"))
+    rows.append(
+        (
+            f"batch-{n} decode @{context} tok/s",
+            _fmt(results["batch8_tok_s"]),
+            f"batch 1: {results['batch1_tok_s']:.1f}",
+            f"{results['batch8_speedup']:.2f}x",
+        )
+    )
     if "batch8_engine_tok_s" in results:
-        rows.append(("  same through Engine.step", _fmt(results["batch8_engine_tok_s"]), "",
-                     f"{results['batch8_engine_tok_s'] / results['batch8_tok_s']:.0%} of model-only"))
+        rows.append(
+            (
+                "  same through Engine.step",
+                _fmt(results["batch8_engine_tok_s"]),
+                "",
+                f"{results['batch8_engine_tok_s'] / results['batch8_tok_s']:.0%} of model-only",
+            )
+        )
     if "batch8_prefill_tok_s" in results:
-        rows.append((f"batch-{n} prefill @{context} tok/s", _fmt(results["batch8_prefill_tok_s"], ".0f"),
-                     f"batch 1: {_fmt(results['prefill_tok_s'].get(context), '.0f')}", ""))
+        rows.append(
+            (
+                f"batch-{n} prefill @{context} tok/s",
+                _fmt(results["batch8_prefill_tok_s"], ".0f"),
+                f"batch 1: {_fmt(results['prefill_tok_s'].get(context), '.0f')}",
+                "",
+            )
+        )
     return rows
 
 
@@ -521,12 +606,24 @@ def _transformers_rows(vs: Json) -> list[Row]:
     if "decode_speedup" not in vs:
         return [("vs transformers", "-", vs.get("skipped", ""), "")]
     return [
-        (f"vs transformers decode @{vs['context']} ms", _fmt(vs["ours_decode_ms"]),
-         f"transformers {vs['transformers_decode_ms']:.1f}", f"{vs['decode_speedup']:.2f}x faster"),
-        ("  ours through Engine.generate", _fmt(vs["ours_engine_decode_ms"]), "",
-         f"{vs['engine_decode_speedup']:.2f}x faster"),
-        (f"vs transformers prefill @{vs['context']} tok/s", _fmt(vs["ours_prefill_tok_s"], ".0f"),
-         f"transformers {vs['transformers_prefill_tok_s']:.0f}", f"{vs['prefill_speedup']:.2f}x"),
+        (
+            f"vs transformers decode @{vs['context']} ms",
+            _fmt(vs["ours_decode_ms"]),
+            f"transformers {vs['transformers_decode_ms']:.1f}",
+            f"{vs['decode_speedup']:.2f}x faster",
+        ),
+        (
+            "  ours through Engine.generate",
+            _fmt(vs["ours_engine_decode_ms"]),
+            "",
+            f"{vs['engine_decode_speedup']:.2f}x faster",
+        ),
+        (
+            f"vs transformers prefill @{vs['context']} tok/s",
+            _fmt(vs["ours_prefill_tok_s"], ".0f"),
+            f"transformers {vs['transformers_prefill_tok_s']:.0f}",
+            f"{vs['prefill_speedup']:.2f}x",
+        ),
     ]
 
 
@@ -542,15 +639,33 @@ def _llamacpp_rows(llama: Json, vs: Json, weight_format: str) -> list[Row]:
         return [("vs llama.cpp", "-", llama["skipped"], "")]
     ours, rows = llama["ours"], []
     for n, tok_s in llama["prefill_tok_s"].items():
-        rows.append((f"vs llama.cpp prefill {n} tok/s", _fmt(ours["prefill_tok_s"][n], ".0f"), f"llama.cpp {tok_s:.0f}",
-                     f"{_times_faster(vs['prefill_speedup_by_length'][n])} (spread ours "
-                     f"{ours['prefill_spread'][n]:.0%}, llama.cpp {llama['prefill_spread'][n]:.0%})"))
+        rows.append(
+            (
+                f"vs llama.cpp prefill {n} tok/s",
+                _fmt(ours["prefill_tok_s"][n], ".0f"),
+                f"llama.cpp {tok_s:.0f}",
+                f"{_times_faster(vs['prefill_speedup_by_length'][n])} (spread ours "
+                f"{ours['prefill_spread'][n]:.0%}, llama.cpp {llama['prefill_spread'][n]:.0%})",
+            )
+        )
     for c, ms in llama["decode_ms_per_token"].items():
-        rows.append((f"vs llama.cpp decode @{c} ms/token", _fmt(ours["decode_ms_per_token"][c]), f"llama.cpp {ms:.1f}",
-                     f"{_times_faster(vs['decode_speedup_by_context'][c])} (spread ours "
-                     f"{ours['decode_spread'][c]:.0%}, llama.cpp {llama['decode_spread'][c]:.0%})"))
-    rows.append(("  weights", weight_format, f"llama.cpp: the GGUF's own {llama['weights'] or '(unknown type)'}",
-                 f"llama-cpp-python {llama['version']}, {llama['rounds']} rounds"))
+        rows.append(
+            (
+                f"vs llama.cpp decode @{c} ms/token",
+                _fmt(ours["decode_ms_per_token"][c]),
+                f"llama.cpp {ms:.1f}",
+                f"{_times_faster(vs['decode_speedup_by_context'][c])} (spread ours "
+                f"{ours['decode_spread'][c]:.0%}, llama.cpp {llama['decode_spread'][c]:.0%})",
+            )
+        )
+    rows.append(
+        (
+            "  weights",
+            weight_format,
+            f"llama.cpp: the GGUF's own {llama['weights'] or '(unknown type)'}",
+            f"llama-cpp-python {llama['version']}, {llama['rounds']} rounds",
+        )
+    )
     return rows
 
 
@@ -559,28 +674,49 @@ def _format_rows(formats: Json) -> list[Row]:
     for fmt, entry in formats.items():
         if fmt in ("fp32", "skipped"):
             continue
-        rows.append((f"{fmt} decode ms/token", _fmt(entry["decode_ms"]),
-                     f"fp32 {entry['fp32_decode_ms']:.1f}, floor {entry['floor_decode_ms']:.1f}",
-                     f"{entry['speedup_vs_fp32']:.2f}x fp32"))
-        rows.append((f"{fmt} gate_up kernel GB/s (cache-hot)", _fmt(entry["gate_up_gemv_gbs"]),
-                     f"fp32 {formats['fp32']['gate_up_gemv_gbs']:.1f}", ""))
-        rows.append((f"{fmt} logits vs fp32", f"max {entry['max_abs_logit_diff']:.3f}",
-                     f"argmax {entry['argmax_agreement']:.1%}", f"KL {entry['kl_mean']:.2e}"))
+        rows.append(
+            (
+                f"{fmt} decode ms/token",
+                _fmt(entry["decode_ms"]),
+                f"fp32 {entry['fp32_decode_ms']:.1f}, floor {entry['floor_decode_ms']:.1f}",
+                f"{entry['speedup_vs_fp32']:.2f}x fp32",
+            )
+        )
+        rows.append(
+            (
+                f"{fmt} gate_up kernel GB/s (cache-hot)",
+                _fmt(entry["gate_up_gemv_gbs"]),
+                f"fp32 {formats['fp32']['gate_up_gemv_gbs']:.1f}",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"{fmt} logits vs fp32",
+                f"max {entry['max_abs_logit_diff']:.3f}",
+                f"argmax {entry['argmax_agreement']:.1%}",
+                f"KL {entry['kl_mean']:.2e}",
+            )
+        )
     return rows
 
 
 def kernel_paths(model: LlamaModel) -> dict[str, int]:
     """Which implementation each linear layer took (make_linear picks by format, device and oneDNN's presence)."""
-    linears = [model.lm_head, *(part for layer in model.layers for part in (layer.qkv, layer.o, layer.gate_up,
-                                                                          layer.down))]
+    linears = [
+        model.lm_head,
+        *(part for layer in model.layers for part in (layer.qkv, layer.o, layer.gate_up, layer.down)),
+    ]
     return dict(Counter(type(linear).__name__ for linear in linears))
 
 
 def print_table(results: Json) -> None:
     machine, model = results["machine"], results["model"]
-    print(f"{machine['cpu_model']} ({machine['cpu_count']} CPUs; ISA {' '.join(machine['isa']) or 'n/a'}; torch's "
-          f"kernels for {machine['cpu_capability']}); {model['weight_format']} linears: "
-          + ", ".join(f"{count} {name}" for name, count in model["kernels"].items()))
+    print(
+        f"{machine['cpu_model']} ({machine['cpu_count']} CPUs; ISA {' '.join(machine['isa']) or 'n/a'}; torch's "
+        f"kernels for {machine['cpu_capability']}); {model['weight_format']} linears: "
+        + ", ".join(f"{count} {name}" for name, count in model["kernels"].items())
+    )
     rows: list[Row] = [
         ("measure", "ours", "floor / peer", "ratio"),
         *_floor_rows(results["floor"]),
@@ -596,13 +732,15 @@ def print_table(results: Json) -> None:
             print("  ".join("-" * w for w in widths))
     busy = {name: load for name, load in results["machine"]["others_cpu"].items() if load and load > 0.1}
     if busy:
-        print("\nWARNING: other processes were busy during " + ", ".join(f"{k} ({v:.0%} of the CPUs)" for k, v in
-              busy.items()) + ": with 2 threads on 2 cores their figures can be several times too slow")
+        print(
+            "\nWARNING: other processes were busy during "
+            + ", ".join(f"{k} ({v:.0%} of the CPUs)" for k, v in busy.items())
+            + ": with 2 threads on 2 cores their figures can be several times too slow"
+        )
     print("\ntargets:")
     for name, t in results["targets"].items():
         status = {True: "PASS", False: "MISS", None: "n/a"}[t["pass"]]
-        print(f"  {status:4}  {name}: {_fmt(t['value'], '.2f')} (target {t['direction']} {t['target']}) "
-              f"- {t['note']}")
+        print(f"  {status:4}  {name}: {_fmt(t['value'], '.2f')} (target {t['direction']} {t['target']}) - {t['note']}")
 
 
 # -- entry point ------------------------------------------------------------------------------------
@@ -639,9 +777,14 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "quick": bool(args.quick),
         "machine": machine_info(setup.device),
-        "model": {"name": config.name, "weight_format": setup.model.weight_format, "dtype": str(setup.dtype),
-                  "layer_params": floors.layer_params(config), "vocab_size": config.vocab_size,
-                  "kernels": kernel_paths(setup.model)},
+        "model": {
+            "name": config.name,
+            "weight_format": setup.model.weight_format,
+            "dtype": str(setup.dtype),
+            "layer_params": floors.layer_params(config),
+            "vocab_size": config.vocab_size,
+            "kernels": kernel_paths(setup.model),
+        },
     }
     sections = _Sections(results)
     results["floor"] = sections.run("floors", lambda: bench_floors(setup, plan))
@@ -654,14 +797,15 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     if plan.engine_batch:
         results.update(sections.run("engine_batch", lambda: bench_engine_batch(setup, plan), optional=True) or {})
     bandwidth = results["floor"]["bandwidth_gbs"]
-    results["weight_formats"] = sections.run(
-        "weight_formats", lambda: bench_formats(setup, plan, cache, bandwidth), optional=True) or {}
+    results["weight_formats"] = (
+        sections.run("weight_formats", lambda: bench_formats(setup, plan, cache, bandwidth), optional=True) or {}
+    )
     results["vs_transformers"] = sections.run(
         "vs_transformers", lambda: bench_transformers(args, setup, plan, cache), optional=True
     ) or {"skipped": "failed: see errors"}
-    results["llamacpp"] = sections.run(
-        "llamacpp", lambda: bench_llamacpp(args, setup, plan), optional=True
-    ) or {"skipped": "failed: see errors"}
+    results["llamacpp"] = sections.run("llamacpp", lambda: bench_llamacpp(args, setup, plan), optional=True) or {
+        "skipped": "failed: see errors"
+    }
     results["vs_llamacpp"] = llama_cpp_engine.speedups(results["llamacpp"], plan.main_context)
     results["targets"] = evaluate_targets(results, plan)
     results["machine"].update(loadavg_end=os.getloadavg()[0], others_cpu=sections.others_cpu)

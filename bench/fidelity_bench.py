@@ -195,11 +195,14 @@ class FidelityBench:
                         run.shared = self._shared_call(call, workers)
                     return run.shared.reply
                 started = time.perf_counter()
-                result = workers[mode].worker.call(call.agent, call.system, call.pieces, call.reuse, call.sampling,
-                                                   capture=True)
+                result = workers[mode].worker.call(
+                    call.agent, call.system, call.pieces, call.reuse, call.sampling, capture=True
+                )
                 if result.prompt_kv is None:
-                    raise RuntimeError(f"{item.id}: the {mode} worker's {agent.name} call ended before its prompt "
-                                       "was prefilled (the engine failed the request; see the log above)")
+                    raise RuntimeError(
+                        f"{item.id}: the {mode} worker's {agent.name} call ended before its prompt "
+                        "was prefilled (the engine failed the request; see the log above)"
+                    )
                 calls.append((_record(call.agent, result, time.perf_counter() - started), result.prompt_kv))
                 return result.text
 
@@ -283,8 +286,10 @@ def run_fidelity_bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     item_set = generate_items(ItemConfig(seed=config.seed))
     chosen = {shape: select_items(item_set.items[shape], config.split, config.limit) for shape in config.shapes}
-    log(f"fidelity: {sum(map(len, chosen.values()))} items ({', '.join(f'{s} {len(i)}' for s, i in chosen.items())})"
-         f" in modes {', '.join(config.modes)}")
+    log(
+        f"fidelity: {sum(map(len, chosen.values()))} items ({', '.join(f'{s} {len(i)}' for s, i in chosen.items())})"
+        f" in modes {', '.join(config.modes)}"
+    )
     tasks: dict[str, Any] = {}
     with EmbeddedRedis() as redis:
         bench = FidelityBench(config, worker_config, redis.url)
@@ -295,12 +300,23 @@ def run_fidelity_bench(args: argparse.Namespace) -> int:
             tasks[shape]["elapsed_s"] = time.perf_counter() - shape_started
     assert bench.model is not None
     results = {
-        "model": {"name": args.model, "architecture": bench.model.config.name, "device": str(bench.model.device),
-                  "dtype": str(bench.model.dtype).removeprefix("torch."), "weights": bench.model.weight_format},
+        "model": {
+            "name": args.model,
+            "architecture": bench.model.config.name,
+            "device": str(bench.model.device),
+            "dtype": str(bench.model.dtype).removeprefix("torch."),
+            "weights": bench.model.weight_format,
+        },
         "machine": machine_info(bench.model.device),
-        "config": {"modes": list(config.modes), "shapes": list(config.shapes), "split": config.split,
-                   "limit": config.limit, "seed": config.seed, "resamples": config.resamples,
-                   "max_tokens": MAX_TOKENS},
+        "config": {
+            "modes": list(config.modes),
+            "shapes": list(config.shapes),
+            "split": config.split,
+            "limit": config.limit,
+            "seed": config.seed,
+            "resamples": config.resamples,
+            "max_tokens": MAX_TOKENS,
+        },
         "tasks": tasks,
         "elapsed_s": time.perf_counter() - started,
     }

@@ -21,17 +21,19 @@ def frontier_rows(results: Json) -> list[Json]:
     for shape, task in results["tasks"].items():
         for name, mode in task["modes"].items():
             served = (mode["reused_token_share"] or 0.0) + (mode["cached_token_share"] or 0.0)
-            rows.append({
-                "shape": shape,
-                "variant": name,
-                "not_prefilled_share": served,
-                "reused_token_share": mode["reused_token_share"],
-                "delta_points": 100 * mode["delta_vs_dense"],
-                "ci95_points": [100 * bound for bound in mode["ci95"]],
-                "speedup_vs_dense": mode["speedup_vs_dense"],
-                "first_token_agreement": mode["first_token_agreement"],
-                "mean_kl": mode["mean_kl"],
-            })
+            rows.append(
+                {
+                    "shape": shape,
+                    "variant": name,
+                    "not_prefilled_share": served,
+                    "reused_token_share": mode["reused_token_share"],
+                    "delta_points": 100 * mode["delta_vs_dense"],
+                    "ci95_points": [100 * bound for bound in mode["ci95"]],
+                    "speedup_vs_dense": mode["speedup_vs_dense"],
+                    "first_token_agreement": mode["first_token_agreement"],
+                    "mean_kl": mode["mean_kl"],
+                }
+            )
     return rows
 
 
@@ -43,8 +45,9 @@ def plot_frontier(results: Json, path: str | Path) -> Path:
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("the frontier plot needs matplotlib: pip install matplotlib (or scripts/setup.sh --dev)") \
-            from None
+        raise RuntimeError(
+            "the frontier plot needs matplotlib: pip install matplotlib (or scripts/setup.sh --dev)"
+        ) from None
     rows = frontier_rows(results)
     shapes = list(results["tasks"])
     figure, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 5.2), squeeze=False)
@@ -55,8 +58,14 @@ def plot_frontier(results: Json, path: str | Path) -> Path:
         for row in points:
             low, high = row["ci95_points"]
             x, y = 100 * row["not_prefilled_share"], row["delta_points"]
-            axis.errorbar(x, y, yerr=[[y - low], [high - y]], fmt="o", capsize=3,
-                          color="black" if row["variant"] == "dense" else "tab:blue")
+            axis.errorbar(
+                x,
+                y,
+                yerr=[[y - low], [high - y]],
+                fmt="o",
+                capsize=3,
+                color="black" if row["variant"] == "dense" else "tab:blue",
+            )
             speedup = row["speedup_vs_dense"]
             label = row["variant"] + (f" {speedup:.2f}x" if speedup else "")
             axis.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)

@@ -114,8 +114,33 @@ def _with_splits(shape: str, drawn: list[_Drawn], seed: int) -> tuple[Item, ...]
 
 
 # -- invented names ---------------------------------------------------------------------------------------
-_ONSETS = ("b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "r", "s", "sh", "t", "th",
-           "tr", "v", "w", "z", "kl", "st")
+_ONSETS = (
+    "b",
+    "br",
+    "c",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "sh",
+    "t",
+    "th",
+    "tr",
+    "v",
+    "w",
+    "z",
+    "kl",
+    "st",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou", "a", "e", "o")
 _CODAS = ("", "", "", "l", "n", "r", "s", "m", "nd", "rk", "st", "v", "ll", "rn")
 _ENDINGS = {
@@ -160,12 +185,48 @@ class _Entity:
     asked_as: str  # how a question names it
 
 
-_COMPANY_TRADES = ("Glassworks", "Ironworks", "Mills", "Textiles", "Instruments", "Ferries", "Press", "Foundry",
-                   "Ropeworks", "Brewery", "Potteries", "Clockworks")
-_DEVICE_NOUNS = ("loom", "lamp", "pump", "clock", "press", "lathe", "kiln", "compass", "telescope", "barometer",
-                 "printing frame", "water wheel")
-_PROFESSIONS = ("surveyor", "schoolteacher", "blacksmith", "clerk", "sailor", "carpenter", "chemist", "weaver",
-                "bookbinder", "glassblower", "baker", "engineer")
+_COMPANY_TRADES = (
+    "Glassworks",
+    "Ironworks",
+    "Mills",
+    "Textiles",
+    "Instruments",
+    "Ferries",
+    "Press",
+    "Foundry",
+    "Ropeworks",
+    "Brewery",
+    "Potteries",
+    "Clockworks",
+)
+_DEVICE_NOUNS = (
+    "loom",
+    "lamp",
+    "pump",
+    "clock",
+    "press",
+    "lathe",
+    "kiln",
+    "compass",
+    "telescope",
+    "barometer",
+    "printing frame",
+    "water wheel",
+)
+_PROFESSIONS = (
+    "surveyor",
+    "schoolteacher",
+    "blacksmith",
+    "clerk",
+    "sailor",
+    "carpenter",
+    "chemist",
+    "weaver",
+    "bookbinder",
+    "glassblower",
+    "baker",
+    "engineer",
+)
 _COLOURS = ("green", "ochre", "crimson", "slate blue", "white", "yellow", "black", "copper red", "grey", "teal")
 _MATERIALS = ("oak", "brass", "pine", "copper", "granite", "wrought iron", "limestone", "walnut", "tin", "slate")
 
@@ -178,15 +239,17 @@ def _entity(kind: str, names: _Names, rng: random.Random) -> _Entity:
     if kind == "company":
         root = names("company")
         trade = rng.choice(_COMPANY_TRADES)
-        return _Entity(kind, root, f"{root} {trade}", root, rng.choice(("the firm", "the company")), "it",
-                       f"{root} {trade}")
+        return _Entity(
+            kind, root, f"{root} {trade}", root, rng.choice(("the firm", "the company")), "it", f"{root} {trade}"
+        )
     if kind == "town":
         name = names("town")
         return _Entity(kind, name, name, name, "the town", "it", name)
     if kind == "ship":
         name = names("ship")
-        return _Entity(kind, name, f"the {name}", f"the {name}", rng.choice(("the ship", "the vessel")), "she",
-                       f"the {name}")
+        return _Entity(
+            kind, name, f"the {name}", f"the {name}", rng.choice(("the ship", "the vessel")), "she", f"the {name}"
+        )
     if kind == "device":
         name, noun = names("device"), rng.choice(_DEVICE_NOUNS)
         return _Entity(kind, name, f"the {name} {noun}", f"the {name}", f"the {noun}", "it", f"the {name} {noun}")
@@ -212,154 +275,346 @@ class _Relation:
 _R = _Relation
 _RELATIONS: dict[str, tuple[_Relation, ...]] = {
     "company": (
-        _R("founded", "year",
-           ("{S} was founded in {v}.", "{S} opened its first workshop in {v}.",
-            "It was in {v} that {s} first opened for business.",
-            "{S} has been trading since {v}, when it was founded."),
-           ("In what year was {q} founded?", "When was {q} founded? Give the year.")),
-        _R("founder", "person",
-           ("{S} was started by {v}, a former {job}.", "{v}, who had worked as {a_job}, founded {s}.",
-            "The founder of {s} was {v}, once {a_job}.", "{S} owes its existence to {v}, who founded it."),
-           ("Who founded {q}?", "Which person started {q}?")),
-        _R("based", "town",
-           ("{S} is based in {v}.", "{S} keeps its main workshop in the town of {v}.",
-            "The head office of {s} stands in {v}, close to the old market.", "From its yard in {v}, {s} ships goods "
-            "up and down the coast."),
-           ("In which town is {q} based?", "Where does {q} have its head office?")),
-        _R("staff", "staff",
-           ("{S} employs {v} people.", "{S} had {v} workers on its books last year.",
-            "Around {v} people work for {s}.", "These days {s} employs some {v} men and women."),
-           ("How many people work for {q}?", "How many workers does {q} employ?")),
-        _R("product", "device",
-           ("{S} is best known for {v}.", "The best-selling product of {s} is {v}.",
-            "Most people know {s} for {v}, which it still makes by hand."),
-           ("What product is {q} best known for?", "Which device does {q} make?")),
+        _R(
+            "founded",
+            "year",
+            (
+                "{S} was founded in {v}.",
+                "{S} opened its first workshop in {v}.",
+                "It was in {v} that {s} first opened for business.",
+                "{S} has been trading since {v}, when it was founded.",
+            ),
+            ("In what year was {q} founded?", "When was {q} founded? Give the year."),
+        ),
+        _R(
+            "founder",
+            "person",
+            (
+                "{S} was started by {v}, a former {job}.",
+                "{v}, who had worked as {a_job}, founded {s}.",
+                "The founder of {s} was {v}, once {a_job}.",
+                "{S} owes its existence to {v}, who founded it.",
+            ),
+            ("Who founded {q}?", "Which person started {q}?"),
+        ),
+        _R(
+            "based",
+            "town",
+            (
+                "{S} is based in {v}.",
+                "{S} keeps its main workshop in the town of {v}.",
+                "The head office of {s} stands in {v}, close to the old market.",
+                "From its yard in {v}, {s} ships goods up and down the coast.",
+            ),
+            ("In which town is {q} based?", "Where does {q} have its head office?"),
+        ),
+        _R(
+            "staff",
+            "staff",
+            (
+                "{S} employs {v} people.",
+                "{S} had {v} workers on its books last year.",
+                "Around {v} people work for {s}.",
+                "These days {s} employs some {v} men and women.",
+            ),
+            ("How many people work for {q}?", "How many workers does {q} employ?"),
+        ),
+        _R(
+            "product",
+            "device",
+            (
+                "{S} is best known for {v}.",
+                "The best-selling product of {s} is {v}.",
+                "Most people know {s} for {v}, which it still makes by hand.",
+            ),
+            ("What product is {q} best known for?", "Which device does {q} make?"),
+        ),
     ),
     "town": (
-        _R("river", "river",
-           ("{S} lies on {v}.", "{v} flows through {s} on its way to the sea.",
-            "{S} grew up around a ford across {v}.", "Barges on {v} still stop at {s} every morning."),
-           ("Which river flows through {q}?", "On which river does {q} stand?")),
-        _R("founded", "year",
-           ("{S} was founded in {v}.", "The first houses in {s} were built in {v}.",
-            "{S} dates back to {v}, when the first families settled there."),
-           ("In what year was {q} founded?", "When was {q} founded? Give the year.")),
-        _R("population", "population",
-           ("{S} has {v} inhabitants.", "About {v} people live in {s}.",
-            "The last census counted {v} residents in {s}."),
-           ("How many people live in {q}?", "What is the population of {q}?")),
-        _R("mayor", "person",
-           ("The mayor of {s} is {v}, a former {job}.", "{v}, who once worked as {a_job}, is the mayor of {s}.",
-            "{S} elected {v} as its mayor."),
-           ("Who is the mayor of {q}?", "Which person serves as mayor of {q}?")),
-        _R("bridges", "bridges",
-           ("{v} bridges cross the river at {s}.", "{S} has {v} bridges, most of them built of stone."),
-           ("How many bridges are there in {q}?", "How many bridges cross the river at {q}?")),
+        _R(
+            "river",
+            "river",
+            (
+                "{S} lies on {v}.",
+                "{v} flows through {s} on its way to the sea.",
+                "{S} grew up around a ford across {v}.",
+                "Barges on {v} still stop at {s} every morning.",
+            ),
+            ("Which river flows through {q}?", "On which river does {q} stand?"),
+        ),
+        _R(
+            "founded",
+            "year",
+            (
+                "{S} was founded in {v}.",
+                "The first houses in {s} were built in {v}.",
+                "{S} dates back to {v}, when the first families settled there.",
+            ),
+            ("In what year was {q} founded?", "When was {q} founded? Give the year."),
+        ),
+        _R(
+            "population",
+            "population",
+            (
+                "{S} has {v} inhabitants.",
+                "About {v} people live in {s}.",
+                "The last census counted {v} residents in {s}.",
+            ),
+            ("How many people live in {q}?", "What is the population of {q}?"),
+        ),
+        _R(
+            "mayor",
+            "person",
+            (
+                "The mayor of {s} is {v}, a former {job}.",
+                "{v}, who once worked as {a_job}, is the mayor of {s}.",
+                "{S} elected {v} as its mayor.",
+            ),
+            ("Who is the mayor of {q}?", "Which person serves as mayor of {q}?"),
+        ),
+        _R(
+            "bridges",
+            "bridges",
+            ("{v} bridges cross the river at {s}.", "{S} has {v} bridges, most of them built of stone."),
+            ("How many bridges are there in {q}?", "How many bridges cross the river at {q}?"),
+        ),
     ),
     "ship": (
-        _R("launched", "year",
-           ("{S} was launched in {v}.", "{S} first put to sea in {v}.",
-            "It was in {v} that {s} was launched from the slipway."),
-           ("In what year was {q} launched?", "When was {q} launched? Give the year.")),
-        _R("captain", "person",
-           ("{S} is commanded by Captain {v}.", "Captain {v}, a former {job}, commands {s}.",
-            "The master of {s} is Captain {v}."),
-           ("Who is the captain of {q}?", "Who commands {q}?")),
-        _R("built", "town",
-           ("{S} was built in the shipyards of {v}.", "{S} came out of a yard in {v}.",
-            "Shipwrights in {v} built {s} over two long winters."),
-           ("In which town was {q} built?", "Where was {q} built?")),
-        _R("length", "metres",
-           ("{S} is {v} metres long.", "{S} measures {v} metres from bow to stern.",
-            "From bow to stern, {s} measures {v} metres."),
-           ("How long is {q}, in metres?", "What is the length of {q} in metres?")),
-        _R("crew", "crew",
-           ("{S} sails with a crew of {v}.", "{S} carries {v} crew.", "A crew of {v} keeps {s} running."),
-           ("How many crew does {q} carry?", "How large is the crew of {q}?")),
+        _R(
+            "launched",
+            "year",
+            (
+                "{S} was launched in {v}.",
+                "{S} first put to sea in {v}.",
+                "It was in {v} that {s} was launched from the slipway.",
+            ),
+            ("In what year was {q} launched?", "When was {q} launched? Give the year."),
+        ),
+        _R(
+            "captain",
+            "person",
+            (
+                "{S} is commanded by Captain {v}.",
+                "Captain {v}, a former {job}, commands {s}.",
+                "The master of {s} is Captain {v}.",
+            ),
+            ("Who is the captain of {q}?", "Who commands {q}?"),
+        ),
+        _R(
+            "built",
+            "town",
+            (
+                "{S} was built in the shipyards of {v}.",
+                "{S} came out of a yard in {v}.",
+                "Shipwrights in {v} built {s} over two long winters.",
+            ),
+            ("In which town was {q} built?", "Where was {q} built?"),
+        ),
+        _R(
+            "length",
+            "metres",
+            (
+                "{S} is {v} metres long.",
+                "{S} measures {v} metres from bow to stern.",
+                "From bow to stern, {s} measures {v} metres.",
+            ),
+            ("How long is {q}, in metres?", "What is the length of {q} in metres?"),
+        ),
+        _R(
+            "crew",
+            "crew",
+            ("{S} sails with a crew of {v}.", "{S} carries {v} crew.", "A crew of {v} keeps {s} running."),
+            ("How many crew does {q} carry?", "How large is the crew of {q}?"),
+        ),
     ),
     "device": (
-        _R("inventor", "person",
-           ("{S} was designed by {v}.", "{v} invented {s} while working as {a_job}.",
-            "The designer of {s} was {v}, {a_job} by training."),
-           ("Who designed {q}?", "Who invented {q}?")),
-        _R("shown", "year",
-           ("{S} was first shown to the public in {v}.", "{S} first went on show in {v}.",
-            "The public first saw {s} in {v}."),
-           ("In what year was {q} first shown to the public?", "When was {q} first shown? Give the year.")),
-        _R("workshop", "town",
-           ("{S} was built in a small workshop in {v}.", "The first {noun} of its kind was put together in {v}.",
-            "Craftsmen in {v} built {s} by hand."),
-           ("In which town was {q} built?", "Where was {q} first built?")),
-        _R("weight", "kilograms",
-           ("{S} weighs {v} kilograms.", "{S} weighs about {v} kilograms, frame included.",
-            "Fully assembled, {s} weighs {v} kilograms."),
-           ("How much does {q} weigh, in kilograms?", "What is the weight of {q} in kilograms?")),
-        _R("maker", "company",
-           ("{S} is manufactured by {v}.", "{v} manufactures {s} under licence.", "These days {v} makes {s}."),
-           ("Which company manufactures {q}?", "Who makes {q} today?")),
+        _R(
+            "inventor",
+            "person",
+            (
+                "{S} was designed by {v}.",
+                "{v} invented {s} while working as {a_job}.",
+                "The designer of {s} was {v}, {a_job} by training.",
+            ),
+            ("Who designed {q}?", "Who invented {q}?"),
+        ),
+        _R(
+            "shown",
+            "year",
+            (
+                "{S} was first shown to the public in {v}.",
+                "{S} first went on show in {v}.",
+                "The public first saw {s} in {v}.",
+            ),
+            ("In what year was {q} first shown to the public?", "When was {q} first shown? Give the year."),
+        ),
+        _R(
+            "workshop",
+            "town",
+            (
+                "{S} was built in a small workshop in {v}.",
+                "The first {noun} of its kind was put together in {v}.",
+                "Craftsmen in {v} built {s} by hand.",
+            ),
+            ("In which town was {q} built?", "Where was {q} first built?"),
+        ),
+        _R(
+            "weight",
+            "kilograms",
+            (
+                "{S} weighs {v} kilograms.",
+                "{S} weighs about {v} kilograms, frame included.",
+                "Fully assembled, {s} weighs {v} kilograms.",
+            ),
+            ("How much does {q} weigh, in kilograms?", "What is the weight of {q} in kilograms?"),
+        ),
+        _R(
+            "maker",
+            "company",
+            ("{S} is manufactured by {v}.", "{v} manufactures {s} under licence.", "These days {v} makes {s}."),
+            ("Which company manufactures {q}?", "Who makes {q} today?"),
+        ),
     ),
     "river": (
-        _R("length", "kilometres",
-           ("{S} is {v} kilometres long.", "{S} runs for {v} kilometres.",
-            "From source to mouth, {s} covers {v} kilometres."),
-           ("How long is {q}, in kilometres?", "What is the length of {q} in kilometres?")),
-        _R("source", "town",
-           ("{S} rises in the hills above {v}.", "The spring that feeds {s} lies just outside {v}.",
-            "{S} starts near {v}."),
-           ("Near which town does {q} rise?", "Where is the source of {q}?")),
-        _R("mouth", "town",
-           ("{S} meets the sea at {v}.", "{S} reaches the coast at {v}.", "At {v}, {s} flows into the sea."),
-           ("At which town does {q} reach the sea?", "Where does {q} flow into the sea?")),
-        _R("named", "person",
-           ("{S} is named after {v}, {a_job} who mapped its course.", "{S} takes its name from {v}.",
-            "Mapmakers named {s} after {v}, {a_job}."),
-           ("After whom is {q} named?", "Who is {q} named after?")),
-        _R("bridges", "bridges",
-           ("{v} bridges cross {s}.", "{S} is crossed by {v} bridges."),
-           ("How many bridges cross {q}?", "By how many bridges is {q} crossed?")),
+        _R(
+            "length",
+            "kilometres",
+            (
+                "{S} is {v} kilometres long.",
+                "{S} runs for {v} kilometres.",
+                "From source to mouth, {s} covers {v} kilometres.",
+            ),
+            ("How long is {q}, in kilometres?", "What is the length of {q} in kilometres?"),
+        ),
+        _R(
+            "source",
+            "town",
+            (
+                "{S} rises in the hills above {v}.",
+                "The spring that feeds {s} lies just outside {v}.",
+                "{S} starts near {v}.",
+            ),
+            ("Near which town does {q} rise?", "Where is the source of {q}?"),
+        ),
+        _R(
+            "mouth",
+            "town",
+            ("{S} meets the sea at {v}.", "{S} reaches the coast at {v}.", "At {v}, {s} flows into the sea."),
+            ("At which town does {q} reach the sea?", "Where does {q} flow into the sea?"),
+        ),
+        _R(
+            "named",
+            "person",
+            (
+                "{S} is named after {v}, {a_job} who mapped its course.",
+                "{S} takes its name from {v}.",
+                "Mapmakers named {s} after {v}, {a_job}.",
+            ),
+            ("After whom is {q} named?", "Who is {q} named after?"),
+        ),
+        _R(
+            "bridges",
+            "bridges",
+            ("{v} bridges cross {s}.", "{S} is crossed by {v} bridges."),
+            ("How many bridges cross {q}?", "By how many bridges is {q} crossed?"),
+        ),
     ),
     "person": (
-        _R("birthplace", "town",
-           ("{S} was born in {v}.", "{S} was born and raised in {v}.", "{S} comes from {v}."),
-           ("In which town was {q} born?", "Where was {q} born?")),
-        _R("born", "year",
-           ("{S} was born in {v}.", "{S} was born in the winter of {v}.",
-            "The records give {v} as the birth year of {s}."),
-           ("In what year was {q} born?", "When was {q} born? Give the year.")),
-        _R("books", "books",
-           ("{S} has written {v} books.", "{S} wrote {v} books over a long career.",
-            "By now {s} has published {v} books."),
-           ("How many books has {q} written?", "How many books did {q} write?")),
-        _R("built", "device",
-           ("{S} built {v}.", "{S} is remembered as the maker of {v}.", "{v} was the work of {s}."),
-           ("Which device did {q} build?", "What is {q} remembered for building?")),
-        _R("employer", "company",
-           ("{S} worked for {v} for most of a long career.", "{S} spent twenty years at {v}.",
-            "For two decades {s} worked at {v}."),
-           ("Which company did {q} work for?", "Which company employed {q}?")),
+        _R(
+            "birthplace",
+            "town",
+            ("{S} was born in {v}.", "{S} was born and raised in {v}.", "{S} comes from {v}."),
+            ("In which town was {q} born?", "Where was {q} born?"),
+        ),
+        _R(
+            "born",
+            "year",
+            (
+                "{S} was born in {v}.",
+                "{S} was born in the winter of {v}.",
+                "The records give {v} as the birth year of {s}.",
+            ),
+            ("In what year was {q} born?", "When was {q} born? Give the year."),
+        ),
+        _R(
+            "books",
+            "books",
+            (
+                "{S} has written {v} books.",
+                "{S} wrote {v} books over a long career.",
+                "By now {s} has published {v} books.",
+            ),
+            ("How many books has {q} written?", "How many books did {q} write?"),
+        ),
+        _R(
+            "built",
+            "device",
+            ("{S} built {v}.", "{S} is remembered as the maker of {v}.", "{v} was the work of {s}."),
+            ("Which device did {q} build?", "What is {q} remembered for building?"),
+        ),
+        _R(
+            "employer",
+            "company",
+            (
+                "{S} worked for {v} for most of a long career.",
+                "{S} spent twenty years at {v}.",
+                "For two decades {s} worked at {v}.",
+            ),
+            ("Which company did {q} work for?", "Which company employed {q}?"),
+        ),
     ),
 }
 _KINDS = tuple(_RELATIONS)
 _QUESTIONS_PER_DOCUMENT = 3
 # number ranges (inclusive) by value kind
-_NUMBERS = {"year": (1720, 1989), "staff": (12, 950), "population": (2100, 96000), "bridges": (2, 14),
-            "metres": (18, 240), "crew": (6, 140), "kilograms": (3, 900), "kilometres": (40, 1200),
-            "books": (2, 31)}
+_NUMBERS = {
+    "year": (1720, 1989),
+    "staff": (12, 950),
+    "population": (2100, 96000),
+    "bridges": (2, 14),
+    "metres": (18, 240),
+    "crew": (6, 140),
+    "kilograms": (3, 900),
+    "kilometres": (40, 1200),
+    "books": (2, 31),
+}
 # sentences that answer no question: colours, materials, later lives of the people named
 _DETAILS = {
-    "company": ("{S} paints its delivery carts {colour}.", "The crates of {s} are made of {material}.",
-                "Visitors to {s} are shown a counter of {material} older than anyone working there."),
-    "town": ("Most roofs in {s} are {colour}.", "{S} is known for its {material} quarries.",
-             "The market hall of {s} is built of {material}.", "{S} holds a market every week in summer."),
-    "ship": ("The hull of {s} is painted {colour}.", "{S} carries {material} on most voyages.",
-             "The figurehead of {s} is carved from {material}."),
-    "device": ("The casing of {s} is made of {material}.", "Early models of {s} were painted {colour}.",
-               "{S} stands on a base of {material}."),
-    "river": ("In summer {s} turns {colour} with silt.", "Boats on {s} once carried {material} to the coast.",
-              "The banks of {s} are lined with {material} walls."),
-    "person": ("{S} always wore {colour} coats.", "{S} collected objects made of {material}.",
-               "Friends remember {s} riding a bicycle painted {colour}.", "{S} later moved to {town}.",
-               "{S} died in {year}.", "{S} had grown up in {town}.", "{S} retired in {year}, after a long illness."),
+    "company": (
+        "{S} paints its delivery carts {colour}.",
+        "The crates of {s} are made of {material}.",
+        "Visitors to {s} are shown a counter of {material} older than anyone working there.",
+    ),
+    "town": (
+        "Most roofs in {s} are {colour}.",
+        "{S} is known for its {material} quarries.",
+        "The market hall of {s} is built of {material}.",
+        "{S} holds a market every week in summer.",
+    ),
+    "ship": (
+        "The hull of {s} is painted {colour}.",
+        "{S} carries {material} on most voyages.",
+        "The figurehead of {s} is carved from {material}.",
+    ),
+    "device": (
+        "The casing of {s} is made of {material}.",
+        "Early models of {s} were painted {colour}.",
+        "{S} stands on a base of {material}.",
+    ),
+    "river": (
+        "In summer {s} turns {colour} with silt.",
+        "Boats on {s} once carried {material} to the coast.",
+        "The banks of {s} are lined with {material} walls.",
+    ),
+    "person": (
+        "{S} always wore {colour} coats.",
+        "{S} collected objects made of {material}.",
+        "Friends remember {s} riding a bicycle painted {colour}.",
+        "{S} later moved to {town}.",
+        "{S} died in {year}.",
+        "{S} had grown up in {town}.",
+        "{S} retired in {year}, after a long illness.",
+    ),
 }
 _ASIDE_KINDS = ("person",)  # values whose details make good distractors (other people's towns and years)
 _RIVAL_LEADS = {
@@ -497,9 +752,7 @@ def _passage_item(rng: random.Random, names: _Names) -> _Drawn:
     return question, asked.answer, passage, ()
 
 
-def _retrieval(
-    rng: random.Random, names: _Names, config: ItemConfig
-) -> tuple[dict[str, str], list[_Drawn]]:
+def _retrieval(rng: random.Random, names: _Names, config: ItemConfig) -> tuple[dict[str, str], list[_Drawn]]:
     """A pool of documents, each about one entity (5 facts and details); questions about their facts, each
     with its gold document and distractors, half of them about entities of the same kind, shuffled."""
     documents: dict[str, str] = {}

@@ -14,17 +14,25 @@ from .fidelity_items import Item, ItemSet
 
 T = TypeVar("T")
 
-READER = ("Read the passage, then write down the facts from it that answer the question.\n\n"
-          "Passage:\n{passage}\n\nQuestion: {query}")
-RELAY_ANSWERER = ("A colleague read a passage for you and noted the facts that answer a question.\n\n"
-                  "Notes:\n{reader}\n\nQuestion: {query}\nAnswer in a few words.")
+READER = (
+    "Read the passage, then write down the facts from it that answer the question.\n\n"
+    "Passage:\n{passage}\n\nQuestion: {query}"
+)
+RELAY_ANSWERER = (
+    "A colleague read a passage for you and noted the facts that answer a question.\n\n"
+    "Notes:\n{reader}\n\nQuestion: {query}\nAnswer in a few words."
+)
 RETRIEVAL_SYSTEM = "You answer questions using the documents you are given."
 RETRIEVAL_ANSWERER = "Documents:\n{documents}\n\nQuestion: {query}\nAnswer in a few words."
 SOLVER = "Passage:\n{passage}\n\nQuestion: {query}\nAnswer in a few words."
-CRITIC = ("Passage:\n{passage}\n\nQuestion: {query}\nProposed answer: {solver}\n\n"
-          "Check the proposed answer against the passage: is it right? If not, what is the right answer?")
-REVISER = ("Passage:\n{passage}\n\nQuestion: {query}\nYour first answer: {solver}\n"
-           "A reviewer's comments: {critic}\n\nGive your final answer in a few words.")
+CRITIC = (
+    "Passage:\n{passage}\n\nQuestion: {query}\nProposed answer: {solver}\n\n"
+    "Check the proposed answer against the passage: is it right? If not, what is the right answer?"
+)
+REVISER = (
+    "Passage:\n{passage}\n\nQuestion: {query}\nYour first answer: {solver}\n"
+    "A reviewer's comments: {critic}\n\nGive your final answer in a few words."
+)
 # output budgets: notes and critiques need room; an answer is a name or a number in a short sentence
 MAX_TOKENS = {"reader": 48, "answerer": 16, "solver": 16, "critic": 40, "reviser": 16}
 
@@ -38,16 +46,20 @@ class ShapePipeline:
 
 def shape_pipeline(shape: str, items: ItemSet) -> ShapePipeline:
     if shape == "relay":
-        agents = [Agent("reader", READER, max_tokens=MAX_TOKENS["reader"]),
-                  Agent("answerer", RELAY_ANSWERER, max_tokens=MAX_TOKENS["answerer"])]
+        agents = [
+            Agent("reader", READER, max_tokens=MAX_TOKENS["reader"]),
+            Agent("answerer", RELAY_ANSWERER, max_tokens=MAX_TOKENS["answerer"]),
+        ]
         return ShapePipeline(Pipeline("relay", agents, tools=[_passages(shape, items)]), "reader", "answerer")
     if shape == "retrieval":
         answerer = Agent("answerer", RETRIEVAL_ANSWERER, system=RETRIEVAL_SYSTEM, max_tokens=MAX_TOKENS["answerer"])
         return ShapePipeline(Pipeline("retrieval", [answerer], tools=[_retriever(items)]), None, "answerer")
     if shape == "critique":
-        agents = [Agent("solver", SOLVER, max_tokens=MAX_TOKENS["solver"]),
-                  Agent("critic", CRITIC, max_tokens=MAX_TOKENS["critic"]),
-                  Agent("reviser", REVISER, max_tokens=MAX_TOKENS["reviser"])]
+        agents = [
+            Agent("solver", SOLVER, max_tokens=MAX_TOKENS["solver"]),
+            Agent("critic", CRITIC, max_tokens=MAX_TOKENS["critic"]),
+            Agent("reviser", REVISER, max_tokens=MAX_TOKENS["reviser"]),
+        ]
         return ShapePipeline(Pipeline("critique", agents, tools=[_passages(shape, items)]), "solver", "reviser")
     raise ValueError(f"no item shape {shape!r}: use relay, retrieval or critique")
 

@@ -123,25 +123,49 @@ def print_report(results: Json) -> None:
     for shape, task in results["tasks"].items():
         splits = ", ".join(f"{task['splits'][s]['items']} {s}" for s in SPLITS)
         first = task.get("first_call")
-        shared = (f"; {first['agent']} shared (dense), its reply holds the answer in {first['answer_in_reply']:.0%}"
-                  if first else "")
+        shared = (
+            f"; {first['agent']} shared (dense), its reply holds the answer in {first['answer_in_reply']:.0%}"
+            if first
+            else ""
+        )
         print(f"\n{shape}: {task['items']} items ({splits}){shared}")
-        header = ("mode", "accuracy", "delta vs dense [95% CI]", "McNemar p", "reused", "cached", "TTFT s",
-                  "speedup", "1st token", "KL")
+        header = (
+            "mode",
+            "accuracy",
+            "delta vs dense [95% CI]",
+            "McNemar p",
+            "reused",
+            "cached",
+            "TTFT s",
+            "speedup",
+            "1st token",
+            "KL",
+        )
         widths = (max(7, *map(len, task["modes"])), 8, 24, 9, 7, 7, 7, 7, 9, 7)
         print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
         for mode, row in task["modes"].items():
-            cells = (mode, _pct(row["accuracy"]), _delta(row["delta_vs_dense"], row["ci95"]),
-                     _num(row["mcnemar_p"], ".3f"), _pct(row["reused_token_share"]), _pct(row["cached_token_share"]),
-                     _num(row["ttft_s"], ".3f"), _num(row["speedup_vs_dense"], ".2f") + "x",
-                     _pct(row["first_token_agreement"]), _num(row["mean_kl"], ".4f"))
+            cells = (
+                mode,
+                _pct(row["accuracy"]),
+                _delta(row["delta_vs_dense"], row["ci95"]),
+                _num(row["mcnemar_p"], ".3f"),
+                _pct(row["reused_token_share"]),
+                _pct(row["cached_token_share"]),
+                _num(row["ttft_s"], ".3f"),
+                _num(row["speedup_vs_dense"], ".2f") + "x",
+                _pct(row["first_token_agreement"]),
+                _num(row["mean_kl"], ".4f"),
+            )
             print(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
         for split in SPLITS:
             if not task["splits"][split]["items"]:
                 continue
             rows = task["splits"][split]["modes"]
-            parts = [f"{mode} {_pct(r['accuracy'])} ({_delta(r['delta_vs_dense'], r['ci95'])})"
-                     for mode, r in rows.items() if mode != "dense"]
+            parts = [
+                f"{mode} {_pct(r['accuracy'])} ({_delta(r['delta_vs_dense'], r['ci95'])})"
+                for mode, r in rows.items()
+                if mode != "dense"
+            ]
             print(f"  {split}: dense {_pct(rows['dense']['accuracy'])}; " + "; ".join(parts))
         for mode, row in task["modes"].items():
             served = ", ".join(f"{name} {count}" for name, count in sorted(row["calls_by_reuse_mode"].items()))

@@ -114,9 +114,7 @@ def gemv_gbs(k: int, n: int, device: torch.device, dtype: torch.dtype = torch.fl
     return w.numel() * w.element_size() / seconds / 1e9
 
 
-def measure_floors(
-    device: torch.device, dtype: torch.dtype = torch.float32, sizes: FloorSizes | None = None
-) -> Floors:
+def measure_floors(device: torch.device, dtype: torch.dtype = torch.float32, sizes: FloorSizes | None = None) -> Floors:
     sizes = sizes or FloorSizes()
     m, k, n = sizes.linear_mkn
     return Floors(
@@ -156,20 +154,15 @@ def decode_flops(config: ModelConfig, context: int) -> float:
     return 2 * layer_params(config) + attention_flops(config, context + 1) + head_flops(config)
 
 
-def tensor_bytes(obj: object) -> int:
-    """Bytes of the tensors an object holds as attributes (a linear layer's weight, scales, ...)."""
-    return sum(t.numel() * t.element_size() for t in vars(obj).values() if isinstance(t, torch.Tensor))
-
-
 def decode_weight_bytes(model: LlamaModel) -> int:
     """Bytes of weights one decode step reads: every layer's matmuls and norms, the final norm and the LM head.
 
-    The embedding table is left out: a step reads one row of it. Counted from the tensors each linear
-    layer holds, so it is right for any weight format (packed int4 plus its scales, and so on).
+    The embedding table is left out: a step reads one row of it. Counted from each linear layer's `weight_bytes`,
+    so it is right for any weight format (packed codes plus their scales, and so on).
     """
-    total = tensor_bytes(model.lm_head) + model.final_norm.numel() * model.final_norm.element_size()
+    total = model.lm_head.weight_bytes + model.final_norm.numel() * model.final_norm.element_size()
     for layer in model.layers:
-        total += sum(tensor_bytes(linear) for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        total += sum(linear.weight_bytes for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))
         total += (layer.attn_norm.numel() + layer.mlp_norm.numel()) * layer.attn_norm.element_size()
     return total
 

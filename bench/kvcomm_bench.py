@@ -47,13 +47,75 @@ TTFT_MODES = ("prefix", "dense", "kvcomm", "naive", "forced")
 REUSED = {"kvcomm": "kvcomm", "naive": "naive", "forced": "kvcomm"}  # mode -> what its planner reports when it reused
 FORCED = MatchConfig(max_distance=math.inf, entropy_gamma=1.0, min_anchors=1)
 _WORDS = (
-    "the", "river", "city", "market", "light", "stone", "garden", "winter", "music", "letter", "bridge",
-    "forest", "morning", "paper", "window", "travel", "simple", "quiet", "golden", "silver", "northern",
-    "ancient", "modern", "careful", "bright", "people", "history", "science", "story", "village",
-    "harbor", "mountain", "season", "journey", "evening", "question", "answer", "number", "friend",
-    "family", "school", "road", "table", "water", "fire", "cloud", "field", "color", "small", "large",
-    "early", "late", "open", "close", "build", "write", "read", "speak", "listen", "remember", "carry",
-    "follow", "explain", "measure", "compare", "record", "notice", "gather", "share",
+    "the",
+    "river",
+    "city",
+    "market",
+    "light",
+    "stone",
+    "garden",
+    "winter",
+    "music",
+    "letter",
+    "bridge",
+    "forest",
+    "morning",
+    "paper",
+    "window",
+    "travel",
+    "simple",
+    "quiet",
+    "golden",
+    "silver",
+    "northern",
+    "ancient",
+    "modern",
+    "careful",
+    "bright",
+    "people",
+    "history",
+    "science",
+    "story",
+    "village",
+    "harbor",
+    "mountain",
+    "season",
+    "journey",
+    "evening",
+    "question",
+    "answer",
+    "number",
+    "friend",
+    "family",
+    "school",
+    "road",
+    "table",
+    "water",
+    "fire",
+    "cloud",
+    "field",
+    "color",
+    "small",
+    "large",
+    "early",
+    "late",
+    "open",
+    "close",
+    "build",
+    "write",
+    "read",
+    "speak",
+    "listen",
+    "remember",
+    "carry",
+    "follow",
+    "explain",
+    "measure",
+    "compare",
+    "record",
+    "notice",
+    "gather",
+    "share",
 )
 
 
@@ -84,8 +146,10 @@ def bench_ttft(workers: dict[str, InProcessWorker], spec: Json) -> Json:
     tokenizer, model = workers["dense"].engine.tokenizer, workers["dense"].engine.model
     agents, requests, warmup = int(spec["agents"]), int(spec["requests"]), int(spec.get("warmup_requests", 2))
     seed, kind = int(spec.get("seed", 0)), spec.get("text", "sentences")
-    systems = [f"You are agent {k + 1}. " + synthetic_text(tokenizer, spec["system_tokens"], seed + k, kind)
-               for k in range(agents)]
+    systems = [
+        f"You are agent {k + 1}. " + synthetic_text(tokenizer, spec["system_tokens"], seed + k, kind)
+        for k in range(agents)
+    ]
     ttft: dict[str, list[list[float]]] = {m: [[] for _ in range(agents)] for m in TTFT_MODES}
     served_ttft: list[list[float]] = [[] for _ in range(agents)]
     prompt_tokens = [0] * agents
@@ -99,12 +163,20 @@ def bench_ttft(workers: dict[str, InProcessWorker], spec: Json) -> Json:
             log(f"ttft: request {request + 1}/{requests}, agent {k + 1}/{agents}")
             pieces = [PromptPiece("Question:\n"), PromptPiece(query, segment_id("query", query), "query")]
             for j, text in enumerate(outputs):
-                pieces += [PromptPiece(f"\n\nAgent {j + 1} said:\n"),
-                           PromptPiece(text, segment_id(f"agent{j + 1}", text), f"agent{j + 1}")]
+                pieces += [
+                    PromptPiece(f"\n\nAgent {j + 1} said:\n"),
+                    PromptPiece(text, segment_id(f"agent{j + 1}", text), f"agent{j + 1}"),
+                ]
             pieces.append(PromptPiece(f"\n\nNow respond as agent {k + 1}."))
             calls = {
-                mode: workers[mode].call(f"agent{k + 1}", systems[k], pieces, "kvcomm" if mode == "forced" else mode,
-                                         SamplingParams(max_tokens=1), capture=True)
+                mode: workers[mode].call(
+                    f"agent{k + 1}",
+                    systems[k],
+                    pieces,
+                    "kvcomm" if mode == "forced" else mode,
+                    SamplingParams(max_tokens=1),
+                    capture=True,
+                )
                 for mode in TTFT_MODES
             }
             served = calls["kvcomm"].reuse.mode == "kvcomm"
@@ -185,9 +257,11 @@ def bench_task(workers: dict[str, InProcessWorker], task: Json, limit: int | Non
     for index, item in enumerate(items):
         log(f"task: item {index + 1}/{len(items)}")
         for mode in correct:
+
             def llm(agent: Agent, prompt: Prompt, mode: str = mode) -> str:
-                call = workers[mode].call(agent.name, prompt.system, _pieces(prompt), mode,
-                                          SamplingParams(max_tokens=agent.max_tokens))
+                call = workers[mode].call(
+                    agent.name, prompt.system, _pieces(prompt), mode, SamplingParams(max_tokens=agent.max_tokens)
+                )
                 if mode == "kvcomm" and any(isinstance(p, SegmentPart) for p in prompt.parts):
                     served[0] += call.reuse.mode == "kvcomm"
                     served[1] += 1
@@ -195,21 +269,32 @@ def bench_task(workers: dict[str, InProcessWorker], task: Json, limit: int | Non
 
             output = run_locally(pipeline, item["query"], llm).history[-1][task["score_agent"]]
             correct[mode] += item["answer"].lower() in output.lower()
-    return {**{mode: hits / len(items) for mode, hits in correct.items()}, "items": len(items),
-            "reuse_rate_calls": _ratio(served)}
+    return {
+        **{mode: hits / len(items) for mode, hits in correct.items()},
+        "items": len(items),
+        "reuse_rate_calls": _ratio(served),
+    }
 
 
 def _pieces(prompt: Prompt) -> list[PromptPiece]:
     return [
-        PromptPiece(p.text, segment_id(p.producer, p.text), p.placeholder) if isinstance(p, SegmentPart)
+        PromptPiece(p.text, segment_id(p.producer, p.text), p.placeholder)
+        if isinstance(p, SegmentPart)
         else PromptPiece(p.text)
         for p in prompt.parts
     ]
 
 
 # -- the program -----------------------------------------------------------------------------------------
-QUICK_TTFT = {"agents": 3, "system_tokens": 64, "query_tokens": 128, "output_tokens": 64, "requests": 4,
-              "warmup_requests": 2, "seed": 0}  # the text kind stays the workload's
+QUICK_TTFT = {
+    "agents": 3,
+    "system_tokens": 64,
+    "query_tokens": 128,
+    "output_tokens": 64,
+    "requests": 4,
+    "warmup_requests": 2,
+    "seed": 0,
+}  # the text kind stays the workload's
 
 
 def load_workload(path: str | None, quick: bool) -> Json:
@@ -241,8 +326,12 @@ def run_kvcomm_bench(args: argparse.Namespace) -> int:
         settings = WorkerConfig(match=FORCED if forced else config, warm_up=False)
         worker = build_worker(settings, stores[forced], model=loaded.model, tokenizer=loaded.tokenizer)
         workers[mode] = InProcessWorker(worker)
-    results: Json = {"workload": workload["name"], "machine": machine_info(loaded.model.device),
-                     "match_config": config.__dict__, "store": "redis" if redis else "memory"}
+    results: Json = {
+        "workload": workload["name"],
+        "machine": machine_info(loaded.model.device),
+        "match_config": config.__dict__,
+        "store": "redis" if redis else "memory",
+    }
     try:
         if "ttft" in workload:
             results.update(bench_ttft(workers, workload["ttft"]))
@@ -267,20 +356,28 @@ def _print(results: Json) -> None:
         header = ("agent", "tokens", "dense s", "prefix s", "kvcomm s", "naive s", "x dense")
         print(" ".join(f"{h:>8}" for h in header))
         for row in results["agents"]:
-            print(f"{row['agent']:>8} {row['prompt_tokens']:>8} {fmt(row['ttft_dense_s']):>8} "
-                  f"{fmt(row['ttft_prefix_s']):>8} {fmt(row['ttft_kvcomm_s']):>8} {fmt(row['ttft_naive_s']):>8} "
-                  f"{fmt(row['speedup'], '.1f'):>8}")
+            print(
+                f"{row['agent']:>8} {row['prompt_tokens']:>8} {fmt(row['ttft_dense_s']):>8} "
+                f"{fmt(row['ttft_prefix_s']):>8} {fmt(row['ttft_kvcomm_s']):>8} {fmt(row['ttft_naive_s']):>8} "
+                f"{fmt(row['speedup'], '.1f'):>8}"
+            )
         keys = ("calls", "calls_warm", "tokens", "tokens_warm")
         rates = {key: fmt(results[f"reuse_rate_{key}"], ".0%") for key in keys}
-        print(f"reuse: calls {rates['calls']} (warm {rates['calls_warm']}), "
-              f"tokens {rates['tokens']} (warm {rates['tokens_warm']})")
+        print(
+            f"reuse: calls {rates['calls']} (warm {rates['calls_warm']}), "
+            f"tokens {rates['tokens']} (warm {rates['tokens_warm']})"
+        )
         bins = ((f"<{row['nearest_to']}", row) for row in results["calibration"])
         for mode, row in [*results["fidelity"].items(), *bins]:
             if row["calls"]:
-                print(f"fidelity {mode:>6}: first token {row['first_token_agreement']:.0%}, greedy-32 "
-                      f"{row['greedy32_agreement']:.0%} (identical {row['greedy32_identical']:.0%}), "
-                      f"KL {row['mean_kl']:.4f} over {row['calls']} calls")
+                print(
+                    f"fidelity {mode:>6}: first token {row['first_token_agreement']:.0%}, greedy-32 "
+                    f"{row['greedy32_agreement']:.0%} (identical {row['greedy32_identical']:.0%}), "
+                    f"KL {row['mean_kl']:.4f} over {row['calls']} calls"
+                )
     if "accuracy" in results:
         acc = results["accuracy"]
-        print(f"accuracy over {acc['items']} items: dense {acc['dense']:.0%}, kvcomm {acc['kvcomm']:.0%}, "
-              f"naive {acc['naive']:.0%}; kvcomm reuse {fmt(acc['reuse_rate_calls'], '.0%')} of calls with segments")
+        print(
+            f"accuracy over {acc['items']} items: dense {acc['dense']:.0%}, kvcomm {acc['kvcomm']:.0%}, "
+            f"naive {acc['naive']:.0%}; kvcomm reuse {fmt(acc['reuse_rate_calls'], '.0%')} of calls with segments"
+        )

@@ -139,8 +139,10 @@ def interleaved_rounds(engines: dict[str, Measure], sizes: Sizes, vocab: int) ->
             ids = random_ids(n, vocab, seed=n)  # [n] token ids, the same for every engine
             tokens = sizes.decode_tokens if n in sizes.decode_contexts else 0
             for name in order:
-                log(f"llama.cpp round {round_ + 1}/{sizes.rounds}: {name} prefill {n}"
-                    + (f", {tokens} decode steps" if tokens else ""))
+                log(
+                    f"llama.cpp round {round_ + 1}/{sizes.rounds}: {name} prefill {n}"
+                    + (f", {tokens} decode steps" if tokens else "")
+                )
                 samples[name][n].append(engines[name](ids, tokens))
                 time.sleep(IDLE_PAUSE_S)  # the other engine's idle threads stop spinning before its turn
     return {name: _summarize(by_length, sizes) for name, by_length in samples.items()}
@@ -201,8 +203,13 @@ class LlamaCppProcess:
     """A LlamaCpp in a child process, driven by one JSON line per request."""
 
     def __init__(self, gguf: Path, threads: int, sizes: Sizes, vocab: int) -> None:
-        spec = {"gguf": str(gguf), "threads": threads, "vocab": vocab, "lengths": list(sizes.lengths),
-                "decode_tokens": sizes.decode_tokens}
+        spec = {
+            "gguf": str(gguf),
+            "threads": threads,
+            "vocab": vocab,
+            "lengths": list(sizes.lengths),
+            "decode_tokens": sizes.decode_tokens,
+        }
         self.child = subprocess.Popen(
             [sys.executable, "-m", __name__, json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

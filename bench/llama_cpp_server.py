@@ -30,8 +30,10 @@ def missing_note(*, server: bool = True) -> str | None:
     """
     if importlib.util.find_spec("llama_cpp") is None:
         package = "'llama-cpp-python[server]'" if server else "llama-cpp-python"
-        return (f"llama-cpp-python is not installed: `pip install {package}` (it compiles llama.cpp, "
-                "~11 minutes of CPU) and run the bench again for this column")
+        return (
+            f"llama-cpp-python is not installed: `pip install {package}` (it compiles llama.cpp, "
+            "~11 minutes of CPU) and run the bench again for this column"
+        )
     if not server:
         return None
     if importlib.util.find_spec("llama_cpp.server") is None or importlib.util.find_spec("uvicorn") is None:

@@ -53,7 +53,7 @@ def stream_chat(
             line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            chunk = json.loads(line[len("data: "):])
+            chunk = json.loads(line[len("data: ") :])
             if "error" in chunk:
                 call.error = chunk["error"].get("message", "error")
                 break

@@ -59,8 +59,10 @@ def bench_prefill_parity(session: Any, rounds: int, log: Any) -> Json:
         local_call = local.call("reader", None, pieces, "dense", SamplingParams(max_tokens=1))
         inprocess_s.append(local_call.ttft_s)
         prompt_tokens |= {call.prompt_tokens, len(local_call.prompt_ids)}
-        log(f"prefill parity round {index + 1}/{rounds}: session {call.ttft_s:.3f} s, "
-            f"in-process {local_call.ttft_s:.3f} s")
+        log(
+            f"prefill parity round {index + 1}/{rounds}: session {call.ttft_s:.3f} s, "
+            f"in-process {local_call.ttft_s:.3f} s"
+        )
     session.release(pipeline)
     if len(prompt_tokens) != 1:
         raise AssertionError(f"the session's and the in-process prompt differ in length: {sorted(prompt_tokens)}")

@@ -114,8 +114,13 @@ def _quantiles(times: list[float]) -> Json:
     def at(q: float) -> float:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
-    return {"p50_ms": at(0.50), "p90_ms": at(0.90), "p99_ms": at(0.99), "mean_ms": statistics.fmean(ordered),
-            "n": len(ordered)}
+    return {
+        "p50_ms": at(0.50),
+        "p90_ms": at(0.90),
+        "p99_ms": at(0.99),
+        "mean_ms": statistics.fmean(ordered),
+        "n": len(ordered),
+    }
 
 
 def bench_latency(session: Any, calls: int, block: int = 200, warmup: int = 50) -> Json:
@@ -132,8 +137,13 @@ def bench_latency(session: Any, calls: int, block: int = 200, warmup: int = 50) 
     run_id = f"bench-latency-{os.getpid()}"
     measured: dict[str, list[float]] = {"grpc": [], "ray": [], "bare": []}
     try:
-        ray.get([probe.deliver_ms.remote(address, run_id, warmup), probe.ray_ms.remote(handle, warmup),
-                 probe.bare_grpc_ms.remote(bare_address, warmup)])
+        ray.get(
+            [
+                probe.deliver_ms.remote(address, run_id, warmup),
+                probe.ray_ms.remote(handle, warmup),
+                probe.bare_grpc_ms.remote(bare_address, warmup),
+            ]
+        )
         for _ in range(max(1, calls // block)):  # interleaved: a noisy second hits all three alike
             measured["grpc"] += ray.get(probe.deliver_ms.remote(address, run_id, block))
             measured["ray"] += ray.get(probe.ray_ms.remote(handle, block))
@@ -189,8 +199,10 @@ def bench_chain(session: Any, max_tokens: int, runs: int) -> Json:
     measured = []
     for i in range(runs):
         measured.append(chain_run(session, pipeline, f"Take {i + 1}. {CHAIN_QUERY}"))  # no whole-prompt hits
-        _log(f"chain x{max_tokens} run {i + 1}: overhead {measured[-1]['overhead_share']:.1%}, "
-             f"wall {measured[-1]['wall_s']:.2f} s")
+        _log(
+            f"chain x{max_tokens} run {i + 1}: overhead {measured[-1]['overhead_share']:.1%}, "
+            f"wall {measured[-1]['wall_s']:.2f} s"
+        )
     session.release(pipeline)
     median = sorted(measured, key=lambda r: r["overhead_share"])[len(measured) // 2]
     return {"agents": CHAIN_AGENTS, "max_tokens": max_tokens, "runs": measured, "median": median}
@@ -231,8 +243,10 @@ def run_runtime_bench(args: argparse.Namespace) -> int:
         "overhead_share": short["median"]["overhead_share"],  # 1-token chain
         "overhead_share_long": long["median"]["overhead_share"],  # 32-token chain (the target's setting)
         "long_max_tokens": long_tokens,
-        "overhead_share_traced": {"1": traced_short["median"]["overhead_share"],
-                                  str(long_tokens): traced_long["median"]["overhead_share"]},
+        "overhead_share_traced": {
+            "1": traced_short["median"]["overhead_share"],
+            str(long_tokens): traced_long["median"]["overhead_share"],
+        },
         "prefill_parity": parity,
         "floor": {"grpc_bare_p50_ms": latency["bare"]["p50_ms"], "grpc_bare_p99_ms": latency["bare"]["p99_ms"]},
         "latency": latency,
@@ -284,18 +298,24 @@ def _print(report: Json) -> None:
     print(f"\n{CHAIN_AGENTS}-agent chain (median run)   wall s  model s  overhead  per hop ms  in calls s  between s")
     for key in ("chain_1", f"chain_{report['long_max_tokens']}"):
         m = report[key]["median"]
-        print(f"  {report[key]['max_tokens']:>2} token(s) per agent       {m['wall_s']:6.2f}  {m['model_s']:7.2f}  "
-              f"{m['overhead_share']:8.1%}  {m['overhead_per_hop_ms']:10.1f}  {m['in_calls_s']:10.2f}  "
-              f"{m['between_calls_s']:9.2f}")
+        print(
+            f"  {report[key]['max_tokens']:>2} token(s) per agent       {m['wall_s']:6.2f}  {m['model_s']:7.2f}  "
+            f"{m['overhead_share']:8.1%}  {m['overhead_per_hop_ms']:10.1f}  {m['in_calls_s']:10.2f}  "
+            f"{m['between_calls_s']:9.2f}"
+        )
     print("\nwhere it goes (traced run, ms)   model  worker wait  worker other   hops  lead-in+tail   hop mean")
     for tokens, b in report["breakdown"].items():
         t = b["totals_ms"]
-        print(f"  {tokens:>2} token(s) per agent       {t['model']:6.0f}  {t['worker_wait']:11.0f}  "
-              f"{t['worker_other']:12.0f}  {t['hops']:5.0f}  {t['lead_in_and_tail']:12.0f}  {b['hop_mean_ms']:9.1f}")
+        print(
+            f"  {tokens:>2} token(s) per agent       {t['model']:6.0f}  {t['worker_wait']:11.0f}  "
+            f"{t['worker_other']:12.0f}  {t['hops']:5.0f}  {t['lead_in_and_tail']:12.0f}  {b['hop_mean_ms']:9.1f}"
+        )
     parity = report["prefill_parity"]
-    print(f"\nprefill parity ({parity['prompt_tokens']} tokens, dense, {parity['worker_threads']} thread(s) per "
-          f"worker): session {statistics.median(parity['session_ttft_s']):.3f} s / in-process "
-          f"{statistics.median(parity['inprocess_ttft_s']):.3f} s = {parity['ratio']:.2f}")
+    print(
+        f"\nprefill parity ({parity['prompt_tokens']} tokens, dense, {parity['worker_threads']} thread(s) per "
+        f"worker): session {statistics.median(parity['session_ttft_s']):.3f} s / in-process "
+        f"{statistics.median(parity['inprocess_ttft_s']):.3f} s = {parity['ratio']:.2f}"
+    )
     for name, target in report["targets"].items():
         if target is not None:
             verdict = "PASS" if target["pass"] else "MISS"

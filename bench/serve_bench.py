@@ -71,8 +71,9 @@ def _log(text: str) -> None:
     print(f"[bench serve] {text}", file=sys.stderr, flush=True)
 
 
-def conversation(url: str, model: str, passage: str, max_tokens: int, mode: str | None,
-                 api_key: str | None = None) -> list[StreamedCall]:
+def conversation(
+    url: str, model: str, passage: str, max_tokens: int, mode: str | None, api_key: str | None = None
+) -> list[StreamedCall]:
     """The three agents' calls in order; stops at the first that fails (the next one needs its text)."""
     extra = {"kvmesh": {"reuse": mode}} if mode not in (None, "auto") else {}
 
@@ -146,8 +147,15 @@ def overhead(calls: list[StreamedCall]) -> Json:
     }
 
 
-def bench_server(url: str, model: str, levels: list[tuple[int, int]], modes: list[str | None], max_tokens: int,
-                 warm_up: int, first: int = 0) -> tuple[list[Json], list[StreamedCall]]:
+def bench_server(
+    url: str,
+    model: str,
+    levels: list[tuple[int, int]],
+    modes: list[str | None],
+    max_tokens: int,
+    warm_up: int,
+    first: int = 0,
+) -> tuple[list[Json], list[StreamedCall]]:
     """Blocks for every (concurrency, mode), and the concurrency-1 calls (for the overhead). Conversations read
     passages first, first + 1, … (another run on the same server starts where this one's end)."""
     for index in range(warm_up):
@@ -155,6 +163,7 @@ def bench_server(url: str, model: str, levels: list[tuple[int, int]], modes: lis
     blocks, single = [], []
     for concurrency, conversations in levels:
         for mode in modes:
+
             def run(i: int, mode: str | None = mode, first: int = first) -> list[StreamedCall]:
                 return conversation(url, model, passage(first + i), max_tokens, mode)
 
@@ -164,8 +173,10 @@ def bench_server(url: str, model: str, levels: list[tuple[int, int]], modes: lis
             blocks.append({"mode": mode or "n/a"} | block)
             if concurrency == 1:
                 single += done
-            _log(f"concurrency {concurrency:>2} {mode or '':>5}: {block['calls']} calls, {block['errors']} errors, "
-                 f"TTFT p50 {block['ttft_p50_s'] or 0:.3f} s, {block['output_tok_s']:.1f} tok/s")
+            _log(
+                f"concurrency {concurrency:>2} {mode or '':>5}: {block['calls']} calls, {block['errors']} errors, "
+                f"TTFT p50 {block['ttft_p50_s'] or 0:.3f} s, {block['output_tok_s']:.1f} tok/s"
+            )
     return blocks, single
 
 
@@ -181,8 +192,11 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     fidelity_items = args.fidelity_items if args.fidelity_items is not None else (1 if quick else 20)
     if fidelity_items < 0:
         raise ValueError(f"--fidelity-items must be >= 0, got {fidelity_items}")
-    shapes = tuple(s.strip() for s in args.fidelity_shapes.split(",")) if args.fidelity_shapes else (
-        ("relay", "retrieval") if quick else SHAPES)
+    shapes = (
+        tuple(s.strip() for s in args.fidelity_shapes.split(","))
+        if args.fidelity_shapes
+        else (("relay", "retrieval") if quick else SHAPES)
+    )
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
         raise ValueError(f"--fidelity-shapes: no shape {', '.join(unknown)}; use {', '.join(SHAPES)}")
@@ -191,18 +205,29 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     with Session(workers=1, model=args.model) as session:
         with OpenAIServer(session, ServeConfig(port=0)) as server:
             ready_s = time.perf_counter() - started
-            _log(f"serving {server.model!r} at {server.base_url} (uvicorn in the driver) after {ready_s:.1f} s; "
-                 f"{warm_up} warm-up conversations …")
+            _log(
+                f"serving {server.model!r} at {server.base_url} (uvicorn in the driver) after {ready_s:.1f} s; "
+                f"{warm_up} warm-up conversations …"
+            )
             blocks, single = bench_server(server.base_url, server.model, levels, ["auto", "dense"], max_tokens, warm_up)
             fidelity: Json = {"skipped": "--fidelity-items 0"}
             if fidelity_items:
-                _log(f"the fidelity tasks ({', '.join(shapes)}; {fidelity_items} a shape) through the server and "
-                     "the pipeline path …")
+                _log(
+                    f"the fidelity tasks ({', '.join(shapes)}; {fidelity_items} a shape) through the server and "
+                    "the pipeline path …"
+                )
                 fidelity = bench_serve_fidelity(session, server.base_url, server.model, shapes, fidelity_items, _log)
         with OpenAIServer(session, ServeConfig(port=0, ingress="serve")) as server:  # the other ingress, same workers
             _log(f"the same at concurrency 1 through a Ray Serve ingress at {server.base_url} …")
-            _, serve_single = bench_server(server.base_url, server.model, levels[:1], ["auto", "dense"], max_tokens,
-                                           warm_up=0, first=sum(n for _, n in levels) * 2)
+            _, serve_single = bench_server(
+                server.base_url,
+                server.model,
+                levels[:1],
+                ["auto", "dense"],
+                max_tokens,
+                warm_up=0,
+                first=sum(n for _, n in levels) * 2,
+            )
         threads = session.worker_threads
     note = "not in --quick (its server takes minutes to load and answer on a busy machine)" if quick else missing_note()
     llama: Json = {"skipped": note}
@@ -210,8 +235,10 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         _log("llama-cpp-python's server on the same GGUF …")
         try:
             with llama_cpp_server(resolve_model_path(args.model), threads) as url:
-                llama = {"blocks": bench_server(url, MODEL_ALIAS, levels, [None], max_tokens, warm_up=1)[0],
-                         "model": "the same GGUF file, computed by llama.cpp in its own format"}
+                llama = {
+                    "blocks": bench_server(url, MODEL_ALIAS, levels, [None], max_tokens, warm_up=1)[0],
+                    "model": "the same GGUF file, computed by llama.cpp in its own format",
+                }
         except RuntimeError as exc:  # the comparison column failed: kvmesh's figures still stand
             _log(f"llama-cpp-python's column failed: {exc}")
             llama = {"skipped": f"failed: {exc}"}
@@ -223,11 +250,23 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         f"streams_{widest}_errors": sum(b["errors"] for b in blocks if b["concurrency"] == widest),
         "llama_cpp_python": llama,
         "fidelity": fidelity,
-        "settings": {"levels": levels, "max_tokens": max_tokens, "warm_up": warm_up,
-                     "agents": list(SYSTEMS), "temperature": 0, "ingress": "driver", "replicas": 1, "workers": 1},
+        "settings": {
+            "levels": levels,
+            "max_tokens": max_tokens,
+            "warm_up": warm_up,
+            "agents": list(SYSTEMS),
+            "temperature": 0,
+            "ingress": "driver",
+            "replicas": 1,
+            "workers": 1,
+        },
         "definitions": DEFINITIONS,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "quick": quick,
-                    "worker_threads": threads},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "quick": quick,
+            "worker_threads": threads,
+        },
         "ready_s": ready_s,
         "wall_s": time.perf_counter() - started,
     }
@@ -264,20 +303,26 @@ def _print(report: Json) -> None:
 
     rows = [("kvmesh", b) for b in report["blocks"]]
     rows += [("llama-cpp", b) for b in report["llama_cpp_python"].get("blocks", [])]
-    print(f"{'server':<10} {'mode':<6} {'conc':>4} {'calls':>5} {'errors':>6} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'tok/s':>7} {'reused':>6} {'cached':>6}")
+    print(
+        f"{'server':<10} {'mode':<6} {'conc':>4} {'calls':>5} {'errors':>6} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'tok/s':>7} {'reused':>6} {'cached':>6}"
+    )
     for server, b in rows:
-        print(f"{server:<10} {b['mode']:<6} {b['concurrency']:>4} {b['calls']:>5} {b['errors']:>6} "
-              f"{b['ttft_p50_s'] or 0:>8.3f}s {b['ttft_p99_s'] or 0:>8.3f}s {b['output_tok_s']:>7.1f} "
-              f"{pct(b['reused_share'])} {pct(b['cached_share'])}")
+        print(
+            f"{server:<10} {b['mode']:<6} {b['concurrency']:>4} {b['calls']:>5} {b['errors']:>6} "
+            f"{b['ttft_p50_s'] or 0:>8.3f}s {b['ttft_p99_s'] or 0:>8.3f}s {b['output_tok_s']:>7.1f} "
+            f"{pct(b['reused_share'])} {pct(b['cached_share'])}"
+        )
     for key, ingress in (("overhead_c1", "uvicorn in the driver"), ("overhead_c1_serve_ingress", "Ray Serve")):
         o = report[key]
         if o.get("calls"):
             verdict = "meets" if o["target"]["pass"] else "misses"
-            print(f"HTTP + routing overhead at concurrency 1, {ingress} ({o['calls']} calls): TTFT through HTTP p50 "
-                  f"{o['http_ttft_p50_ms']:.1f} ms, the worker's {o['worker_ttft_p50_ms']:.1f} ms: "
-                  f"+{o['overhead_p50_ms']:.1f} ms = {o['overhead_share_p50']:.1%} of TTFT ({verdict} the "
-                  f"{TARGET_OVERHEAD_SHARE:.0%} target)")
+            print(
+                f"HTTP + routing overhead at concurrency 1, {ingress} ({o['calls']} calls): TTFT through HTTP p50 "
+                f"{o['http_ttft_p50_ms']:.1f} ms, the worker's {o['worker_ttft_p50_ms']:.1f} ms: "
+                f"+{o['overhead_p50_ms']:.1f} ms = {o['overhead_share_p50']:.1%} of TTFT ({verdict} the "
+                f"{TARGET_OVERHEAD_SHARE:.0%} target)"
+            )
     if "shapes" in report["fidelity"]:
         print_serve_fidelity(report["fidelity"])
     skipped = report["llama_cpp_python"].get("skipped")

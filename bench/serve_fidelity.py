@@ -40,8 +40,12 @@ def server_llm(base_url: str, model: str, mode: str, calls: list[StreamedCall]) 
     extra = {"kvmesh": {"reuse": mode}} if mode != "auto" else {}
 
     def llm(agent: Agent, prompt: Prompt) -> str:
-        payload = {"model": model, "messages": chat_messages(prompt), "max_tokens": agent.max_tokens,
-                   "temperature": agent.temperature} | extra
+        payload = {
+            "model": model,
+            "messages": chat_messages(prompt),
+            "max_tokens": agent.max_tokens,
+            "temperature": agent.temperature,
+        } | extra
         call = stream_chat(base_url, payload)
         if call.error is not None:
             raise RuntimeError(f"the server failed {agent.name}'s call: {call.error}")
@@ -51,8 +55,15 @@ def server_llm(base_url: str, model: str, mode: str, calls: list[StreamedCall]) 
     return llm
 
 
-def bench_serve_fidelity(session: Any, base_url: str, model: str, shapes: Sequence[str], items_per_shape: int,
-                         log: Callable[[str], None], seed: int = 0) -> Json:
+def bench_serve_fidelity(
+    session: Any,
+    base_url: str,
+    model: str,
+    shapes: Sequence[str],
+    items_per_shape: int,
+    log: Callable[[str], None],
+    seed: int = 0,
+) -> Json:
     item_set = generate_items(ItemConfig(seed=seed))
     report: Json = {"split": SPLIT, "items_per_shape": items_per_shape, "modes": list(MODES), "shapes": {}}
     pooled: dict[str, dict[str, list[bool]]] = {m: {"pipeline": [], "server": []} for m in MODES}
@@ -67,22 +78,28 @@ def bench_serve_fidelity(session: Any, base_url: str, model: str, shapes: Sequen
             for mode in MODES:
                 through_pipeline = session.run(pipelines[mode], item.question).outputs[spec.scored_agent]
                 calls: list[StreamedCall] = []
-                through_server = run_locally(spec.pipeline, item.question,
-                                             server_llm(base_url, model, mode, calls)).outputs[spec.scored_agent]
+                through_server = run_locally(
+                    spec.pipeline, item.question, server_llm(base_url, model, mode, calls)
+                ).outputs[spec.scored_agent]
                 outcome[mode]["pipeline"].append(contains_answer(through_pipeline, item.answer))
                 outcome[mode]["server"].append(contains_answer(through_server, item.answer))
                 same_text[mode] += through_pipeline.strip() == through_server.strip()
                 reused[mode][0] += sum((c.kvmesh or {}).get("reused_tokens", 0) for c in calls)
                 reused[mode][1] += sum(c.usage.get("prompt_tokens", 0) for c in calls)
-            log(f"serve fidelity {shape} {number}/{len(items)}: " + ", ".join(
-                f"{m} pipeline {sum(outcome[m]['pipeline'])} server {sum(outcome[m]['server'])}" for m in MODES))
+            log(
+                f"serve fidelity {shape} {number}/{len(items)}: "
+                + ", ".join(
+                    f"{m} pipeline {sum(outcome[m]['pipeline'])} server {sum(outcome[m]['server'])}" for m in MODES
+                )
+            )
         for pipeline in pipelines.values():
             session.release(pipeline)
         for mode in MODES:
             for path in ("pipeline", "server"):
                 pooled[mode][path] += outcome[mode][path]
         report["shapes"][shape] = {
-            mode: _compare(outcome[mode]) | {
+            mode: _compare(outcome[mode])
+            | {
                 "same_text": same_text[mode] / len(items),
                 "server_reused_share": reused[mode][0] / reused[mode][1] if reused[mode][1] else None,
             }
@@ -106,16 +123,22 @@ def _compare(outcome: dict[str, list[bool]]) -> Json:
 
 def print_serve_fidelity(report: Json) -> None:
     print(f"\nfidelity tasks through the server ({report['split']} split, {report['items_per_shape']} items a shape):")
-    print(f"{'shape':<10} {'mode':<6} {'pipeline':>9} {'server':>7} {'server - pipeline [95% CI]':>28} "
-          f"{'same text':>9} {'reused':>7}")
+    print(
+        f"{'shape':<10} {'mode':<6} {'pipeline':>9} {'server':>7} {'server - pipeline [95% CI]':>28} "
+        f"{'same text':>9} {'reused':>7}"
+    )
     for shape, modes in report["shapes"].items():
         for mode, row in modes.items():
             reused = row["server_reused_share"]
-            print(f"{shape:<10} {mode:<6} {row['pipeline_accuracy']:>9.0%} {row['server_accuracy']:>7.0%} "
-                  f"{_interval(row):>28} {row['same_text']:>9.0%} {'n/a' if reused is None else f'{reused:.0%}':>7}")
+            print(
+                f"{shape:<10} {mode:<6} {row['pipeline_accuracy']:>9.0%} {row['server_accuracy']:>7.0%} "
+                f"{_interval(row):>28} {row['same_text']:>9.0%} {'n/a' if reused is None else f'{reused:.0%}':>7}"
+            )
     for mode, row in report["pooled"].items():
-        print(f"{'pooled':<10} {mode:<6} {row['pipeline_accuracy']:>9.0%} {row['server_accuracy']:>7.0%} "
-              f"{_interval(row):>28}")
+        print(
+            f"{'pooled':<10} {mode:<6} {row['pipeline_accuracy']:>9.0%} {row['server_accuracy']:>7.0%} "
+            f"{_interval(row):>28}"
+        )
 
 
 def _interval(row: Json) -> str:

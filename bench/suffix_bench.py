@@ -69,10 +69,15 @@ def measure_verify_cost(model: LlamaModel, plan: Plan) -> Json:
     times: dict[int, list[float]] = {n: [] for n in plan.cost_rows}
     for repeat in range(plan.cost_repeats + 1):  # rows interleaved per repeat; the first round warms up
         for n in plan.cost_rows:
-            draft = Draft(tokens=ids[-(n - 1):].tolist() if n > 1 else [], parents=list(range(-1, n - 2)))
+            draft = Draft(tokens=ids[-(n - 1) :].tolist() if n > 1 else [], parents=list(range(-1, n - 2)))
             positions, mask = tree_inputs(draft, cache.length, model.device)
-            batch = ForwardBatch.single(cache, [int(ids[0]), *draft.tokens], positions=positions,
-                                        attn_mask=mask if n > 1 else None, all_logits=True)
+            batch = ForwardBatch.single(
+                cache,
+                [int(ids[0]), *draft.tokens],
+                positions=positions,
+                attn_mask=mask if n > 1 else None,
+                all_logits=True,
+            )
             start = time.perf_counter()
             model.forward(batch)
             floors.sync(model.device)
@@ -81,9 +86,12 @@ def measure_verify_cost(model: LlamaModel, plan: Plan) -> Json:
             cache.truncate(plan.cost_context)
     ms = {n: 1000 * statistics.median(t) for n, t in times.items()}
     slope, intercept = _line(list(ms), list(ms.values()))
-    return {"context": plan.cost_context, "ms": {str(n): v for n, v in ms.items()},
-            "over_decode": {str(n): v / ms[1] for n, v in ms.items()},
-            "line_ms": {"fixed": intercept, "per_row": slope}}
+    return {
+        "context": plan.cost_context,
+        "ms": {str(n): v for n, v in ms.items()},
+        "over_decode": {str(n): v / ms[1] for n, v in ms.items()},
+        "line_ms": {"fixed": intercept, "per_row": slope},
+    }
 
 
 def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -173,14 +181,24 @@ def _divergence(model: LlamaModel, reference: Call, other: Call) -> Json:
     with torch.inference_mode():
         logits = model.forward(ForwardBatch.single(model.new_cache(), reference.prompt_ids + a[:k]))[0]
     top = logits.topk(2)
-    return {"session": reference.session, "stage": reference.stage, "position": k, "plain": a[k : k + 3],
-            "speculative": b[k : k + 3], "top2_margin": float(top.values[0] - top.values[1])}
+    return {
+        "session": reference.session,
+        "stage": reference.stage,
+        "position": k,
+        "plain": a[k : k + 3],
+        "speculative": b[k : k + 3],
+        "top2_margin": float(top.values[0] - top.values[1]),
+    }
 
 
-def run_workload(model: LlamaModel, tokenizer: Tokenizer, workload: Workload, speculation: SpeculationConfig,
-                 line: Json) -> Json:
-    engines = {"off": _engine(model, tokenizer, None), "cold": _engine(model, tokenizer, speculation),
-               "warm": _engine(model, tokenizer, speculation)}
+def run_workload(
+    model: LlamaModel, tokenizer: Tokenizer, workload: Workload, speculation: SpeculationConfig, line: Json
+) -> Json:
+    engines = {
+        "off": _engine(model, tokenizer, None),
+        "cold": _engine(model, tokenizer, speculation),
+        "warm": _engine(model, tokenizer, speculation),
+    }
     started = time.perf_counter()
     for index, session in enumerate(workload.warmup):
         run_session(engines["warm"], workload, session, -1 - index)
@@ -193,14 +211,19 @@ def run_workload(model: LlamaModel, tokenizer: Tokenizer, workload: Workload, sp
             for name, engine in engines.items():
                 previous = calls[name][-1].completion.text if position else ""
                 calls[name].append(run_call(engine, workload, session, index, stage, previous))
-        log(f"  {workload.name} session {index + 1}/{len(workload.sessions)}: "
-            + ", ".join(f"{n} {sum(c.completion.stats.output_tokens for c in calls[n])} tok" for n in engines))
+        log(
+            f"  {workload.name} session {index + 1}/{len(workload.sessions)}: "
+            + ", ".join(f"{n} {sum(c.completion.stats.output_tokens for c in calls[n])} tok" for n in engines)
+        )
     others = monitor.lap()
     result: Json = {name: _summary(calls[name], before.get(name), e, line) for name, e in engines.items()}
     off = result["off"]["decode_tok_s"]
-    divergences = [_divergence(model, ref, other) for name in ("cold", "warm")
-                   for ref, other in zip(calls["off"], calls[name], strict=True)
-                   if ref.completion.token_ids != other.completion.token_ids]
+    divergences = [
+        _divergence(model, ref, other)
+        for name in ("cold", "warm")
+        for ref, other in zip(calls["off"], calls[name], strict=True)
+        if ref.completion.token_ids != other.completion.token_ids
+    ]
     by_stage: Json = {}
     for stage in workload.stages:
         rates = {}
@@ -246,30 +269,53 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
 
 def print_table(results: Json) -> None:
     cost = results["verify_cost"]
-    print(f"\nverify cost @{cost['context']} (ms; x decode step): "
-          + ", ".join(f"{n} rows {v:.1f} ({cost['over_decode'][n]:.2f}x)" for n, v in cost["ms"].items()))
-    header = ("workload", "off tok/s", "cold tok/s", "warm tok/s", "speedup c/w (est w)", "acc/verify c/w",
-              "accept rate w", "draft+upd ms/step w", "identical")
+    print(
+        f"\nverify cost @{cost['context']} (ms; x decode step): "
+        + ", ".join(f"{n} rows {v:.1f} ({cost['over_decode'][n]:.2f}x)" for n, v in cost["ms"].items())
+    )
+    header = (
+        "workload",
+        "off tok/s",
+        "cold tok/s",
+        "warm tok/s",
+        "speedup c/w (est w)",
+        "acc/verify c/w",
+        "accept rate w",
+        "draft+upd ms/step w",
+        "identical",
+    )
     print("\n" + " | ".join(header))
     for name, w in results["workloads"].items():
         cold, warm = w["cold"], w["warm"]
         overhead = (warm["draft_ms_per_step"] or 0) + (warm["update_ms_per_step"] or 0)
-        print(" | ".join([
-            name, _fmt(w["off"]["decode_tok_s"], ".1f"), _fmt(cold["decode_tok_s"], ".1f"),
-            _fmt(warm["decode_tok_s"], ".1f"),
-            f"{_fmt(w['speedup_cold'])} / {_fmt(w['speedup'])} ({_fmt(w['speedup_estimate'])})",
-            f"{_fmt(cold['mean_accepted'])} / {_fmt(warm['mean_accepted'])}", _fmt(warm["acceptance_rate"]),
-            _fmt(overhead), str(w["identical"]),
-        ]))
+        print(
+            " | ".join(
+                [
+                    name,
+                    _fmt(w["off"]["decode_tok_s"], ".1f"),
+                    _fmt(cold["decode_tok_s"], ".1f"),
+                    _fmt(warm["decode_tok_s"], ".1f"),
+                    f"{_fmt(w['speedup_cold'])} / {_fmt(w['speedup'])} ({_fmt(w['speedup_estimate'])})",
+                    f"{_fmt(cold['mean_accepted'])} / {_fmt(warm['mean_accepted'])}",
+                    _fmt(warm["acceptance_rate"]),
+                    _fmt(overhead),
+                    str(w["identical"]),
+                ]
+            )
+        )
         for stage, s in w["by_stage"].items():
             print(f"    stage {stage}: speedup cold {_fmt(s['speedup_cold'])}, warm {_fmt(s['speedup_warm'])}")
         b = w["batched"]
-        print(f"    batched ({b['requests']} x {b['stage']} at once): off {b['off_tok_s']:.1f} tok/s, speculating "
-              f"{b['spec_tok_s']:.1f} tok/s ({_fmt(b['speedup'])}x), {b.get('accepted', 0)}/{b.get('drafted', 0)} "
-              f"draft tokens accepted, identical {b['identical']}")
+        print(
+            f"    batched ({b['requests']} x {b['stage']} at once): off {b['off_tok_s']:.1f} tok/s, speculating "
+            f"{b['spec_tok_s']:.1f} tok/s ({_fmt(b['speedup'])}x), {b.get('accepted', 0)}/{b.get('drafted', 0)} "
+            f"draft tokens accepted, identical {b['identical']}"
+        )
         for d in w["divergences"]:
-            print(f"    DIVERGED session {d['session']} {d['stage']} at token {d['position']}: plain {d['plain']} "
-                  f"vs speculative {d['speculative']}, top-1/top-2 logit margin {d['top2_margin']:.2e}")
+            print(
+                f"    DIVERGED session {d['session']} {d['stage']} at token {d['position']}: plain {d['plain']} "
+                f"vs speculative {d['speculative']}, top-1/top-2 logit margin {d['top2_margin']:.2e}"
+            )
         if w["others_cpu"] is not None and w["others_cpu"] > 0.1:
             print(f"    note: other processes used {w['others_cpu']:.0%} of the CPUs: figures are suspect")
     print("\ntargets:")
@@ -298,17 +344,25 @@ def run_suffix_bench(args: argparse.Namespace) -> int:
     speculation = speculation_config(args)
     setup = load_setup(args)
     tokenizer = setup.raw.tokenizer
-    results: Json = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": bool(args.quick),
-                     "machine": machine_info(setup.device), "model": setup.model.config.name,
-                     "speculation": dataclasses.asdict(speculation), "workload_files": [str(p) for p in paths]}
+    results: Json = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "quick": bool(args.quick),
+        "machine": machine_info(setup.device),
+        "model": setup.model.config.name,
+        "speculation": dataclasses.asdict(speculation),
+        "workload_files": [str(p) for p in paths],
+    }
     log(f"verify cost: forwards of {plan.cost_rows} rows at context {plan.cost_context}")
     results["verify_cost"] = measure_verify_cost(setup.model, plan)
     results["workloads"] = {}
     for workload in workloads:
-        log(f"workload {workload.name}: {len(workload.sessions)} sessions (+{len(workload.warmup)} warmup), "
-            f"max_tokens {workload.max_tokens}")
-        results["workloads"][workload.name] = run_workload(setup.model, tokenizer, workload, speculation,
-                                                           results["verify_cost"]["line_ms"])
+        log(
+            f"workload {workload.name}: {len(workload.sessions)} sessions (+{len(workload.warmup)} warmup), "
+            f"max_tokens {workload.max_tokens}"
+        )
+        results["workloads"][workload.name] = run_workload(
+            setup.model, tokenizer, workload, speculation, results["verify_cost"]["line_ms"]
+        )
     results["targets"] = _targets(results["workloads"])
     results["machine"]["loadavg_end"] = os.getloadavg()[0]
     results["elapsed_s"] = time.perf_counter() - started

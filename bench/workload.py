@@ -87,8 +87,12 @@ class Workload:
 
     def shortened(self, sessions: int, warmup: int, max_tokens: int) -> Workload:
         """A smaller copy for smoke tests."""
-        return replace(self, sessions=self.sessions[:sessions], warmup=self.warmup[:warmup],
-                       max_tokens=min(self.max_tokens, max_tokens))
+        return replace(
+            self,
+            sessions=self.sessions[:sessions],
+            warmup=self.warmup[:warmup],
+            max_tokens=min(self.max_tokens, max_tokens),
+        )
 
 
 def shipped_workloads() -> list[Path]:
@@ -105,8 +109,7 @@ class Call:
     completion: Completion
 
 
-def run_call(engine: Engine, workload: Workload, session: Session, index: int, stage_name: str,
-             previous: str) -> Call:
+def run_call(engine: Engine, workload: Workload, session: Session, index: int, stage_name: str, previous: str) -> Call:
     """One stage of a session; `previous` is the text the session's previous stage produced."""
     stage = workload.stages[stage_name]
     prompt = engine.chat_prompt(stage.render(session.input, previous), system=workload.system)

@@ -1,6 +1,6 @@
 """A 3-agent debate: two debaters answer and rebut each other for two rounds; a judge reads their last words.
 
-    kvmesh run examples/debate.py --query "Is remote work better than office work for junior engineers?"
+kvmesh run examples/debate.py --query "Is remote work better than office work for junior engineers?"
 """
 
 from kvmesh import debate

@@ -1,6 +1,6 @@
 """Planner → coder → reviewer: each agent reads the previous one's output.
 
-    kvmesh run examples/planner_coder_reviewer.py --query "Write a function that checks if a string is a palindrome."
+kvmesh run examples/planner_coder_reviewer.py --query "Write a function that checks if a string is a palindrome."
 """
 
 from kvmesh import Agent, Pipeline

@@ -73,7 +73,9 @@ class Anchor:
         """Raise RecordInvalid unless every tensor is the model's KV for this anchor's tokens."""
         layout.check(self.delta, f"anchor {self.anchor_id} delta")
         layout.check(
-            self.signature, f"anchor {self.anchor_id} signature", tokens=self.delta.length,
+            self.signature,
+            f"anchor {self.anchor_id} signature",
+            tokens=self.delta.length,
             layers=layout.signature_layers,
         )
         if self.next_text is not None:

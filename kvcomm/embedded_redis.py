@@ -102,20 +102,22 @@ def _config(directory: str, socket_path: str, password: str, max_memory_bytes: i
     for path in (directory, socket_path):
         if any(c in path for c in '"\\\n'):  # the config file quotes paths; TMPDIR would have to be odd
             raise RuntimeError(f"cannot start redis-server in {directory!r}: set TMPDIR to a plain path")
-    return "\n".join([
-        "port 0",  # no TCP listener at all
-        f'unixsocket "{socket_path}"',
-        "unixsocketperm 700",
-        f"requirepass {password}",
-        "protected-mode yes",
-        f"maxmemory {max_memory_bytes}",
-        "maxmemory-policy allkeys-lru",  # anchors and segments are caches: evict the coldest, never refuse writes
-        'save ""',
-        "appendonly no",
-        f'dir "{directory}"',
-        "loglevel warning",
-        "",
-    ])
+    return "\n".join(
+        [
+            "port 0",  # no TCP listener at all
+            f'unixsocket "{socket_path}"',
+            "unixsocketperm 700",
+            f"requirepass {password}",
+            "protected-mode yes",
+            f"maxmemory {max_memory_bytes}",
+            "maxmemory-policy allkeys-lru",  # anchors and segments are caches: evict the coldest, never refuse writes
+            'save ""',
+            "appendonly no",
+            f'dir "{directory}"',
+            "loglevel warning",
+            "",
+        ]
+    )
 
 
 def _write_private(path: str, text: str) -> None:

@@ -68,7 +68,8 @@ class KVLayout:
     def check_tokens(self, token_ids: object, what: str) -> list[int]:
         """`token_ids` as a list of this model's token ids, or RecordInvalid."""
         if not isinstance(token_ids, list) or not all(
-            type(t) is int and 0 <= t < self.vocab_size for t in token_ids  # bools are not token ids
+            type(t) is int and 0 <= t < self.vocab_size
+            for t in token_ids  # bools are not token ids
         ):
             raise RecordInvalid(f"{what} are not a list of token ids in [0, {self.vocab_size})")
         return token_ids

@@ -127,8 +127,10 @@ def make_anchors(
         base = bases[span.segment_id]
         truth = real.slice(span.start, span.end)
         truth.shift(-span.start, rope)
-        delta = KVCache.from_tensors(truth.keys[:, :, : truth.length] - base.keys[:, :, : base.length],
-                                     truth.values[:, :, : truth.length] - base.values[:, :, : base.length])
+        delta = KVCache.from_tensors(
+            truth.keys[:, :, : truth.length] - base.keys[:, :, : base.length],
+            truth.values[:, :, : truth.length] - base.values[:, :, : base.length],
+        )
         delta.keys[0].zero_()  # layer 0 depends on the token and position only: no deviation to learn
         delta.values[0].zero_()
         following = spans[index + 1] if index + 1 < len(spans) else None

@@ -105,7 +105,10 @@ class RedisStore:
                 if blob is None:
                     continue
                 anchor = self._open(
-                    "anchor", anchor_id, f"{self._p}:anchor:{anchor_id}\x00{slot}", blob,
+                    "anchor",
+                    anchor_id,
+                    f"{self._p}:anchor:{anchor_id}\x00{slot}",
+                    blob,
                     lambda payload, anchor_id=anchor_id: _anchor_from(payload, anchor_id, layout),
                     drop=lambda anchor_id=anchor_id: self._drop_anchors(slot, [anchor_id]),
                 )
@@ -218,7 +221,11 @@ class RedisStore:
             return None
         layout = self._layout()
         segment = self._open(
-            "segment", segment_id, key, blob, lambda payload: StoredSegment.from_bytes(payload, layout),
+            "segment",
+            segment_id,
+            key,
+            blob,
+            lambda payload: StoredSegment.from_bytes(payload, layout),
             drop=lambda: self._call(self._redis.delete, key),
         )
         if segment is not None:
@@ -242,7 +249,12 @@ class RedisStore:
 
     # -- reading records -----------------------------------------------------------------------------
     def _open(
-        self, kind: str, key: str, context: str, blob: bytes, decode: Callable[[memoryview], T],
+        self,
+        kind: str,
+        key: str,
+        context: str,
+        blob: bytes,
+        decode: Callable[[memoryview], T],
         drop: Callable[[], object],
     ) -> T | None:
         """A record's value if it verifies (sealed for `context`) and decodes; else it is dropped (best
@@ -264,7 +276,8 @@ class RedisStore:
         if self.rejected[(rejection.kind, rejection.fault)] == 1:  # once per kind: a poisoned pool would flood the log
             log.warning(
                 "KV store at %s: %s; entries that fail to verify or decode read as misses (RedisStore.rejected)",
-                redact_url(self.url), rejection.line(),
+                redact_url(self.url),
+                rejection.line(),
             )
 
     def _layout(self) -> KVLayout:

@@ -247,7 +247,7 @@ def _await_ready(handle: ray.actor.ActorHandle, deadline: float) -> str:
 
 
 def _node_state(node_id: str, node_ip: str) -> str:
-    """"its node 10.0.0.7 (1a2b3c4d…) left the cluster and Ray found no other node that offers its
+    """ "its node 10.0.0.7 (1a2b3c4d…) left the cluster and Ray found no other node that offers its
     placement; " when that is what happened, else "" (the GCS is asked; it may lag a dead node by seconds)."""
     if not node_id:
         return ""

@@ -121,8 +121,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         for key in stale:
             del self._inboxes[key]
         if stale:
-            log.warning("agent %s dropped %d waiting run buffer(s) (stale or over %d)", self.runner.agent.name,
-                        len(stale), self._max_inboxes)
+            log.warning(
+                "agent %s dropped %d waiting run buffer(s) (stale or over %d)",
+                self.runner.agent.name,
+                len(stale),
+                self._max_inboxes,
+            )
 
     def _call(self, inbox: _Inbox, cancel: RunCancel) -> None:
         assert inbox.start is not None

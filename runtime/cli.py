@@ -103,15 +103,31 @@ def add_runtime_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     serve = commands.add_parser(
         "serve", help="an OpenAI-compatible HTTP API (/v1/chat/completions) over the workers, until Ctrl-C"
     )
-    serve.add_argument("--host", default="127.0.0.1", help="where the HTTP server listens (default 127.0.0.1; "
-                       "any other host requires an API key)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="where the HTTP server listens (default 127.0.0.1; any other host requires an API key)",
+    )
     serve.add_argument("--port", type=int, default=8000, help="its port (default 8000; 0: a free one)")
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: "
-                       "KVMESH_API_KEY; prefer it: a command line is visible to other users)")
-    serve.add_argument("--ingress", choices=("driver", "serve"), default="driver", help="driver: uvicorn in this "
-                       "process (default; no extra hop); serve: a Ray Serve deployment, for --replicas > 1")
-    serve.add_argument("--replicas", type=int, default=1, help="HTTP ingress replicas behind Ray Serve (default 1; "
-                       "needs --ingress serve)")
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default: "
+        "KVMESH_API_KEY; prefer it: a command line is visible to other users)",
+    )
+    serve.add_argument(
+        "--ingress",
+        choices=("driver", "serve"),
+        default="driver",
+        help="driver: uvicorn in this "
+        "process (default; no extra hop); serve: a Ray Serve deployment, for --replicas > 1",
+    )
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="HTTP ingress replicas behind Ray Serve (default 1; needs --ingress serve)",
+    )
     serve.add_argument("--workers", type=int, default=1, help="inference worker actors (default 1)")
     serve.add_argument(
         "--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS, else an embedded local one)"
@@ -143,4 +159,3 @@ def _serve(args: argparse.Namespace) -> int:
     from .serve import run_serve
 
     return run_serve(args)
-

@@ -208,7 +208,9 @@ class RuntimeConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"RuntimeConfig.{name} must be a positive number of seconds, got {value!r}")
-        if self.redis_url not in (None, "memory") and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        if self.redis_url not in (None, "memory") and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
             raise ConfigError(
                 f"KVMESH_REDIS_URL={redact_url(self.redis_url)!r}: give redis://host:port[/db], 'memory', or leave it "
                 "unset (kvmesh then starts a local redis-server)"

@@ -66,16 +66,21 @@ def build_app(door: ChatDoor) -> FastAPI:
         scheme, _, key = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), settings.api_key.encode()):
             what = "no API key" if not given else "a wrong API key"
-            raise OpenAIError(401, f"the request carries {what}; send 'Authorization: Bearer <key>' with the key "
-                              "the server was started with (--api-key / KVMESH_API_KEY)", code="invalid_api_key")
+            raise OpenAIError(
+                401,
+                f"the request carries {what}; send 'Authorization: Bearer <key>' with the key "
+                "the server was started with (--api-key / KVMESH_API_KEY)",
+                code="invalid_api_key",
+            )
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
     @app.get("/health")
     async def health() -> JSONResponse:
         workers = await door.workers()
-        return JSONResponse({"status": "ok" if workers else "no workers", "workers": workers},
-                            status_code=200 if workers else 503)
+        return JSONResponse(
+            {"status": "ok" if workers else "no workers", "workers": workers}, status_code=200 if workers else 503
+        )
 
     @v1.get("/models")
     async def models() -> ModelList:
@@ -103,14 +108,16 @@ def build_app(door: ChatDoor) -> FastAPI:
             async for chunk in chunks:
                 text.append(chunk.text)
                 final = chunk
-        return JSONResponse(ChatCompletion(
-            id=completion_id,
-            created=int(time.time()),
-            model=settings.model,
-            choices=[Choice(message=AssistantMessage(content="".join(text)), finish_reason=final.finish_reason)],
-            usage=_usage(final.stats),
-            kvmesh=_kvmesh(final.stats, call.slot),
-        ).model_dump(mode="json"))
+        return JSONResponse(
+            ChatCompletion(
+                id=completion_id,
+                created=int(time.time()),
+                model=settings.model,
+                choices=[Choice(message=AssistantMessage(content="".join(text)), finish_reason=final.finish_reason)],
+                usage=_usage(final.stats),
+                kvmesh=_kvmesh(final.stats, call.slot),
+            ).model_dump(mode="json")
+        )
 
     app.include_router(v1)
     return app
@@ -118,8 +125,12 @@ def build_app(door: ChatDoor) -> FastAPI:
 
 def _check_model(name: str, served: str) -> None:
     if name != served:
-        raise OpenAIError(404, f"the model {name!r} does not exist here; this server serves {served!r} "
-                          "(GET /v1/models)", param="model", code="model_not_found")
+        raise OpenAIError(
+            404,
+            f"the model {name!r} does not exist here; this server serves {served!r} (GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
 
 
 async def _first(chunks: AsyncGenerator[worker_pb2.GenerateChunk, None]) -> worker_pb2.GenerateChunk:

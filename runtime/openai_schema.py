@@ -73,8 +73,11 @@ class Message(BaseModel):
         for index, part in enumerate(self.content):
             kind = part.get("type")
             if kind != "text":
-                raise unsupported(f"{where}.content[{index}]", f"content parts of type {kind!r} are not supported "
-                                  "(this model reads text only); send {'type': 'text', 'text': ...}")
+                raise unsupported(
+                    f"{where}.content[{index}]",
+                    f"content parts of type {kind!r} are not supported "
+                    "(this model reads text only); send {'type': 'text', 'text': ...}",
+                )
             try:
                 texts.append(TextPart.model_validate(part).text)
             except ValidationError as exc:
@@ -135,10 +138,14 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
     for index, message in enumerate(request.messages):
         where = f"messages[{index}]"
         if message.role not in _ROLES:
-            hint = " (tool calls are not supported: send a tool's result as user content)" if message.role in (
-                "tool", "function") else ""
-            raise OpenAIError(400, f"{where}.role is {message.role!r}; use one of {', '.join(_ROLES)}{hint}",
-                              param=f"{where}.role")
+            hint = (
+                " (tool calls are not supported: send a tool's result as user content)"
+                if message.role in ("tool", "function")
+                else ""
+            )
+            raise OpenAIError(
+                400, f"{where}.role is {message.role!r}; use one of {', '.join(_ROLES)}{hint}", param=f"{where}.role"
+            )
         _refuse_unsupported(message.model_extra or {}, _MESSAGE_NEUTRAL, f"{where}.")
     if request.max_tokens and request.max_completion_tokens and request.max_tokens != request.max_completion_tokens:
         raise OpenAIError(400, "max_tokens and max_completion_tokens disagree; give one", param="max_tokens")
@@ -150,12 +157,17 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
 def _refuse_unsupported(extra: dict[str, Any], neutral: dict[str, tuple[Any, ...]], prefix: str) -> None:
     for name, value in extra.items():
         if name not in neutral:
-            raise OpenAIError(400, f"Unrecognized request argument supplied: {prefix}{name}", param=f"{prefix}{name}",
-                              code="unknown_parameter")
+            raise OpenAIError(
+                400,
+                f"Unrecognized request argument supplied: {prefix}{name}",
+                param=f"{prefix}{name}",
+                code="unknown_parameter",
+            )
         if value is not None and value not in neutral[name]:
             allowed = " or ".join(json.dumps(v) for v in (None, *neutral[name]))
-            raise unsupported(f"{prefix}{name}", f"{json.dumps(value)[:80]} is not supported by this server "
-                              f"(only {allowed})")
+            raise unsupported(
+                f"{prefix}{name}", f"{json.dumps(value)[:80]} is not supported by this server (only {allowed})"
+            )
 
 
 def _invalid(exc: ValidationError, prefix: str = "") -> OpenAIError:

@@ -66,7 +66,8 @@ class ReplyIndex:
                 self._replies.move_to_end(text)
                 return [Piece(text, producer)]
             candidates = [
-                (reply, who) for reply, who in _newest(self._replies, self.config.quote_window)
+                (reply, who)
+                for reply, who in _newest(self._replies, self.config.quote_window)
                 if self.config.min_quote_chars <= len(reply) < len(text)
             ]
         found: list[tuple[int, str, str]] = []  # start, reply, producer

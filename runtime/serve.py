@@ -153,14 +153,16 @@ class _DriverIngress:
             self.socket.bind((config.host, config.port))
         except OSError as exc:
             self.socket.close()
-            raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}; choose another --port "
-                              "(0: a free one)") from None
+            raise ConfigError(
+                f"cannot listen on {config.host}:{config.port}: {exc.strerror}; choose another --port (0: a free one)"
+            ) from None
         self.port = int(self.socket.getsockname()[1])
         self.server = uvicorn.Server(uvicorn.Config(  # past the bound, 503: as a Serve replica's max_ongoing_requests
             app, log_level="warning", access_log=False, lifespan="off", limit_concurrency=MAX_ONGOING_REQUESTS
         ))  # fmt: skip
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True,
-                                       name="kvmesh-http")
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True, name="kvmesh-http"
+        )
         self.thread.start()
         deadline = time.monotonic() + config.startup_timeout_s
         while not self.server.started:
@@ -186,8 +188,11 @@ def _proxy_address(host: str, port: int, api_key: str | None) -> tuple[str, int]
     """Where Serve's proxy listens: where we asked, or where a Serve that was already running listens."""
     options: Any = _get_global_client().http_config
     if (options.host, options.port) != (host, port):
-        print(f"kvmesh: Ray Serve was already running on this cluster: its proxy listens on {options.host}:"
-              f"{options.port}", file=sys.stderr)
+        print(
+            f"kvmesh: Ray Serve was already running on this cluster: its proxy listens on {options.host}:"
+            f"{options.port}",
+            file=sys.stderr,
+        )
     if not is_loopback(options.host) and api_key is None:
         raise ConfigError(
             f"Ray Serve on this cluster already listens on {options.host!r} (not loopback): set KVMESH_API_KEY (or "
@@ -211,7 +216,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from .pipeline_runs import session_config
 
     config = ServeConfig(  # validated before Ray starts
-        host=args.host, port=args.port, replicas=args.replicas, ingress=args.ingress,
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas,
+        ingress=args.ingress,
         **({"api_key": args.api_key} if args.api_key else {}),
     )
     session_settings = session_config(args)

@@ -124,8 +124,10 @@ def traced_chat(
             if chunk.finished:
                 span.set_attributes(
                     _call_attributes(chunk.stats)
-                    | {"gen_ai.response.model": chunk.stats.model or model,
-                       "gen_ai.response.finish_reasons": [chunk.finish_reason or "stop"]}
+                    | {
+                        "gen_ai.response.model": chunk.stats.model or model,
+                        "gen_ai.response.finish_reasons": [chunk.finish_reason or "stop"],
+                    }
                 )
                 for degradation in chunk.stats.degradations:  # survived, but the user should hear of it
                     span.add_event("kvmesh.degraded", {"kvmesh.degradation": degradation})

@@ -133,4 +133,3 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             device=str(engine.model.device),
             weights=engine.model.weight_format,
         )
-

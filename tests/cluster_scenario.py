@@ -37,10 +37,18 @@ QUERY = "I am planning a trip to Norway. What is the capital city of Norway?"
 TRAVEL = Pipeline(
     "travel",
     [
-        Agent("researcher", "Write one sentence about the country in this request.\n\n{query}", max_tokens=20,
-              reuse="kvcomm"),
-        Agent("answerer", "Request: {query}\n\nNotes:\n{researcher}\n\nAnswer in one sentence.", max_tokens=12,
-              reuse="kvcomm"),
+        Agent(
+            "researcher",
+            "Write one sentence about the country in this request.\n\n{query}",
+            max_tokens=20,
+            reuse="kvcomm",
+        ),
+        Agent(
+            "answerer",
+            "Request: {query}\n\nNotes:\n{researcher}\n\nAnswer in one sentence.",
+            max_tokens=12,
+            reuse="kvcomm",
+        ),
     ],
 )
 STORY = Pipeline("story", [Agent("teller", "Tell a long story about {query}.", max_tokens=64)])

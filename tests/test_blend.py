@@ -162,8 +162,14 @@ def test_the_boundary_rule_recomputes_the_first_tokens_of_every_segment(model, t
         rows = slice(len(prefix) + start, len(prefix) + end)
         fresh, kept = cache.keys[5, :, rows], reused.keys[5, :, start:end]
         assert not torch.allclose(fresh[:, :4], kept[:, :4]) and torch.equal(fresh[:, 4:], kept[:, 4:])
-    with_share = blend(model, prefilled(model, prefix), [t for d in docs for t in d], reused.clone(),
-                       BlendConfig(share=0.2, selection="boundary", boundary_tokens=4), segments=segments)
+    with_share = blend(
+        model,
+        prefilled(model, prefix),
+        [t for d in docs for t in d],
+        reused.clone(),
+        BlendConfig(share=0.2, selection="boundary", boundary_tokens=4),
+        segments=segments,
+    )
     assert with_share.recomputed_tokens == 4 * len(docs) + round(0.2 * reused.length)  # and 20% more by deviation
     with pytest.raises(ValueError, match="segments"):
         blend(model, prefilled(model, prefix), [t for d in docs for t in d], reused.clone(), config)

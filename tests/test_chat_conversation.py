@@ -22,8 +22,10 @@ def planner(model, tokenizer) -> ReusePlanner:
 
 
 def turns(conversation: list[tuple[str, str]]) -> list[ChatTurn]:
-    return [ChatTurn(role, [PromptPiece(text, segment_id("client", text), f"m{i}")])
-            for i, (role, text) in enumerate(conversation)]
+    return [
+        ChatTurn(role, [PromptPiece(text, segment_id("client", text), f"m{i}")])
+        for i, (role, text) in enumerate(conversation)
+    ]
 
 
 def test_a_conversation_is_exactly_the_models_chat_prompt_with_a_span_per_message(planner, tokenizer):
@@ -55,8 +57,9 @@ def test_the_frame_text_between_messages_is_template_text_and_keys_the_template(
 
 def test_a_generate_request_carries_parts_or_messages_not_both():
     part = worker_pb2.PromptPart(text="Hi")
-    conversation = worker_pb2.GenerateRequest(messages=[worker_pb2.ChatMessage(role="user", parts=[part]),
-                                                        worker_pb2.ChatMessage(role="assistant")])
+    conversation = worker_pb2.GenerateRequest(
+        messages=[worker_pb2.ChatMessage(role="user", parts=[part]), worker_pb2.ChatMessage(role="assistant")]
+    )
     call = worker_call(conversation)
     assert [t.role for t in call.turns] == ["user", "assistant"]
     with pytest.raises(ValueError, match="conversation of 2 messages"):

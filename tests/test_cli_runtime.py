@@ -59,8 +59,9 @@ def test_demo_runs_three_questions_in_one_session_and_shows_reuse_growing(tmp_pa
     assert len(runs) == 3
     for run in runs:
         assert all(0 < c["output_tokens"] <= 8 for c in run["calls"])
-    share = [sum(c["cached_tokens"] for c in run["calls"]) / sum(c["prompt_tokens"] for c in run["calls"])
-             for run in runs]
+    share = [
+        sum(c["cached_tokens"] for c in run["calls"]) / sum(c["prompt_tokens"] for c in run["calls"]) for run in runs
+    ]
     first = {c["agent"]: c for c in runs[0]["calls"]}
     # run 1: the planner computes the brief and question, the others find them; from run 2 on, the brief
     # itself is in the prefix cache for every agent: the cached share grows
@@ -126,7 +127,7 @@ def test_runtime_benchmark_quick_run_writes_the_promised_keys(ray_cluster, tmp_p
     assert "gRPC Deliver (agent)" in result.stdout and "target grpc_p50_ms" in result.stdout
 
 
-OUTAGE = '''
+OUTAGE = """
 import os, signal
 from kvmesh import Agent, Pipeline, tool
 
@@ -139,7 +140,7 @@ pipeline = Pipeline("outage", [
     Agent("first", "{{outage}} Say one word about {{query}}.", max_tokens=4),
     Agent("second", "Repeat this: {{first}}", max_tokens=4),
 ], tools=[outage])
-'''
+"""
 
 
 def test_a_store_lost_mid_run_is_said_once_and_the_run_completes(ray_cluster, tmp_path):
@@ -148,8 +149,9 @@ def test_a_store_lost_mid_run_is_said_once_and_the_run_completes(ray_cluster, tm
     with EmbeddedRedis() as redis:
         file = tmp_path / "outage.py"
         file.write_text(OUTAGE.format(pid=redis.pid))
-        result = kvmesh("run", str(file), "--query", "tea", "--address", ray_cluster.address,
-                        KVMESH_REDIS_URL=redis.url)
+        result = kvmesh(
+            "run", str(file), "--query", "tea", "--address", ray_cluster.address, KVMESH_REDIS_URL=redis.url
+        )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "✓ first" in result.stderr and "✓ second" in result.stderr
     said = [line for line in result.stderr.splitlines() if "KV store unavailable" in line]

@@ -23,9 +23,24 @@ def results(tmp_path_factory) -> dict:
     out = tmp / "check.json"
     env = dict(os.environ, KVMESH_CACHE_DIR=str(tmp / "cache"), PYTHONWARNINGS="ignore::FutureWarning")
     done = subprocess.run(
-        [sys.executable, "-m", "kvmesh.bench.cuda_check", "--device", "cpu", "--quick", "--shapes", "tiny",
-         "--model", str(model), "--json", str(out)],
-        env=env, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "kvmesh.bench.cuda_check",
+            "--device",
+            "cpu",
+            "--quick",
+            "--shapes",
+            "tiny",
+            "--model",
+            str(model),
+            "--json",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "sections ok" in done.stdout  # the summary
@@ -33,8 +48,14 @@ def results(tmp_path_factory) -> dict:
 
 
 def test_every_section_ran(results):
-    assert set(results["sections"]) == {"env", "floors", "numerics", "vs_transformers:tiny", "speed:model",
-                                        "speed:tiny"}
+    assert set(results["sections"]) == {
+        "env",
+        "floors",
+        "numerics",
+        "vs_transformers:tiny",
+        "speed:model",
+        "speed:tiny",
+    }
     assert all(status["ok"] for status in results["sections"].values()), results["sections"]
 
 

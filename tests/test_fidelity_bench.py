@@ -138,10 +138,12 @@ def test_the_bench_plans_token_for_token_what_the_worker_service_plans_for_the_s
             pipeline = shape_pipeline("relay", ITEMS).pipeline.with_agent_options(reuse=mode)
             reader, answerer = pipeline.agents["reader"], pipeline.agents["answerer"]
             calls = [(reader, {"query": item.question}, run.shared.prompt_ids)] if mode == "dense" else []
-            calls.append((answerer, {"query": item.question, "reader": run.shared.reply},
-                          run.modes[mode].calls[0].prompt_ids))
-            worker = build_worker(settings, RedisStore(redis.url, prefix=store_prefix("relay", mode)),
-                                  model=model, tokenizer=tokenizer)
+            calls.append(
+                (answerer, {"query": item.question, "reader": run.shared.reply}, run.modes[mode].calls[0].prompt_ids)
+            )
+            worker = build_worker(
+                settings, RedisStore(redis.url, prefix=store_prefix("relay", mode)), model=model, tokenizer=tokenizer
+            )
             loop = EngineLoop(worker.engine)
             try:
                 service = WorkerServicer(loop, worker.planner, "smollm2", lambda: "")
@@ -157,14 +159,27 @@ def test_the_bench_plans_token_for_token_what_the_worker_service_plans_for_the_s
 def test_quick_run_writes_every_promised_key_for_every_shape_and_mode(tmp_path):
     out, plot = tmp_path / "fidelity.json", tmp_path / "frontier.png"
     command = ["bench", "fidelity", "--quick", "--limit", "2", "--json", str(out), "--plot", str(plot)]
-    result = subprocess.run([sys.executable, "-m", "kvmesh", *command],
-                            capture_output=True, text=True, timeout=900, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "kvmesh", *command], capture_output=True, text=True, timeout=900, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert {"machine", "model", "elapsed_s", "tasks"} <= set(report)
     assert set(report["tasks"]) == set(SHAPES)
-    keys = {"accuracy", "delta_vs_dense", "ci95", "mcnemar_p", "reused_token_share", "cached_token_share", "ttft_s",
-            "wall_s", "first_token_agreement", "mean_kl", "calls_by_reuse_mode", "segment_reasons"}
+    keys = {
+        "accuracy",
+        "delta_vs_dense",
+        "ci95",
+        "mcnemar_p",
+        "reused_token_share",
+        "cached_token_share",
+        "ttft_s",
+        "wall_s",
+        "first_token_agreement",
+        "mean_kl",
+        "calls_by_reuse_mode",
+        "segment_reasons",
+    }
     for shape, task in report["tasks"].items():
         assert task["items"] == 2 and len(task["item_results"]) == 2
         assert set(task["modes"]) == {"dense", "auto", "kvcomm", "blend"}

@@ -22,8 +22,11 @@ def _never(ids: torch.Tensor, decode_tokens: int) -> tuple[float, float | None]:
 
 def _hide_llama_cpp(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name.split(".")[0] == "llama_cpp" else real(name, *args))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name.split(".")[0] == "llama_cpp" else real(name, *args),
+    )
 
 
 def test_without_llama_cpp_the_section_is_skipped_saying_how_to_get_it(monkeypatch, tmp_path):
@@ -37,8 +40,14 @@ def test_without_llama_cpp_the_section_is_skipped_saying_how_to_get_it(monkeypat
     vs = llama_cpp_engine.speedups(result, 16)
     assert vs == {"skipped": note}
     assert engine_bench._llamacpp_rows(result, vs, "fp32") == [("vs llama.cpp", "-", note, "")]
-    results = {"decode_ms_per_token": {"128": 40.0}, "prefill_efficiency": {"128": 0.5}, "batch_context": 128,
-               "batch8_speedup": 3.0, "vs_transformers": {"skipped": "--quick"}, "vs_llamacpp": vs}
+    results = {
+        "decode_ms_per_token": {"128": 40.0},
+        "prefill_efficiency": {"128": 0.5},
+        "batch_context": 128,
+        "batch8_speedup": 3.0,
+        "vs_transformers": {"skipped": "--quick"},
+        "vs_llamacpp": vs,
+    }
     target = engine_bench.evaluate_targets(results, engine_bench.QUICK)["decode_vs_llamacpp"]
     assert target["pass"] is None and target["note"] == note
 
@@ -61,7 +70,8 @@ def test_rounds_alternate_the_first_engine_and_speedups_say_how_many_times_faste
 
     # llama.cpp: 1 ms per prompt token, 10 ms per decode token; ours twice as fast at both
     found = llama_cpp_engine.interleaved_rounds(
-        {"llama_cpp": engine("llama_cpp", 1e-3, 10.0), "ours": engine("ours", 5e-4, 5.0)}, TINY, vocab=256)
+        {"llama_cpp": engine("llama_cpp", 1e-3, 10.0), "ours": engine("ours", 5e-4, 5.0)}, TINY, vocab=256
+    )
     assert calls[:2] == [("llama_cpp", 8, 0), ("ours", 8, 0)]
     assert calls[4:6] == [("ours", 8, 0), ("llama_cpp", 8, 0)]  # round 2 starts with the other engine
     assert ("ours", 16, 2) in calls and len(calls) == 2 * 2 * 2  # 2 engines x 2 lengths x 2 rounds
@@ -80,8 +90,9 @@ def test_rounds_alternate_the_first_engine_and_speedups_say_how_many_times_faste
 def test_llama_cpp_beside_kvmesh_at_tiny_sizes(request: pytest.FixtureRequest):
     pytest.importorskip("llama_cpp")  # an optional comparison column, not a product path
     model: LlamaModel = request.getfixturevalue("model")  # loaded only when llama.cpp is there to compare with
-    result = llama_cpp_engine.bench_llamacpp(resolve_model_path(), torch.get_num_threads(), TINY,
-                                             model.config.vocab_size, engine_bench._ours_measure(model))
+    result = llama_cpp_engine.bench_llamacpp(
+        resolve_model_path(), torch.get_num_threads(), TINY, model.config.vocab_size, engine_bench._ours_measure(model)
+    )
     assert "skipped" not in result, result
     assert result["version"] and result["weights"] == "Q4_1" and "Q4_1" in result["note"]
     assert result["settings"]["n_threads"] == torch.get_num_threads()
@@ -92,5 +103,9 @@ def test_llama_cpp_beside_kvmesh_at_tiny_sizes(request: pytest.FixtureRequest):
     vs = llama_cpp_engine.speedups(result, 16)
     assert vs["decode_speedup"] > 0 and vs["prefill_speedup"] > 0
     rows = engine_bench._llamacpp_rows(result, vs, "fp32")
-    assert [row[0] for row in rows] == ["vs llama.cpp prefill 8 tok/s", "vs llama.cpp prefill 16 tok/s",
-                                        "vs llama.cpp decode @16 ms/token", "  weights"]
+    assert [row[0] for row in rows] == [
+        "vs llama.cpp prefill 8 tok/s",
+        "vs llama.cpp prefill 16 tok/s",
+        "vs llama.cpp decode @16 ms/token",
+        "  weights",
+    ]

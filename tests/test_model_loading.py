@@ -109,8 +109,13 @@ def test_unsupported_gguf_architecture(tmp_path):
 
 def _write_hf_config(directory: Path, **overrides) -> None:
     config = {
-        "model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "eos_token_id": 2,
+        "model_type": "llama",
+        "vocab_size": 32,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "eos_token_id": 2,
     }
     config.update(overrides)
     (directory / "config.json").write_text(json.dumps(config))
@@ -197,8 +202,11 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path, damage):
     load_raw_model(path, cache_dir=cache)
     (entry,) = _entries(cache)
     target = {
-        "garbage-weights": "weights.safetensors", "truncated-weights": "weights.safetensors",
-        "bad-config": "config.json", "no-tokenizer": "tokenizer.json", "no-weights": "weights.safetensors",
+        "garbage-weights": "weights.safetensors",
+        "truncated-weights": "weights.safetensors",
+        "bad-config": "config.json",
+        "no-tokenizer": "tokenizer.json",
+        "no-weights": "weights.safetensors",
     }[damage]
     file = entry / target
     if damage.startswith("no-"):
@@ -233,7 +241,10 @@ def test_real_model_cache_is_written_then_read_fast(big_cache_dir, raw_model):
     first = load_raw_model(cache_dir=cache)  # parses and dequantizes the GGUF (~10 s)
     (entry,) = _entries(cache)
     assert {p.name for p in entry.iterdir()} == {
-        "weights.safetensors", "config.json", "tokenizer.json", "kvmesh_tokenizer.json"
+        "weights.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "kvmesh_tokenizer.json",
     }
     assert (entry / "weights.safetensors").stat().st_size > 500e6
 

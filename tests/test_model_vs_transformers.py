@@ -163,14 +163,30 @@ def _save_hf_model(directory, hf_config, seed: int, backend=None, chat_template:
 
 
 HF_VARIANTS = {
-    "tied-gqa": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                     rope_parameters={"rope_type": "default", "rope_theta": 5000.0}),
-    "untied-mha": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
-                       rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    "tied-gqa": dict(
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+    ),
+    "untied-mha": dict(
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+    ),
     "untied-gqa4-llama3-rope": dict(
-        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 5000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     ),
 }
 
@@ -179,8 +195,15 @@ HF_VARIANTS = {
 def test_hf_directory_logits_match_transformers(tmp_path, variant):
     tokens, _, _ = tiny_vocab()
     hf_config = transformers.LlamaConfig(
-        vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, **HF_VARIANTS[variant],
+        vocab_size=len(tokens),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        **HF_VARIANTS[variant],
     )
     hf = _save_hf_model(tmp_path, hf_config, seed=3, chat_template=TINY_CHAT_TEMPLATE)
 
@@ -206,8 +229,13 @@ def test_hf_directory_logits_match_transformers(tmp_path, variant):
 def test_hf_directory_tokenizer_and_template(tmp_path):
     tokens, _, _ = tiny_vocab()
     hf_config = transformers.LlamaConfig(
-        vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        bos_token_id=1, eos_token_id=[2, 0],
+        vocab_size=len(tokens),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        bos_token_id=1,
+        eos_token_id=[2, 0],
     )
     _save_hf_model(tmp_path, hf_config, seed=0, chat_template=TINY_CHAT_TEMPLATE)
     raw = load_raw_model(tmp_path)
@@ -225,8 +253,14 @@ def test_hf_directory_tokenizer_and_template(tmp_path):
 def test_hf_directory_with_smollm2_tokenizer(tmp_path, tokenizer, chat_ids):
     """A directory carrying the real 49152-token tokenizer.json: same ids as the GGUF tokenizer."""
     hf_config = transformers.LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     hf = _save_hf_model(tmp_path, hf_config, seed=1, backend=tokenizer.backend, chat_template=tokenizer.chat_template)
     raw = load_raw_model(tmp_path)

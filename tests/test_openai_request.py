@@ -47,12 +47,19 @@ def refused(raw: bytes) -> OpenAIError:
         (body(stop=["", "x"]), 400, "stop", "non-empty"),
         (body(kvmesh={"reuse": "magic"}), 400, "kvmesh.reuse", "auto"),
         (body(messages=[]), 400, "messages", "at least 1"),
-        (body(messages=[{"role": "tool", "content": "42", "tool_call_id": "x"}]), 400, "messages[0].role",
-         "tool calls are not supported"),
-        (body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), None,
-         None, None),  # refused when its text is read (door_call), below
-        (body(messages=[{"role": "user", "content": "Hi", "name": "ann"}]), 400, "messages[0].name",
-         "not supported"),
+        (
+            body(messages=[{"role": "tool", "content": "42", "tool_call_id": "x"}]),
+            400,
+            "messages[0].role",
+            "tool calls are not supported",
+        ),
+        (
+            body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+            None,
+            None,
+            None,
+        ),  # refused when its text is read (door_call), below
+        (body(messages=[{"role": "user", "content": "Hi", "name": "ann"}]), 400, "messages[0].name", "not supported"),
     ],
 )
 def test_what_the_server_cannot_honour_is_a_400_naming_it(raw, status, param, says):
@@ -68,21 +75,36 @@ def test_what_the_server_cannot_honour_is_a_400_naming_it(raw, status, param, sa
 
 
 def test_neutral_values_of_unimplemented_fields_are_accepted():
-    request = parse_request(body(n=1, logprobs=False, tools=[], presence_penalty=0, store=False,
-                                 stream_options={"include_usage": True}, parallel_tool_calls=True))
+    request = parse_request(
+        body(
+            n=1,
+            logprobs=False,
+            tools=[],
+            presence_penalty=0,
+            store=False,
+            stream_options={"include_usage": True},
+            parallel_tool_calls=True,
+        )
+    )
     assert request.stream_options.include_usage and request.max_output_tokens is None
 
 
 def test_a_conversation_becomes_framed_messages_whose_contents_are_segments_by_content():
-    request = parse_request(body(
-        messages=[
-            {"role": "system", "content": "You are terse."},
-            {"role": "user", "content": PASSAGE},
-            {"role": "assistant", "content": None},
-            {"role": "developer", "content": [{"type": "text", "text": "Be"}, {"type": "text", "text": "brief."}]},
-        ],
-        max_completion_tokens=7, temperature=0, seed=3, stop="END", kvmesh={"reuse": "dense"},
-    ))
+    request = parse_request(
+        body(
+            messages=[
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": PASSAGE},
+                {"role": "assistant", "content": None},
+                {"role": "developer", "content": [{"type": "text", "text": "Be"}, {"type": "text", "text": "brief."}]},
+            ],
+            max_completion_tokens=7,
+            temperature=0,
+            seed=3,
+            stop="END",
+            kvmesh={"reuse": "dense"},
+        )
+    )
     call = door_call(request, ReplyIndex(), "req-1")
     wire = call.request
     assert wire.system == "You are terse." and wire.agent == call.slot and wire.reuse == "dense"
@@ -95,8 +117,13 @@ def test_a_conversation_becomes_framed_messages_whose_contents_are_segments_by_c
     sampling = wire.sampling
     assert (sampling.max_tokens, sampling.temperature, sampling.seed, list(sampling.stop)) == (7, 0.0, 3, ["END"])
     # the same passage under another system prompt: the same segment, in another slot
-    other = door_call(parse_request(body(messages=[{"role": "system", "content": "You are a poet."},
-                                                   {"role": "user", "content": PASSAGE}])), ReplyIndex(), "r")
+    other = door_call(
+        parse_request(
+            body(messages=[{"role": "system", "content": "You are a poet."}, {"role": "user", "content": PASSAGE}])
+        ),
+        ReplyIndex(),
+        "r",
+    )
     assert other.segment_ids == [passage.id] and other.slot != call.slot
 
 
@@ -119,8 +146,11 @@ def test_a_reply_that_comes_back_has_the_id_its_worker_published_whole_or_quoted
     replies.add("chat-researcher", REPLY)
     # back as the assistant's own message, and forwarded whole to another agent
     for role in ("assistant", "user"):
-        call = door_call(parse_request(body(messages=[{"role": "user", "content": "Notes?"},
-                                                      {"role": role, "content": REPLY}])), replies, "r")
+        call = door_call(
+            parse_request(body(messages=[{"role": "user", "content": "Notes?"}, {"role": role, "content": REPLY}])),
+            replies,
+            "r",
+        )
         assert call.segment_ids[-1] == segment_id("chat-researcher", REPLY)
     # quoted inside another message: split around it
     quoting = f"Passage:\n{PASSAGE}\n\nNotes:\n{REPLY}\n\nWrite a summary."
@@ -139,8 +169,13 @@ def test_the_reply_index_prefers_the_longest_quote_and_finds_every_occurrence():
     replies.add("planner", inner)
     replies.add("writer", outer)
     assert replies.split(f"Review: {outer} Also: {inner}. And {inner}!") == [
-        Piece("Review: ", None), Piece(outer, "writer"), Piece(" Also: ", None), Piece(inner, "planner"),
-        Piece(". And ", None), Piece(inner, "planner"), Piece("!", None),
+        Piece("Review: ", None),
+        Piece(outer, "writer"),
+        Piece(" Also: ", None),
+        Piece(inner, "planner"),
+        Piece(". And ", None),
+        Piece(inner, "planner"),
+        Piece("!", None),
     ]
     assert replies.split("short") == [Piece("short", None)]
     replies.add("x", "Yes.")  # shorter than min_quote_chars: found only as a whole message

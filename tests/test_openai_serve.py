@@ -71,8 +71,12 @@ def post(url: str, payload: bytes, key: str | None = KEY) -> tuple[int, dict[str
 
 
 def ask(text: str, **fields: Any) -> dict[str, Any]:
-    return {"model": "smollm2", "messages": [{"role": "user", "content": text}], "max_tokens": 8,
-            "temperature": 0} | fields
+    return {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 8,
+        "temperature": 0,
+    } | fields
 
 
 def worker_stats(session: Session) -> worker_pb2.WorkerStats:
@@ -117,8 +121,17 @@ def test_plain_completion_carries_usage_cached_tokens_and_the_kvmesh_object(clie
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens and usage.completion_tokens <= 12
     assert usage.prompt_tokens_details.cached_tokens > 0
     kvmesh = reply.model_extra["kvmesh"]
-    assert set(kvmesh) >= {"reused_tokens", "cached_tokens", "reuse_mode", "segment_modes", "segment_reasons",
-                           "degradations", "slot", "worker", "ttft_s"}
+    assert set(kvmesh) >= {
+        "reused_tokens",
+        "cached_tokens",
+        "reuse_mode",
+        "segment_modes",
+        "segment_reasons",
+        "degradations",
+        "slot",
+        "worker",
+        "ttft_s",
+    }
     assert usage.prompt_tokens_details.cached_tokens == kvmesh["cached_tokens"] + kvmesh["reused_tokens"]
     (segment,) = kvmesh["segment_modes"]  # the user message, by content
     assert segment == segment_id("client", "What is the capital of France?")
@@ -195,8 +208,12 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request_in_the_engine(
     url = urlsplit(server.base_url)
     payload = json.dumps(ask("Count from 1 to 3000, one number per line.", max_tokens=3000, stream=True))
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
-    connection.request("POST", url.path + "/chat/completions", payload,
-                       {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    connection.request(
+        "POST",
+        url.path + "/chat/completions",
+        payload,
+        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
     response = connection.getresponse()
     assert response.status == 200
     events = 0
@@ -241,8 +258,7 @@ def test_a_ray_serve_ingress_serves_the_same_workers_with_the_same_key_on_loopba
 def test_a_reply_coming_back_whole_or_quoted_has_the_id_its_worker_published(client):
     system = {"role": "system", "content": "You are a geography tutor."}
     question = {"role": "user", "content": "Describe Lima, the capital of Peru."}
-    first = client.chat.completions.create(model="smollm2", messages=[system, question], max_tokens=24,
-                                           temperature=0)
+    first = client.chat.completions.create(model="smollm2", messages=[system, question], max_tokens=24, temperature=0)
     reply, slot = first.choices[0].message.content, first.model_extra["kvmesh"]["slot"]
     assert len(reply) >= ReplyIndexConfig().min_quote_chars  # shorter replies are found only as whole messages
     published = segment_id(slot, reply)  # the worker publishes every reply as segment_id(agent, text)
@@ -287,21 +303,37 @@ def test_a_langgraph_app_runs_unchanged_and_its_agents_reuse_each_others_kv(serv
         response.read()
         wire.append(response.json())
 
-    llm = ChatOpenAI(base_url=server.base_url, api_key=KEY, model="smollm2", temperature=0, max_tokens=24,
-                     http_client=httpx.Client(event_hooks={"response": [record]}))
+    llm = ChatOpenAI(
+        base_url=server.base_url,
+        api_key=KEY,
+        model="smollm2",
+        temperature=0,
+        max_tokens=24,
+        http_client=httpx.Client(event_hooks={"response": [record]}),
+    )
 
     def researcher(state: dict) -> dict:
         notes = llm.invoke([SystemMessage("You are a researcher. List the key facts."), HumanMessage(state["passage"])])
         return {"notes": notes.content}
 
     def writer(state: dict) -> dict:
-        draft = llm.invoke([SystemMessage("You are a writer."), HumanMessage(state["passage"]),
-                            HumanMessage(f"Research notes:\n{state['notes']}\n\nWrite a short summary.")])
+        draft = llm.invoke(
+            [
+                SystemMessage("You are a writer."),
+                HumanMessage(state["passage"]),
+                HumanMessage(f"Research notes:\n{state['notes']}\n\nWrite a short summary."),
+            ]
+        )
         return {"draft": draft.content}
 
     def reviewer(state: dict) -> dict:
-        review = llm.invoke([SystemMessage("You are a strict reviewer."), HumanMessage(state["passage"]),
-                             HumanMessage(f"Draft:\n{state['draft']}\n\nName one error, or say it is correct.")])
+        review = llm.invoke(
+            [
+                SystemMessage("You are a strict reviewer."),
+                HumanMessage(state["passage"]),
+                HumanMessage(f"Draft:\n{state['draft']}\n\nName one error, or say it is correct."),
+            ]
+        )
         return {"review": review.content}
 
     graph = StateGraph(State)

@@ -135,8 +135,11 @@ def test_worker_settings_come_from_the_environment_and_bad_values_name_the_varia
     monkeypatch.setenv("KVMESH_WORKER_DEVICE", "cpu")
     worker = RuntimeConfig().worker
     assert (worker.threads, worker.weights, worker.device, worker.model) == (6, "bf16", "cpu", "smollm2")
-    for name, bad in (("KVMESH_WORKER_THREADS", "many"), ("KVMESH_WORKER_WEIGHTS", "fp8"),
-                      ("KVMESH_WORKER_DEVICE", "tpu")):
+    for name, bad in (
+        ("KVMESH_WORKER_THREADS", "many"),
+        ("KVMESH_WORKER_WEIGHTS", "fp8"),
+        ("KVMESH_WORKER_DEVICE", "tpu"),
+    ):
         with monkeypatch.context() as patch:
             patch.setenv(name, bad)
             with pytest.raises(ConfigError, match=bad):

@@ -18,7 +18,8 @@ def planner(model, tokenizer) -> ReusePlanner:
 
 def pieces(prompt) -> list[PromptPiece]:
     return [
-        PromptPiece(p.text, segment_id(p.producer, p.text), p.placeholder) if isinstance(p, SegmentPart)
+        PromptPiece(p.text, segment_id(p.producer, p.text), p.placeholder)
+        if isinstance(p, SegmentPart)
         else PromptPiece(p.text)
         for p in prompt.parts
     ]

@@ -88,8 +88,10 @@ def test_auto_opens_on_traffic_reuse_serves_well_and_closes_when_the_traffic_cha
         worker.planner.drain()  # the audit lands before the next call
         return planned.stats.mode
 
-    same = ("The river Arlen floods its valley every spring, and each summer the people of Dunmere rebuild the "
-            "mills, the bridges and the long stone wall that the water took.")
+    same = (
+        "The river Arlen floods its valley every spring, and each summer the people of Dunmere rebuild the "
+        "mills, the bridges and the long stone wall that the water took."
+    )
     before = [call(same) for _ in range(8)]
     # calls 1-2 record anchors (one is too few to vouch), 3-4 are audited and pass, then reuse, every third audited
     assert before[:4] == ["prefix"] * 4 and before[4] == "kvcomm", before

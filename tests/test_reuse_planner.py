@@ -89,12 +89,20 @@ class TwoAgents:
 
     def pipeline(self, country: str, mode: str):
         q = PromptPiece(query_of(country), segment_id("query", query_of(country)), "query")
-        notes, _, _ = self.call("researcher", "You are a travel researcher.",
-                                [PromptPiece("Write two sentences about the country in this request.\n\n"), q],
-                                mode, 32)
-        pieces = [PromptPiece("Request: "), q, PromptPiece("\n\nResearch notes:\n"),
-                  PromptPiece(notes, segment_id("researcher", notes), "researcher"),
-                  PromptPiece("\n\nAnswer the request in one short sentence.")]
+        notes, _, _ = self.call(
+            "researcher",
+            "You are a travel researcher.",
+            [PromptPiece("Write two sentences about the country in this request.\n\n"), q],
+            mode,
+            32,
+        )
+        pieces = [
+            PromptPiece("Request: "),
+            q,
+            PromptPiece("\n\nResearch notes:\n"),
+            PromptPiece(notes, segment_id("researcher", notes), "researcher"),
+            PromptPiece("\n\nAnswer the request in one short sentence."),
+        ]
         return self.call("answerer", "You are a helpful travel agent.", pieces, mode, 12)
 
 

@@ -36,8 +36,10 @@ def reference(model, tokenizer):
     engine, planner = worker.engine, worker.planner
 
     def llm(agent: Agent, prompt) -> str:
-        parts = [PromptPiece(p.text, segment_id(p.producer, p.text) if isinstance(p, SegmentPart) else None)
-                 for p in prompt.parts]
+        parts = [
+            PromptPiece(p.text, segment_id(p.producer, p.text) if isinstance(p, SegmentPart) else None)
+            for p in prompt.parts
+        ]
         ids = planner.plan(prompt.system, parts, agent.name, "prefix").token_ids
         return engine.generate([ids], SamplingParams(max_tokens=agent.max_tokens))[0].text
 

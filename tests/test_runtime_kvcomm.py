@@ -24,10 +24,18 @@ def pipeline() -> Pipeline:
     return Pipeline(
         "travel",
         [
-            Agent("researcher", "Write one sentence about the country in this request.\n\n{query}", max_tokens=20,
-                  reuse="kvcomm"),
-            Agent("answerer", "Request: {query}\n\nNotes:\n{researcher}\n\nAnswer in one sentence.", max_tokens=12,
-                  reuse="kvcomm"),
+            Agent(
+                "researcher",
+                "Write one sentence about the country in this request.\n\n{query}",
+                max_tokens=20,
+                reuse="kvcomm",
+            ),
+            Agent(
+                "answerer",
+                "Request: {query}\n\nNotes:\n{researcher}\n\nAnswer in one sentence.",
+                max_tokens=12,
+                reuse="kvcomm",
+            ),
         ],
     )
 

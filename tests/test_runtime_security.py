@@ -23,6 +23,8 @@ from kvmesh.runtime.wire import DRIVER, Kind
 from kvmesh.v1 import agent_pb2, agent_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.slow
+
+
 def is_loopback(address: str) -> bool:
     return address in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 

@@ -16,8 +16,12 @@ def test_quick_serve_bench_reports_blocks_and_both_ingresses_overhead(ray_cluste
     args = build_parser().parse_args(["bench", "serve", "--quick", "--json", str(out)])
     assert args.handler(args) == 0
     report = json.loads(out.read_text())
-    assert [(b["concurrency"], b["mode"]) for b in report["blocks"]] == [(1, "auto"), (1, "dense"), (2, "auto"),
-                                                                         (2, "dense")]
+    assert [(b["concurrency"], b["mode"]) for b in report["blocks"]] == [
+        (1, "auto"),
+        (1, "dense"),
+        (2, "auto"),
+        (2, "dense"),
+    ]
     assert all(b["errors"] == 0 and b["calls"] == 3 * b["conversations"] for b in report["blocks"])
     for key in ("overhead_c1", "overhead_c1_serve_ingress"):
         overhead = report[key]

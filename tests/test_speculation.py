@@ -46,8 +46,9 @@ def test_tree_verify_gives_each_node_the_logits_of_its_own_path(tiny_model):
     tiny_model.forward(ForwardBatch.single(cache, context[:-1]))
     positions, mask = tree_inputs(TREE, past=cache.length)
     ids = [context[-1], *TREE.tokens]
-    tree_logits = tiny_model.forward(ForwardBatch.single(cache, ids, positions=positions, attn_mask=mask,
-                                                         all_logits=True))
+    tree_logits = tiny_model.forward(
+        ForwardBatch.single(cache, ids, positions=positions, attn_mask=mask, all_logits=True)
+    )
     for node in range(-1, len(TREE)):
         dense = tiny_model.forward(ForwardBatch.single(tiny_model.new_cache(), context + path_to(TREE, node)))
         torch.testing.assert_close(tree_logits[node + 1], dense[0], atol=1e-5, rtol=0)
@@ -58,8 +59,7 @@ def test_tree_verify_gives_each_node_the_logits_of_its_own_path(tiny_model):
     tiny_model.forward(ForwardBatch.single(want, context + path_to(TREE, 5)))
     assert cache.length == want.length == len(context) + 3
     torch.testing.assert_close(cache.keys[:, :, : cache.length], want.keys[:, :, : want.length], atol=1e-5, rtol=0)
-    torch.testing.assert_close(cache.values[:, :, : cache.length], want.values[:, :, : want.length], atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(cache.values[:, :, : cache.length], want.values[:, :, : want.length], atol=1e-5, rtol=0)
 
 
 def one_hot_logits(winners: list[int], vocab: int = 32) -> torch.Tensor:
@@ -119,8 +119,14 @@ def test_cost_model_fits_the_line_and_planning_turns_itself_off():
 
 def tiny_engine(model, speculation: SpeculationConfig | None, **scheduler) -> Engine:
     tokens, merges, types = tiny_vocab()
-    tokenizer = Tokenizer.from_bpe(tokens=tokens, merges=merges, token_types=types, chat_template=TINY_CHAT_TEMPLATE,
-                                   bos_token_id=1, eos_token_ids=(2,))
+    tokenizer = Tokenizer.from_bpe(
+        tokens=tokens,
+        merges=merges,
+        token_types=types,
+        chat_template=TINY_CHAT_TEMPLATE,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+    )
     config = EngineConfig(prefix_cache=None, speculation=speculation, scheduler=SchedulerConfig(**scheduler))
     return Engine(model, tokenizer, config)
 
@@ -137,8 +143,10 @@ def repetitive_prompts(count: int) -> list[list[int]]:
 
 def test_tiny_model_speculation_gives_plain_tokens_greedy_and_seeded(tiny_model):
     prompts = repetitive_prompts(12)
-    for sampling in (SamplingParams(max_tokens=24, ignore_eos=True),
-                     SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.7, seed=5)):
+    for sampling in (
+        SamplingParams(max_tokens=24, ignore_eos=True),
+        SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.7, seed=5),
+    ):
         plain = tiny_engine(tiny_model, None, max_running=4).generate(prompts, sampling)
         engine = tiny_engine(tiny_model, FORCED, max_running=4)
         spec = engine.generate(prompts, sampling)
@@ -205,11 +213,16 @@ def test_stops_inside_an_accepted_draft_end_where_plain_decoding_ends(tiny_model
 
 @pytest.mark.slow
 def test_stop_string_eos_and_max_tokens_inside_a_draft(model, tokenizer):
-    text = ("The quick brown fox jumps over the lazy dog. It was a sunny day in the park, and the children were "
-            "playing happily near the fountain while their parents watched from the benches.")
+    text = (
+        "The quick brown fox jumps over the lazy dog. It was a sunny day in the park, and the children were "
+        "playing happily near the fountain while their parents watched from the benches."
+    )
     prompt = Engine(model, tokenizer).chat_prompt(f"Here is a paragraph:\n{text}\n\nRepeat the paragraph exactly.")
-    for sampling in (SamplingParams(max_tokens=60), SamplingParams(max_tokens=60, stop=("park",)),
-                     SamplingParams(max_tokens=13)):
+    for sampling in (
+        SamplingParams(max_tokens=60),
+        SamplingParams(max_tokens=60, stop=("park",)),
+        SamplingParams(max_tokens=13),
+    ):
         plain = Engine(model, tokenizer, EngineConfig(speculation=None)).generate([prompt], sampling)[0]
         spec = Engine(model, tokenizer, EngineConfig(speculation=FORCED)).generate([prompt], sampling)[0]
         assert (spec.token_ids, spec.text, spec.finish_reason) == (plain.token_ids, plain.text, plain.finish_reason)
@@ -218,8 +231,12 @@ def test_stop_string_eos_and_max_tokens_inside_a_draft(model, tokenizer):
 
 GREEDY_PROMPTS = [
     task.format(topic)
-    for task in ("Write a short poem about {}.", "List four facts about {}.", "Repeat the word '{}' eight times.",
-                 "Write a JSON object describing {} with keys name, color and size.")
+    for task in (
+        "Write a short poem about {}.",
+        "List four facts about {}.",
+        "Repeat the word '{}' eight times.",
+        "Write a JSON object describing {} with keys name, color and size.",
+    )
     for topic in ("the sea", "a cat", "Paris", "prime numbers", "a robot", "coffee")
 ]
 
@@ -234,7 +251,8 @@ def test_greedy_output_is_token_identical_to_plain_decoding_over_many_prompts(mo
     plain = engine.generate(prompts, sampling)
     spec_engine = Engine(model, tokenizer, EngineConfig(speculation=FORCED, prefix_cache=None))
     spec = spec_engine.generate(prompts, sampling)  # every draft verified, batched, beside plain decodes
-    diverged = [(p, a.text, b.text) for p, a, b in zip(GREEDY_PROMPTS, plain, spec, strict=True)
-                if a.token_ids != b.token_ids]
+    diverged = [
+        (p, a.text, b.text) for p, a, b in zip(GREEDY_PROMPTS, plain, spec, strict=True) if a.token_ids != b.token_ids
+    ]
     assert not diverged
     assert spec_engine.speculator.stats.accepted > 20

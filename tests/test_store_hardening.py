@@ -191,7 +191,8 @@ def test_a_record_with_flipped_bytes_is_dropped_warned_about_once_and_counted(st
         assert reader.get_segment("s") is None and reader.get_segment("t") is None
     rejections = reader.take_rejections()
     assert [(r.kind, r.key, r.fault, r.detail) for r in rejections] == [
-        ("segment", "s", "tampered", "bad HMAC"), ("segment", "t", "tampered", "bad HMAC")
+        ("segment", "s", "tampered", "bad HMAC"),
+        ("segment", "t", "tampered", "bad HMAC"),
     ]
     assert reader.rejected[("segment", "tampered")] == 2
     assert client.get(key) is None  # deleted: the next reader does not pay for it again

@@ -21,8 +21,17 @@ def test_shipped_workloads_load_and_keep_warmup_apart_from_the_measured_sessions
 
 def test_a_bad_workload_file_is_named_with_the_problem(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps({"name": "bad", "repetitive": True, "max_tokens": 8, "stages": {},
-                                "sessions": [{"input": "x", "chain": ["nope"]}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": "bad",
+                "repetitive": True,
+                "max_tokens": 8,
+                "stages": {},
+                "sessions": [{"input": "x", "chain": ["nope"]}],
+            }
+        )
+    )
     with pytest.raises(WorkloadError, match=r"bad\.json.*unknown stages \['nope'\]"):
         Workload.load(path)
 
@@ -30,8 +39,13 @@ def test_a_bad_workload_file_is_named_with_the_problem(tmp_path):
 @pytest.mark.slow
 def test_suffix_benchmark_quick_run_writes_the_promised_keys(tmp_path):
     out = tmp_path / "suffix.json"
-    result = subprocess.run([sys.executable, "-m", "kvmesh", "bench", "suffix", "--quick", "--json", str(out)],
-                            capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "kvmesh", "bench", "suffix", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     for name in ("self_refine", "pipeline", "control"):

@@ -89,9 +89,19 @@ def test_trace_context_crosses_unary_and_streamed_calls_and_is_absent_outside_a_
 
 def _chunks(finish: str = "stop", fail: bool = False):
     stats = worker_pb2.CallStats(
-        prompt_tokens=40, cached_tokens=16, reused_tokens=8, recomputed_tokens=16, output_tokens=2, ttft_s=0.05,
-        drafted_tokens=3, accepted_tokens=1, reuse_mode="kvcomm", model="smollm2", worker="127.0.0.1:1",
-        anchors_consulted=5, segment_modes={"s2": "kvcomm", "s1": "dense"},
+        prompt_tokens=40,
+        cached_tokens=16,
+        reused_tokens=8,
+        recomputed_tokens=16,
+        output_tokens=2,
+        ttft_s=0.05,
+        drafted_tokens=3,
+        accepted_tokens=1,
+        reuse_mode="kvcomm",
+        model="smollm2",
+        worker="127.0.0.1:1",
+        anchors_consulted=5,
+        segment_modes={"s2": "kvcomm", "s1": "dense"},
         segment_reasons={"s2": "vouched for by 5 anchors", "s1": "nearest anchor is 0.70 away (> 0.5)"},
         degradations=["KV store unavailable: Redis is unreachable"],
     )

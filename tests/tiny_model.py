@@ -71,9 +71,7 @@ def tiny_vocab() -> tuple[list[str], list[str], list[int]]:
     return tokens, list(TINY_MERGES), types
 
 
-def write_tiny_gguf(
-    path: Path, config: ModelConfig, weights: dict[str, torch.Tensor], arch: str = "llama"
-) -> Path:
+def write_tiny_gguf(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor], arch: str = "llama") -> Path:
     """A llama.cpp-style GGUF (F32 tensors, Q/K rows permuted as the converter does) of a tiny model."""
     import gguf
 
@@ -130,4 +128,3 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
-

@@ -394,9 +394,7 @@ class Engine:
             logit_rows=torch.tensor(logit_rows) if logit_rows else None,
         )
 
-    def _accept(
-        self, seq: Sequence, draft: Draft, logits: torch.Tensor, now: float, events: list[TokenEvent]
-    ) -> None:
+    def _accept(self, seq: Sequence, draft: Draft, logits: torch.Tensor, now: float, events: list[TokenEvent]) -> None:
         """Verify a draft (logits [1 + n, V]), keep the accepted path's KV, emit its tokens in order."""
         assert self.speculator is not None
         path, tokens = verify(draft, logits, seq.sampling, seq.generator)

@@ -3,10 +3,11 @@
 `fp32`/`bf16`: dense weights. On CPU they are packed once into oneDNN's blocked layout: for the
 2–32-row products of batched decode and speculation this measured 1.3–1.4x faster than MKL's sgemm, and
 equal for one row (bench/NOTES.md). On CUDA a plain [out, in] weight through cuBLAS.
-`int8`: per-output-channel symmetric int8 through PyTorch's weight-only int8 kernel.
-`int4`: group-wise asymmetric 4-bit (group 32) through PyTorch's int4pack kernel; for a Q4_1 GGUF this
-reproduces the file's own 4-bit values, since Q4_1 blocks are exactly min/max 4-bit groups of 32.
-On this CPU both quantized kernels are compute-bound and slower than fp32 (bench/NOTES.md).
+`int8`: symmetric 8-bit in groups of 32 (Q8_0's scheme), `int4`: asymmetric 4-bit in groups of 32 (Q4_1's
+scheme), both through onnxruntime's MatMulNBits for decode-sized products and in fp32 for prefill
+(block_quant_linear.py says why that library and why both); a GGUF's own Q8_0 / Q4_1 tensors are reproduced
+exactly. An int4 model keeps its output head in int8, as llama.cpp's 4-bit files do (this model's GGUF stores
+it Q8_0): the head's precision is the logits'.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from typing import Literal, Protocol
 
 import torch
 
+from .block_quant_linear import BlockQuantLinear
+
 WeightFormat = Literal["fp32", "bf16", "int8", "int4"]
 WEIGHT_FORMATS: tuple[str, ...] = ("fp32", "bf16", "int8", "int4")
-_INT4_GROUP = 32
 
 
 class Linear(Protocol):
     out_features: int
+    weight_bytes: int  # what one product reads of the weights (packed codes and scales included)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [N, in] -> [N, out]
         ...
@@ -31,6 +34,7 @@ class DenseLinear:
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:  # weight [out, in]
         self.out_features = weight.shape[0]
         self.weight = weight.to(dtype).contiguous()
+        self.weight_bytes = self.weight.numel() * self.weight.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
@@ -43,43 +47,12 @@ class OneDnnLinear:
         self.out_features = weight.shape[0]
         self.dtype = dtype
         self.packed = weight.to(dtype).contiguous().to_mkldnn()
+        self.weight_bytes = weight.numel() * self.packed.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # the op inductor uses for packed weights: dense activations in and out, no layout conversions
         y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, None, "none", [], "")
         return y.to(x.dtype)
-
-
-class Int8Linear:
-    def __init__(self, weight: torch.Tensor) -> None:  # weight [out, in] fp32
-        self.out_features = weight.shape[0]
-        self.scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [out]
-        self.qweight = torch.round(weight / self.scales[:, None]).clamp(-127, 127).to(torch.int8)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
-
-
-class Int4Linear:
-    def __init__(self, weight: torch.Tensor) -> None:  # weight [out, in] fp32, in % 32 == 0
-        out_features, in_features = weight.shape
-        if in_features % _INT4_GROUP:
-            raise ValueError(f"int4 weights need in_features divisible by {_INT4_GROUP}, got {in_features}")
-        self.out_features = out_features
-        groups = weight.reshape(out_features, in_features // _INT4_GROUP, _INT4_GROUP)
-        low, high = groups.amin(dim=2), groups.amax(dim=2)  # [out, G]
-        scale = ((high - low) / 15.0).clamp(min=1e-12)
-        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
-        self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q.reshape(out_features, in_features).to(torch.int32), 1
-        )
-        # The kernel dequantizes as (q - 8) * scale + zero, so zero = low + 8 * scale.  [G, out, 2]
-        self.scales_zeros = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.qweight, _INT4_GROUP, self.scales_zeros.to(x.dtype)
-        )
 
 
 def make_linear(weight: torch.Tensor, fmt: WeightFormat, device: torch.device) -> Linear:
@@ -91,8 +64,11 @@ def make_linear(weight: torch.Tensor, fmt: WeightFormat, device: torch.device) -
         return DenseLinear(weight.to(device), dtype)
     if device.type != "cpu":
         raise ValueError(f"weight format {fmt!r} is implemented for CPU; on {device.type} use fp32 or bf16")
-    if fmt == "int8":
-        return Int8Linear(weight)
-    if fmt == "int4":
-        return Int4Linear(weight)
+    if fmt in ("int8", "int4"):
+        return BlockQuantLinear(weight, bits=8 if fmt == "int8" else 4, dense=make_linear(weight, "fp32", device))
     raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+
+
+def head_format(fmt: WeightFormat) -> WeightFormat:
+    """The output head's format for a model whose layers are in `fmt` (int4 keeps an int8 head)."""
+    return "int8" if fmt == "int4" else fmt

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -9,8 +11,9 @@ from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.kvcomm.rope import RopeTable, rotate
 
 from .attention import DecodeGroup, attend
+from .block_quant_linear import decode_threads
 from .forward_batch import ForwardBatch
-from .linear import Linear, WeightFormat, make_linear
+from .linear import Linear, WeightFormat, head_format, make_linear
 from .model_config import ModelConfig
 from .model_files import ModelLoadError
 
@@ -53,14 +56,12 @@ class LlamaModel:
         self.weight_format = weight_format
         embed = weights.get("model.embed_tokens.weight")
         if embed is None or embed.shape != (config.vocab_size, config.hidden_size):
-            raise ModelLoadError(
-                f"embedding weight missing or not [{config.vocab_size}, {config.hidden_size}]"
-            )
+            raise ModelLoadError(f"embedding weight missing or not [{config.vocab_size}, {config.hidden_size}]")
         self.embed = embed.to(device=self.device, dtype=dtype)  # [V, d]
         head = embed if config.tie_word_embeddings else weights.get("lm_head.weight")
         if head is None:
             raise ModelLoadError("the checkpoint lacks lm_head.weight and does not tie it to the embeddings")
-        self.lm_head: Linear = make_linear(head, weight_format, self.device)
+        self.lm_head: Linear = make_linear(head, head_format(weight_format), self.device)
         self.final_norm = weights["model.norm.weight"].to(device=self.device, dtype=dtype)
         self.layers = [
             _Layer(weights, f"model.layers.{i}", weight_format, self.device, dtype) for i in range(config.num_layers)
@@ -69,8 +70,9 @@ class LlamaModel:
 
     def new_cache(self, capacity: int = 64) -> KVCache:
         c = self.config
-        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device,
-                       capacity=capacity)
+        return KVCache(
+            c.num_layers, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device, capacity=capacity
+        )
 
     # -- a layer in two halves: the forward and the blend pass (blend.py) both run them ------------------
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +107,15 @@ class LlamaModel:
         for chunk in batch.chunks:
             chunk.cache.reserve(chunk.num_tokens)
         group, rest = DecodeGroup.plan(batch.chunks)
+        with self._threads(batch.token_ids.numel()):
+            return self._forward(batch, group, rest)
+
+    def _threads(self, rows: int) -> AbstractContextManager[None]:
+        quantized = self.device.type == "cpu" and self.weight_format in ("int8", "int4")
+        return decode_threads(rows) if quantized else nullcontext()
+
+    def _forward(self, batch: ForwardBatch, group: DecodeGroup | None, rest: list[int]) -> torch.Tensor | None:
+        c = self.config
         h = self.embed[batch.token_ids.to(self.device)]  # [N, d]
         cos, sin = self.rotary(batch.positions)
         for index in range(c.num_layers):

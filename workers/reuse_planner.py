@@ -122,10 +122,16 @@ class ReusePlanner:
         self.config = config or MatchConfig()
         if store is not None:  # what the store's records must fit: decoded as this model's KV, never as they say
             c = model.config
-            store.bind_layout(KVLayout(
-                c.num_layers, c.num_kv_heads, c.head_dim, model.dtype, c.vocab_size,
-                len(self.config.signature_layers(c.num_layers)),
-            ))
+            store.bind_layout(
+                KVLayout(
+                    c.num_layers,
+                    c.num_kv_heads,
+                    c.head_dim,
+                    model.dtype,
+                    c.vocab_size,
+                    len(self.config.signature_layers(c.num_layers)),
+                )
+            )
         self.blend_config = blend_config or BlendConfig()
         self.kvcomm_repair = kvcomm_repair
         self.guard = ReuseGuard(guard or GuardConfig())
@@ -185,9 +191,9 @@ class ReusePlanner:
                     else:
                         self._plan_blend(layout, ids, kv, reuse, stats)
                         stats.serve_all(
-                            segment_tokens, "blend",
-                            f"reuse='blend': base KV moved into place, ~{self.blend_config.share:.0%} "
-                            "of it recomputed",
+                            segment_tokens,
+                            "blend",
+                            f"reuse='blend': base KV moved into place, ~{self.blend_config.share:.0%} of it recomputed",
                         )
                 else:
                     self._plan_kvcomm(layout, ids, bases, reuse, stats)

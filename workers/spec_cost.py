@@ -75,8 +75,11 @@ class StepCostModel:
         return self.a + self.b * rows
 
     def as_dict(self) -> dict[str, float | int]:
-        table: dict[str, float | int] = {"fixed_ms": 1e3 * self.a, "per_row_ms": 1e3 * self.b,
-                                         "observations": self.observations}
+        table: dict[str, float | int] = {
+            "fixed_ms": 1e3 * self.a,
+            "per_row_ms": 1e3 * self.b,
+            "observations": self.observations,
+        }
         if self.ready:
             table.update({f"t{n}_over_t1": self.predict(n) / self.predict(1) for n in (2, 5, 9, 17, 33)})
         return table
@@ -90,8 +93,14 @@ class Candidate:
     probs: Sequence[float]
 
 
-def plan_step(cost: StepCostModel, candidates: Sequence[Candidate], base_rows: int, base_tokens: int,
-              budget: int, margin: float = 1.1) -> dict[str, int]:
+def plan_step(
+    cost: StepCostModel,
+    candidates: Sequence[Candidate],
+    base_rows: int,
+    base_tokens: int,
+    budget: int,
+    margin: float = 1.1,
+) -> dict[str, int]:
     """How many leading nodes of each draft to verify this step.
 
     base_rows: rows the forward has without drafts; base_tokens: tokens it yields without drafts (one per

@@ -69,8 +69,9 @@ def tree_inputs(draft: Draft, past: int, device: torch.device | None = None) -> 
     return positions.to(device) if device else positions, mask.to(device) if device else mask
 
 
-def verify(draft: Draft, logits: torch.Tensor, sampling: SamplingParams,
-           generator: torch.Generator | None) -> tuple[list[int], list[int]]:
+def verify(
+    draft: Draft, logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
+) -> tuple[list[int], list[int]]:
     """Walk the draft along the model's own choices. logits [1 + n, V], row 0 = the pending token.
 
     Returns (accepted node indices, root to leaf; emitted tokens = their tokens + the next one drawn).
@@ -115,8 +116,9 @@ class Speculator:
             else:  # nothing to offer counts as a step without a draft
                 self._recover(key)
         if self.config.adaptive:
-            offers = [Candidate(k, [min(1.0, p * self._calibration.get(k, 1.0)) for p in d.probs])
-                      for k, d in drafts.items()]
+            offers = [
+                Candidate(k, [min(1.0, p * self._calibration.get(k, 1.0)) for p in d.probs]) for k, d in drafts.items()
+            ]
             lengths = plan_step(self.cost, offers, base_rows, len(requests), budget)
         else:
             lengths = {k: len(d) for k, d in drafts.items()}

@@ -72,8 +72,9 @@ class Draft:
         return Draft(self.tokens[:n], self.parents[:n], self.probs[:n], self.match_len, self.source)
 
 
-def grow(tree: SuffixTree, point: tuple[_Node, int], first_total: int, max_tokens: int, min_prob: float,
-         as_tree: bool) -> Draft:
+def grow(
+    tree: SuffixTree, point: tuple[_Node, int], first_total: int, max_tokens: int, min_prob: float, as_tree: bool
+) -> Draft:
     """Best-first expansion below a matched point (node, edge tokens consumed).
 
     first_total: the count to divide the first step's children by (the point's count, less occurrences
