@@ -702,12 +702,14 @@ def _format_rows(formats: Json) -> list[Row]:
 
 
 def kernel_paths(model: LlamaModel) -> dict[str, int]:
-    """Which implementation each linear layer took (make_linear picks by format, device and oneDNN's presence)."""
-    linears = [
+    """Which implementation each linear layer took (make_linear picks by format, device and oneDNN's presence);
+    a quantized format's layers count twice: their fp32 linears for prefill and their decode graphs."""
+    parts = [
         model.lm_head,
         *(part for layer in model.layers for part in (layer.qkv, layer.o, layer.gate_up, layer.down)),
+        *(layer.decode for layer in model.layers if layer.decode is not None),
     ]
-    return dict(Counter(type(linear).__name__ for linear in linears))
+    return dict(Counter(type(part).__name__ for part in parts))
 
 
 def print_table(results: Json) -> None:

@@ -161,10 +161,7 @@ def decode_weight_bytes(model: LlamaModel) -> int:
     so it is right for any weight format (packed codes plus their scales, and so on).
     """
     total = model.lm_head.weight_bytes + model.final_norm.numel() * model.final_norm.element_size()
-    for layer in model.layers:
-        total += sum(linear.weight_bytes for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))
-        total += (layer.attn_norm.numel() + layer.mlp_norm.numel()) * layer.attn_norm.element_size()
-    return total
+    return total + sum(layer.decode_weight_bytes() for layer in model.layers)
 
 
 # -- how busy the rest of the machine is ------------------------------------------------------------

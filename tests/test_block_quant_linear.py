@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from kvmesh.bench.bench_common import SAMPLE_TEXT, all_logits, decode_logits, logits_distance
-from kvmesh.workers.block_quant_linear import DENSE_FROM_ROWS, GROUP, BlockQuantLinear
+from kvmesh.workers.block_quant_linear import DENSE_FROM_ROWS, BlockQuantLinear
 from kvmesh.workers.linear import make_linear
 from kvmesh.workers.llama import LlamaModel
+from kvmesh.workers.onnx_graph import GROUP
 
 CPU = torch.device("cpu")
 
@@ -76,7 +77,7 @@ def test_int4_smollm2_decodes_near_fp32_and_prefills_exactly(raw_model, model: L
     decode logits stay close, and the forward gives torch its threads back."""
     int4 = LlamaModel(raw_model.config, raw_model.weights, weight_format="int4")
     assert type(int4.lm_head).__name__ == "BlockQuantLinear" and int4.lm_head.bits == 8
-    assert int4.layers[0].gate_up.bits == 4
+    assert all(layer.decode is not None for layer in int4.layers)
     prompt = raw_model.tokenizer.encode(SAMPLE_TEXT)[:96]
     reference = all_logits(model, prompt)
     assert torch.equal(all_logits(int4, prompt), reference)  # 96 rows: the fp32 kernels
@@ -87,3 +88,34 @@ def test_int4_smollm2_decodes_near_fp32_and_prefills_exactly(raw_model, model: L
     assert distance["argmax_agreement"] >= 0.9
     assert distance["kl_mean"] < 0.02
     assert distance["max_abs_logit_diff"] > 0  # the decode path did run the quantized kernel
+
+
+def test_a_quantized_layers_fused_decode_graphs_compute_the_layers_math(raw_model, model: LlamaModel) -> None:
+    """The two onnxruntime graphs of a layer against the same layer written out with lone quantized linears
+    and torch ops: only the order of float sums may differ (both round activations to int8 the same way)."""
+    int4 = LlamaModel(raw_model.config, raw_model.weights, weight_format="int4")
+    c, layer, index = int4.config, int4.layers[3], 3
+    assert layer.decode is not None
+    weights = raw_model.weights
+    prefix = f"model.layers.{index}"
+
+    def lone(*names: str) -> BlockQuantLinear:
+        w = torch.cat([weights[f"{prefix}.{name}.weight"] for name in names])
+        return make_linear(w, "int4", CPU)  # type: ignore[return-value]
+
+    qkv, o = lone("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), lone("self_attn.o_proj")
+    gate_up, down = lone("mlp.gate_proj", "mlp.up_proj"), lone("mlp.down_proj")
+    torch.manual_seed(1)
+    h, attn = torch.randn(5, c.hidden_size), torch.randn(5, c.q_size)
+    norm = torch.nn.functional.rms_norm
+    expected_qkv = qkv(norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps))
+    h2 = h + o(attn)
+    gate, up = gate_up(norm(h2, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)).chunk(2, dim=-1)
+    expected_out = h2 + down(torch.nn.functional.silu(gate) * up)
+    assert _relative_error(layer.decode.project_qkv(h), expected_qkv) < 1e-4
+    assert _relative_error(int4.finish_layer(index, h, attn), expected_out) < 1e-4  # through the model's dispatch
+    rows = torch.randn(DENSE_FROM_ROWS, c.hidden_size)  # prefill-sized: the fp32 path, as the fp32 model
+    cos, sin = int4.rotary(torch.arange(DENSE_FROM_ROWS))
+    pairs = zip(int4.project_qkv(index, rows, cos, sin), model.project_qkv(index, rows, cos, sin), strict=True)
+    for ours, theirs in pairs:
+        assert torch.equal(ours, theirs)

@@ -20,6 +20,7 @@ from .block_quant_linear import BlockQuantLinear
 
 WeightFormat = Literal["fp32", "bf16", "int8", "int4"]
 WEIGHT_FORMATS: tuple[str, ...] = ("fp32", "bf16", "int8", "int4")
+QUANTIZED_FORMATS: dict[str, int] = {"int8": 8, "int4": 4}  # format -> bits (CPU only)
 
 
 class Linear(Protocol):
@@ -64,8 +65,8 @@ def make_linear(weight: torch.Tensor, fmt: WeightFormat, device: torch.device) -
         return DenseLinear(weight.to(device), dtype)
     if device.type != "cpu":
         raise ValueError(f"weight format {fmt!r} is implemented for CPU; on {device.type} use fp32 or bf16")
-    if fmt in ("int8", "int4"):
-        return BlockQuantLinear(weight, bits=8 if fmt == "int8" else 4, dense=make_linear(weight, "fp32", device))
+    if fmt in QUANTIZED_FORMATS:
+        return BlockQuantLinear(weight, bits=QUANTIZED_FORMATS[fmt], dense=make_linear(weight, "fp32", device))
     raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
 
 

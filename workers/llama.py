@@ -11,16 +11,23 @@ from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.kvcomm.rope import RopeTable, rotate
 
 from .attention import DecodeGroup, attend
-from .block_quant_linear import decode_threads
+from .block_quant_linear import DENSE_FROM_ROWS, decode_threads
 from .forward_batch import ForwardBatch
-from .linear import Linear, WeightFormat, head_format, make_linear
+from .linear import QUANTIZED_FORMATS, Linear, WeightFormat, head_format, make_linear
 from .model_config import ModelConfig
 from .model_files import ModelLoadError
+from .quantized_layer import LayerWeights, QuantizedLayer
 
 
 class _Layer:
     def __init__(
-        self, weights: dict[str, torch.Tensor], prefix: str, fmt: WeightFormat, device: torch.device, dtype: torch.dtype
+        self,
+        weights: dict[str, torch.Tensor],
+        prefix: str,
+        fmt: WeightFormat,
+        device: torch.device,
+        dtype: torch.dtype,
+        eps: float,
     ):
         def take(name: str) -> torch.Tensor:
             key = f"{prefix}.{name}"
@@ -30,14 +37,35 @@ class _Layer:
 
         attn, mlp = "self_attn", "mlp"
         qkv = torch.cat([take(f"{attn}.{p}_proj.weight") for p in "qkv"])
-        self.qkv: Linear = make_linear(qkv, fmt, device)  # [N, d] -> [N, q + 2 kv]
-        self.o: Linear = make_linear(take(f"{attn}.o_proj.weight"), fmt, device)
         gate_up = torch.cat([take(f"{mlp}.gate_proj.weight"), take(f"{mlp}.up_proj.weight")])
-        self.gate_up: Linear = make_linear(gate_up, fmt, device)  # [N, d] -> [N, 2 ffn]
-        self.down: Linear = make_linear(take(f"{mlp}.down_proj.weight"), fmt, device)
+        # quantized formats: the linears below serve prefill-sized batches in fp32, `decode` the rest
+        dense_format: WeightFormat = "fp32" if fmt in QUANTIZED_FORMATS else fmt
+        self.qkv: Linear = make_linear(qkv, dense_format, device)  # [N, d] -> [N, q + 2 kv]
+        self.o: Linear = make_linear(take(f"{attn}.o_proj.weight"), dense_format, device)
+        self.gate_up: Linear = make_linear(gate_up, dense_format, device)  # [N, d] -> [N, 2 ffn]
+        self.down: Linear = make_linear(take(f"{mlp}.down_proj.weight"), dense_format, device)
         # in the activations' dtype, as the final norm: mixed dtypes make rms_norm take its unfused path
         self.attn_norm = take("input_layernorm.weight").to(device=device, dtype=dtype)
         self.mlp_norm = take("post_attention_layernorm.weight").to(device=device, dtype=dtype)
+        self.decode: QuantizedLayer | None = None
+        if fmt in QUANTIZED_FORMATS:
+            parts = LayerWeights(
+                qkv=qkv,
+                o=take(f"{attn}.o_proj.weight"),
+                gate_up=gate_up,
+                down=take(f"{mlp}.down_proj.weight"),
+                attn_norm=self.attn_norm,
+                mlp_norm=self.mlp_norm,
+                eps=eps,
+            )
+            self.decode = QuantizedLayer(parts, bits=QUANTIZED_FORMATS[fmt])
+
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights a decode step reads in this layer (matmuls in the format used, and the norms)."""
+        norms = (self.attn_norm.numel() + self.mlp_norm.numel()) * self.attn_norm.element_size()
+        if self.decode is not None:
+            return self.decode.weight_bytes + norms
+        return sum(linear.weight_bytes for linear in (self.qkv, self.o, self.gate_up, self.down)) + norms
 
 
 class LlamaModel:
@@ -64,7 +92,8 @@ class LlamaModel:
         self.lm_head: Linear = make_linear(head, head_format(weight_format), self.device)
         self.final_norm = weights["model.norm.weight"].to(device=self.device, dtype=dtype)
         self.layers = [
-            _Layer(weights, f"model.layers.{i}", weight_format, self.device, dtype) for i in range(config.num_layers)
+            _Layer(weights, f"model.layers.{i}", weight_format, self.device, dtype, config.rms_norm_eps)
+            for i in range(config.num_layers)
         ]
         self.rope = RopeTable(config.rope, config.max_context, dtype, self.device)
 
@@ -85,7 +114,10 @@ class LlamaModel:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [N, d] -> q [N, Hq, D], k [N, Hkv, D] (both rotated), v [N, Hkv, D] of layer `index`."""
         c, layer = self.config, self.layers[index]
-        qkv = layer.qkv(F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps))  # [N, q + 2 kv]
+        if layer.decode is not None and h.shape[0] < DENSE_FROM_ROWS:
+            qkv = layer.decode.project_qkv(h)
+        else:
+            qkv = layer.qkv(F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps))  # [N, q + 2 kv]
         q = qkv[:, : c.q_size].view(-1, c.num_heads, c.head_dim)
         k = qkv[:, c.q_size : c.q_size + c.kv_size].view(-1, c.num_kv_heads, c.head_dim)
         v = qkv[:, c.q_size + c.kv_size :].view(-1, c.num_kv_heads, c.head_dim)
@@ -94,6 +126,8 @@ class LlamaModel:
     def finish_layer(self, index: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The rest of layer `index` after attention: output projection, residual, SwiGLU MLP. [N, d]."""
         c, layer = self.config, self.layers[index]
+        if layer.decode is not None and h.shape[0] < DENSE_FROM_ROWS:
+            return layer.decode.finish(h, attn)
         h = h + layer.o(attn)
         gate, up = layer.gate_up(F.rms_norm(h, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)).chunk(2, dim=-1)
         return h + layer.down(F.silu(gate) * up)
@@ -111,7 +145,7 @@ class LlamaModel:
             return self._forward(batch, group, rest)
 
     def _threads(self, rows: int) -> AbstractContextManager[None]:
-        quantized = self.device.type == "cpu" and self.weight_format in ("int8", "int4")
+        quantized = self.weight_format in QUANTIZED_FORMATS
         return decode_threads(rows) if quantized else nullcontext()
 
     def _forward(self, batch: ForwardBatch, group: DecodeGroup | None, rest: list[int]) -> torch.Tensor | None:
