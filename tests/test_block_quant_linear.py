@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvmesh.bench.bench_common import SAMPLE_TEXT, all_logits, decode_logits, logits_distance
+from kvmesh.kvcomm.rope import rotate
 from kvmesh.workers.block_quant_linear import DENSE_FROM_ROWS, BlockQuantLinear
 from kvmesh.workers.linear import make_linear
 from kvmesh.workers.llama import LlamaModel
@@ -91,30 +92,50 @@ def test_int4_smollm2_decodes_near_fp32_and_prefills_exactly(raw_model, model: L
 
 
 def test_a_quantized_layers_fused_decode_graphs_compute_the_layers_math(raw_model, model: LlamaModel) -> None:
-    """The two onnxruntime graphs of a layer against the same layer written out with lone quantized linears
-    and torch ops: only the order of float sums may differ (both round activations to int8 the same way)."""
+    """A layer's onnxruntime graphs against the same layer written out with lone quantized linears and torch
+    ops (RoPE, SDPA, RMSNorm, SwiGLU): only the order of float sums may differ, since both round the
+    activations entering each matmul to int8 the same way."""
     int4 = LlamaModel(raw_model.config, raw_model.weights, weight_format="int4")
-    c, layer, index = int4.config, int4.layers[3], 3
+    c, index = int4.config, 3
+    layer = int4.layers[index]
     assert layer.decode is not None
-    weights = raw_model.weights
     prefix = f"model.layers.{index}"
 
     def lone(*names: str) -> BlockQuantLinear:
-        w = torch.cat([weights[f"{prefix}.{name}.weight"] for name in names])
+        w = torch.cat([raw_model.weights[f"{prefix}.{name}.weight"] for name in names])
         return make_linear(w, "int4", CPU)  # type: ignore[return-value]
 
     qkv, o = lone("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), lone("self_attn.o_proj")
     gate_up, down = lone("mlp.gate_proj", "mlp.up_proj"), lone("mlp.down_proj")
+    norm, silu = torch.nn.functional.rms_norm, torch.nn.functional.silu
+
+    def finish(h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        h2 = h + o(attn)
+        gate, up = gate_up(norm(h2, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)).chunk(2, dim=-1)
+        return h2 + down(silu(gate) * up)
+
     torch.manual_seed(1)
     h, attn = torch.randn(5, c.hidden_size), torch.randn(5, c.q_size)
-    norm = torch.nn.functional.rms_norm
-    expected_qkv = qkv(norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps))
-    h2 = h + o(attn)
-    gate, up = gate_up(norm(h2, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)).chunk(2, dim=-1)
-    expected_out = h2 + down(torch.nn.functional.silu(gate) * up)
-    assert _relative_error(layer.decode.project_qkv(h), expected_qkv) < 1e-4
-    assert _relative_error(int4.finish_layer(index, h, attn), expected_out) < 1e-4  # through the model's dispatch
-    rows = torch.randn(DENSE_FROM_ROWS, c.hidden_size)  # prefill-sized: the fp32 path, as the fp32 model
+    cos, sin = int4.rotary(torch.arange(40, 45))
+    raw = qkv(norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps))
+    q = rotate(raw[:, : c.q_size].view(5, c.num_heads, c.head_dim), cos, sin)
+    k = rotate(raw[:, c.q_size : c.q_size + c.kv_size].view(5, c.num_kv_heads, c.head_dim), cos, sin)
+    for ours, expected in zip(int4.project_qkv(index, h, cos, sin), (q, k), strict=False):
+        assert _relative_error(ours, expected) < 1e-4
+    assert _relative_error(int4.finish_layer(index, h, attn), finish(h, attn)) < 1e-4
+
+    # one sequence's next token: attention over the cache inside the graph, against SDPA with GQA
+    cache = int4.new_cache(capacity=64)
+    cache.write(index, 0, torch.randn(c.num_kv_heads, 37, c.head_dim), torch.randn(c.num_kv_heads, 37, c.head_dim))
+    keys, values = cache.layer(index, 37)
+    query = torch.randn(1, c.num_heads, c.head_dim)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(0, 1)[None], keys[None], values[None], enable_gqa=True
+    )  # [1, Hq, 1, D]
+    expected = finish(h[:1], sdpa[0].transpose(0, 1).reshape(1, -1))
+    assert _relative_error(layer.decode.attend_and_finish(h[:1], query.reshape(1, -1), keys, values), expected) < 1e-4
+
+    rows = torch.randn(DENSE_FROM_ROWS, c.hidden_size)  # prefill-sized: the fp32 path, as the fp32 model's
     cos, sin = int4.rotary(torch.arange(DENSE_FROM_ROWS))
     pairs = zip(int4.project_qkv(index, rows, cos, sin), model.project_qkv(index, rows, cos, sin), strict=True)
     for ours, theirs in pairs:

@@ -12,7 +12,7 @@ from kvmesh.kvcomm.rope import RopeTable, rotate
 
 from .attention import DecodeGroup, attend
 from .block_quant_linear import DENSE_FROM_ROWS, decode_threads
-from .forward_batch import ForwardBatch
+from .forward_batch import ForwardBatch, SequenceChunk
 from .linear import QUANTIZED_FORMATS, Linear, WeightFormat, head_format, make_linear
 from .model_config import ModelConfig
 from .model_files import ModelLoadError
@@ -27,7 +27,7 @@ class _Layer:
         fmt: WeightFormat,
         device: torch.device,
         dtype: torch.dtype,
-        eps: float,
+        config: ModelConfig,
     ):
         def take(name: str) -> torch.Tensor:
             key = f"{prefix}.{name}"
@@ -56,7 +56,10 @@ class _Layer:
                 down=take(f"{mlp}.down_proj.weight"),
                 attn_norm=self.attn_norm,
                 mlp_norm=self.mlp_norm,
-                eps=eps,
+                eps=config.rms_norm_eps,
+                heads=config.num_heads,
+                kv_heads=config.num_kv_heads,
+                head_dim=config.head_dim,
             )
             self.decode = QuantizedLayer(parts, bits=QUANTIZED_FORMATS[fmt])
 
@@ -92,7 +95,7 @@ class LlamaModel:
         self.lm_head: Linear = make_linear(head, head_format(weight_format), self.device)
         self.final_norm = weights["model.norm.weight"].to(device=self.device, dtype=dtype)
         self.layers = [
-            _Layer(weights, f"model.layers.{i}", weight_format, self.device, dtype, config.rms_norm_eps)
+            _Layer(weights, f"model.layers.{i}", weight_format, self.device, dtype, config)
             for i in range(config.num_layers)
         ]
         self.rope = RopeTable(config.rope, config.max_context, dtype, self.device)
@@ -114,13 +117,16 @@ class LlamaModel:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [N, d] -> q [N, Hq, D], k [N, Hkv, D] (both rotated), v [N, Hkv, D] of layer `index`."""
         c, layer = self.config, self.layers[index]
-        if layer.decode is not None and h.shape[0] < DENSE_FROM_ROWS:
-            qkv = layer.decode.project_qkv(h)
+        rotated = layer.decode is not None and h.shape[0] < DENSE_FROM_ROWS
+        if rotated:
+            qkv = layer.decode.project_qkv(h, cos[:, 0], sin[:, 0])  # RoPE inside the graph
         else:
             qkv = layer.qkv(F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps))  # [N, q + 2 kv]
         q = qkv[:, : c.q_size].view(-1, c.num_heads, c.head_dim)
         k = qkv[:, c.q_size : c.q_size + c.kv_size].view(-1, c.num_kv_heads, c.head_dim)
         v = qkv[:, c.q_size + c.kv_size :].view(-1, c.num_kv_heads, c.head_dim)
+        if rotated:
+            return q, k, v
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def finish_layer(self, index: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -144,6 +150,24 @@ class LlamaModel:
         with self._threads(batch.token_ids.numel()):
             return self._forward(batch, group, rest)
 
+    def _one_token_decode(self, batch: ForwardBatch) -> SequenceChunk | None:
+        """The batch's one chunk when it is one sequence's next token, unmasked, in a quantized format: its
+        attention then runs inside the layer's onnxruntime graph (quantized_layer.py)."""
+        if self.layers[0].decode is None or len(batch.chunks) != 1:
+            return None
+        chunk = batch.chunks[0]
+        return chunk if chunk.num_tokens == 1 and chunk.attn_mask is None else None
+
+    def _attend_and_finish_one_token(
+        self, index: int, chunk: SequenceChunk, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """q [1, Hq, D], k/v [1, Hkv, D]: write k/v into the cache and run the rest of layer `index`. [1, d]."""
+        layer, past = self.layers[index], chunk.cache.length
+        assert layer.decode is not None
+        chunk.cache.write(index, past, k.transpose(0, 1), v.transpose(0, 1))
+        keys, values = chunk.cache.layer(index, past + 1)  # [Hkv, past + 1, D]
+        return layer.decode.attend_and_finish(h, q.reshape(1, -1), keys, values)
+
     def _threads(self, rows: int) -> AbstractContextManager[None]:
         quantized = self.weight_format in QUANTIZED_FORMATS
         return decode_threads(rows) if quantized else nullcontext()
@@ -152,9 +176,13 @@ class LlamaModel:
         c = self.config
         h = self.embed[batch.token_ids.to(self.device)]  # [N, d]
         cos, sin = self.rotary(batch.positions)
+        one_token = self._one_token_decode(batch)
         for index in range(c.num_layers):
             q, k, v = self.project_qkv(index, h, cos, sin)
-            h = self.finish_layer(index, h, attend(index, batch.chunks, group, rest, q, k, v))
+            if one_token is not None:
+                h = self._attend_and_finish_one_token(index, one_token, h, q, k, v)
+            else:
+                h = self.finish_layer(index, h, attend(index, batch.chunks, group, rest, q, k, v))
         for chunk in batch.chunks:
             chunk.cache.length += chunk.num_tokens
         if batch.logit_rows is None:

@@ -73,6 +73,24 @@ class GraphBuilder:
         self.nodes: list = []
         self.initializers: list = []
 
+    def rotary(self, x: str, cos: str, sin: str, heads: int, head_dim: int, name: str) -> str:
+        """RoPE in HF's rotate_half layout, as kvcomm/rope.py's `rotate`: x [M, heads * D], cos/sin [M, D]."""
+        split = self.constant(f"{name}.halves", np.array([head_dim // 2, head_dim // 2], np.int64))
+        per_head = self.constant(f"{name}.per_head", np.array([0, heads, head_dim], np.int64))
+        flat = self.constant(f"{name}.flat", np.array([0, heads * head_dim], np.int64))
+        axis = self.constant(f"{name}.head_axis", np.array([1], np.int64))
+        self.node("Reshape", [x, per_head], [f"{name}.heads"])  # [M, H, D]
+        self.node("Split", [f"{name}.heads", split], [f"{name}.first", f"{name}.second"], axis=-1)
+        self.node("Neg", [f"{name}.second"], [f"{name}.minus_second"])
+        self.node("Concat", [f"{name}.minus_second", f"{name}.first"], [f"{name}.rotated_half"], axis=-1)
+        self.node("Unsqueeze", [cos, axis], [f"{name}.cos"])  # [M, 1, D]
+        self.node("Unsqueeze", [sin, axis], [f"{name}.sin"])
+        self.node("Mul", [f"{name}.heads", f"{name}.cos"], [f"{name}.x_cos"])
+        self.node("Mul", [f"{name}.rotated_half", f"{name}.sin"], [f"{name}.half_sin"])
+        self.node("Add", [f"{name}.x_cos", f"{name}.half_sin"], [f"{name}.rotated"])
+        self.node("Reshape", [f"{name}.rotated", flat], [f"{name}.out"])
+        return f"{name}.out"
+
     def constant(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(self._numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
@@ -112,16 +130,22 @@ class GraphBuilder:
             self.node("Add", [quantized_out, f"{name}.offset_term"], [out])
         return out
 
-    def build(self, inputs: dict[str, int], outputs: dict[str, int]) -> bytes:
-        """The model's bytes: fp32 inputs and outputs [M, width] by name."""
+    def build(self, inputs: dict[str, int | tuple[str, int]], outputs: dict[str, int]) -> bytes:
+        """The model's bytes: fp32 inputs and outputs [rows, width] by name; rows are "M" unless an input
+        names its own (a KV head's [L, D] keys)."""
         from onnx import TensorProto
 
         h = self._helper
+
+        def info(name: str, shape: int | tuple[str, int]):
+            rows, width = shape if isinstance(shape, tuple) else ("M", shape)
+            return h.make_tensor_value_info(name, TensorProto.FLOAT, [rows, width])
+
         graph = h.make_graph(
             self.nodes,
             "kvmesh",
-            [h.make_tensor_value_info(name, TensorProto.FLOAT, ["M", width]) for name, width in inputs.items()],
-            [h.make_tensor_value_info(name, TensorProto.FLOAT, ["M", width]) for name, width in outputs.items()],
+            [info(name, shape) for name, shape in inputs.items()],
+            [info(name, width) for name, width in outputs.items()],
             self.initializers,
         )
         opsets = [h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)]
@@ -159,7 +183,8 @@ class OrtGraph:
         self._lock = threading.Lock()  # one binding per graph: calls from two threads take turns
 
     def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
-        """fp32 inputs [M, width] by name -> the outputs [M, width], fresh tensors, in declaration order."""
+        """fp32 inputs [rows, width] by name (the first one's rows are the outputs') -> the outputs
+        [rows, width], fresh tensors, in declaration order."""
         rows = next(iter(inputs.values())).shape[0]
         kept = [x.to(torch.float32).contiguous() for x in inputs.values()]  # alive until the run returns
         outputs = [torch.empty(rows, width, dtype=torch.float32) for width in self._outputs.values()]
