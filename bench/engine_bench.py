@@ -29,7 +29,7 @@ import torch
 from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.workers.engine import Engine, EngineConfig
 from kvmesh.workers.forward_batch import ForwardBatch, SequenceChunk
-from kvmesh.workers.linear import Linear, WeightFormat
+from kvmesh.workers.linear import WeightFormat, make_linear
 from kvmesh.workers.llama import LlamaModel
 from kvmesh.workers.model_files import resolve_model_path
 from kvmesh.workers.sampling import SamplingParams
@@ -278,13 +278,13 @@ def bench_engine_batch(setup: Setup, plan: Plan) -> Json:
     return {"batch8_engine_tok_s": n / step_s, "batch8_engine_step_ms": 1000 * step_s}
 
 
-def _linear_gbs(linear: Linear, in_features: int, device: torch.device, dtype: torch.dtype) -> float:
-    """Weight bytes per second one linear layer reads for a single row: the format's kernel alone.
-
-    Its weights (a few MB) stay in cache across repeats, so this is the kernel's own rate, not DRAM's.
-    """
-    x = torch.randn(1, in_features, device=device, dtype=dtype)
-    seconds = floors.median_seconds(lambda: linear(x), device, repeats=20, warmup=3)
+def _gate_up_gbs(setup: Setup, fmt: WeightFormat) -> float:
+    """Weight GB/s of layer 0's gate_up product alone, one row, in `fmt` (cache-hot: a kernel's own rate)."""
+    weights, mlp = setup.raw.weights, "model.layers.0.mlp"
+    gate_up = torch.cat([weights[f"{mlp}.gate_proj.weight"], weights[f"{mlp}.up_proj.weight"]])
+    linear = make_linear(gate_up, fmt, setup.device)
+    x = torch.randn(1, gate_up.shape[1], device=setup.device, dtype=setup.dtype)
+    seconds = floors.median_seconds(lambda: linear(x), setup.device, repeats=20, warmup=3)
     return linear.weight_bytes / seconds / 1e9
 
 
@@ -303,9 +303,7 @@ def _format_entry(
     model = build_model(setup.raw, setup.device, setup.dtype, fmt)
     entry: Json = {"build_s": time.perf_counter() - start, "weight_bytes": floors.decode_weight_bytes(model)}
     entry["floor_decode_ms"] = 1000 * entry["weight_bytes"] / (bandwidth_gbs * 1e9)
-    entry["gate_up_gemv_gbs"] = _linear_gbs(
-        model.layers[0].gate_up, model.config.hidden_size, setup.device, setup.dtype
-    )
+    entry["gate_up_gemv_gbs"] = _gate_up_gbs(setup, fmt)
     entry.update(logits_distance(reference_logits, decode_logits(model, prompt)))
     ours, theirs = [], []
     for _ in range(plan.format_rounds):  # interleaved, so both see the same machine load
@@ -337,9 +335,7 @@ def bench_formats(setup: Setup, plan: Plan, cache: KVCache, bandwidth_gbs: float
     result: Json = {
         "fp32": {
             "weight_bytes": floors.decode_weight_bytes(reference),
-            "gate_up_gemv_gbs": _linear_gbs(
-                reference.layers[0].gate_up, reference.config.hidden_size, setup.device, setup.dtype
-            ),
+            "gate_up_gemv_gbs": _gate_up_gbs(setup, "fp32"),
         }
     }
     for fmt in usable:
@@ -703,11 +699,13 @@ def _format_rows(formats: Json) -> list[Row]:
 
 def kernel_paths(model: LlamaModel) -> dict[str, int]:
     """Which implementation each linear layer took (make_linear picks by format, device and oneDNN's presence);
-    a quantized format's layers count twice: their fp32 linears for prefill and their decode graphs."""
+    a quantized format's layers count twice (their fp32 linears for prefill, their decode graphs), and its
+    batch-1 decode graph once."""
     parts = [
         model.lm_head,
         *(part for layer in model.layers for part in (layer.qkv, layer.o, layer.gate_up, layer.down)),
         *(layer.decode for layer in model.layers if layer.decode is not None),
+        *([model.step] if model.step is not None else []),
     ]
     return dict(Counter(type(part).__name__ for part in parts))
 

@@ -11,12 +11,13 @@ from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.kvcomm.rope import RopeTable, rotate
 
 from .attention import DecodeGroup, attend
-from .block_quant_linear import DENSE_FROM_ROWS, decode_threads
+from .block_quant_linear import DENSE_FROM_ROWS, BlockQuantLinear, decode_threads
 from .forward_batch import ForwardBatch, SequenceChunk
 from .linear import QUANTIZED_FORMATS, Linear, WeightFormat, head_format, make_linear
 from .model_config import ModelConfig
 from .model_files import ModelLoadError
-from .quantized_layer import LayerWeights, QuantizedLayer
+from .quantized_layer import LayerWeights, QuantizedLayer, quantize_layer
+from .quantized_step import QuantizedStep
 
 
 class _Layer:
@@ -61,7 +62,7 @@ class _Layer:
                 kv_heads=config.num_kv_heads,
                 head_dim=config.head_dim,
             )
-            self.decode = QuantizedLayer(parts, bits=QUANTIZED_FORMATS[fmt])
+            self.decode = QuantizedLayer(quantize_layer(parts, QUANTIZED_FORMATS[fmt]))
 
     def decode_weight_bytes(self) -> int:
         """Bytes of weights a decode step reads in this layer (matmuls in the format used, and the norms)."""
@@ -99,6 +100,11 @@ class LlamaModel:
             for i in range(config.num_layers)
         ]
         self.rope = RopeTable(config.rope, config.max_context, dtype, self.device)
+        self.step: QuantizedStep | None = None  # batch-1 decode as one graph (quantized formats)
+        if weight_format in QUANTIZED_FORMATS:
+            assert isinstance(self.lm_head, BlockQuantLinear)
+            layers = [layer.decode.parts for layer in self.layers if layer.decode is not None]
+            self.step = QuantizedStep(layers, self.final_norm, self.lm_head.quantized)
 
     def new_cache(self, capacity: int = 64) -> KVCache:
         c = self.config
@@ -151,22 +157,12 @@ class LlamaModel:
             return self._forward(batch, group, rest)
 
     def _one_token_decode(self, batch: ForwardBatch) -> SequenceChunk | None:
-        """The batch's one chunk when it is one sequence's next token, unmasked, in a quantized format: its
-        attention then runs inside the layer's onnxruntime graph (quantized_layer.py)."""
-        if self.layers[0].decode is None or len(batch.chunks) != 1:
+        """The batch's one chunk when it is one sequence's next token after at least one cached, unmasked, in
+        a quantized format: the whole step then runs as one graph (quantized_step.py)."""
+        if self.step is None or len(batch.chunks) != 1:
             return None
         chunk = batch.chunks[0]
-        return chunk if chunk.num_tokens == 1 and chunk.attn_mask is None else None
-
-    def _attend_and_finish_one_token(
-        self, index: int, chunk: SequenceChunk, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
-        """q [1, Hq, D], k/v [1, Hkv, D]: write k/v into the cache and run the rest of layer `index`. [1, d]."""
-        layer, past = self.layers[index], chunk.cache.length
-        assert layer.decode is not None
-        chunk.cache.write(index, past, k.transpose(0, 1), v.transpose(0, 1))
-        keys, values = chunk.cache.layer(index, past + 1)  # [Hkv, past + 1, D]
-        return layer.decode.attend_and_finish(h, q.reshape(1, -1), keys, values)
+        return chunk if chunk.num_tokens == 1 and chunk.attn_mask is None and chunk.cache.length > 0 else None
 
     def _threads(self, rows: int) -> AbstractContextManager[None]:
         quantized = self.weight_format in QUANTIZED_FORMATS
@@ -177,12 +173,13 @@ class LlamaModel:
         h = self.embed[batch.token_ids.to(self.device)]  # [N, d]
         cos, sin = self.rotary(batch.positions)
         one_token = self._one_token_decode(batch)
+        if one_token is not None:
+            logits = self.step(h, cos[:, 0], sin[:, 0], one_token.cache)
+            one_token.cache.length += 1
+            return None if batch.logit_rows is None else logits
         for index in range(c.num_layers):
             q, k, v = self.project_qkv(index, h, cos, sin)
-            if one_token is not None:
-                h = self._attend_and_finish_one_token(index, one_token, h, q, k, v)
-            else:
-                h = self.finish_layer(index, h, attend(index, batch.chunks, group, rest, q, k, v))
+            h = self.finish_layer(index, h, attend(index, batch.chunks, group, rest, q, k, v))
         for chunk in batch.chunks:
             chunk.cache.length += chunk.num_tokens
         if batch.logit_rows is None:

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 
 GROUP = 32  # weights are quantized in groups of 32 along the input dimension (GGUF's Q4_1 / Q8_0 blocks)
+# A [rows, width] fp32 tensor's shape: a width alone has the graph's shared row count "M" (the tokens of the
+# step); (name, width) names another symbolic row count (a KV head's [L, D]); (n, width) fixes it.
+Shape = int | tuple[str | int, int]
 _pool_lock = threading.Lock()
 _pool_threads: int | None = None
 
@@ -130,14 +133,13 @@ class GraphBuilder:
             self.node("Add", [quantized_out, f"{name}.offset_term"], [out])
         return out
 
-    def build(self, inputs: dict[str, int | tuple[str, int]], outputs: dict[str, int]) -> bytes:
-        """The model's bytes: fp32 inputs and outputs [rows, width] by name; rows are "M" unless an input
-        names its own (a KV head's [L, D] keys)."""
+    def build(self, inputs: dict[str, Shape], outputs: dict[str, Shape]) -> bytes:
+        """The model's bytes: fp32 inputs and outputs [rows, width] by name (see Shape)."""
         from onnx import TensorProto
 
         h = self._helper
 
-        def info(name: str, shape: int | tuple[str, int]):
+        def info(name: str, shape: Shape):
             rows, width = shape if isinstance(shape, tuple) else ("M", shape)
             return h.make_tensor_value_info(name, TensorProto.FLOAT, [rows, width])
 
@@ -145,7 +147,7 @@ class GraphBuilder:
             self.nodes,
             "kvmesh",
             [info(name, shape) for name, shape in inputs.items()],
-            [info(name, width) for name, width in outputs.items()],
+            [info(name, shape) for name, shape in outputs.items()],
             self.initializers,
         )
         opsets = [h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)]
@@ -169,7 +171,7 @@ def _shared_pool(threads: int) -> None:
 class OrtGraph:
     """A built graph as an onnxruntime session that reads and writes torch tensors in place."""
 
-    def __init__(self, model: bytes, outputs: dict[str, int]) -> None:
+    def __init__(self, model: bytes, outputs: dict[str, Shape]) -> None:
         import onnxruntime
         from onnxruntime.capi import _pybind_state
 
@@ -183,11 +185,11 @@ class OrtGraph:
         self._lock = threading.Lock()  # one binding per graph: calls from two threads take turns
 
     def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
-        """fp32 inputs [rows, width] by name (the first one's rows are the outputs') -> the outputs
-        [rows, width], fresh tensors, in declaration order."""
+        """fp32 inputs [rows, width] by name (the first one's rows are "M") -> the outputs, fresh tensors, in
+        declaration order."""
         rows = next(iter(inputs.values())).shape[0]
         kept = [x.to(torch.float32).contiguous() for x in inputs.values()]  # alive until the run returns
-        outputs = [torch.empty(rows, width, dtype=torch.float32) for width in self._outputs.values()]
+        outputs = [torch.empty(*_rows_width(shape, rows), dtype=torch.float32) for shape in self._outputs.values()]
         with self._lock:
             for name, x in zip(inputs, kept, strict=True):
                 self._binding.bind_input(name, self._cpu, np.float32, list(x.shape), x.data_ptr())
@@ -195,3 +197,12 @@ class OrtGraph:
                 self._binding.bind_output(name, self._cpu, np.float32, list(y.shape), y.data_ptr())
             self._session._sess.run_with_iobinding(self._binding, None)
         return outputs
+
+
+def _rows_width(shape: Shape, rows: int) -> tuple[int, int]:
+    if isinstance(shape, int):
+        return rows, shape
+    fixed, width = shape
+    if not isinstance(fixed, int):
+        raise ValueError(f"an output's rows must be M or a number, got {fixed!r}")
+    return fixed, width
