@@ -82,6 +82,15 @@ def add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     add_model_options(fidelity_bench)
     fidelity_bench.set_defaults(handler=_deferred("fidelity_bench", "run_fidelity_bench"))
 
+    fidelity_diff = bench_kinds.add_parser(
+        "fidelity-diff", help="two fidelity runs (e.g. two weight formats) paired item by item: B - A with its CI"
+    )
+    fidelity_diff.add_argument("a", help="a `kvmesh bench fidelity --json` file (the reference)")
+    fidelity_diff.add_argument("b", help="another, over the same items")
+    fidelity_diff.add_argument("--json", dest="json_path", default=None, help="write the comparison here")
+    fidelity_diff.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+    fidelity_diff.set_defaults(handler=_deferred("fidelity_diff", "run_fidelity_diff"))
+
     runtime_bench = bench_kinds.add_parser("runtime", help="agent-to-agent latency and orchestration overhead")
     runtime_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
     runtime_bench.add_argument("--quick", action="store_true", help="fewer calls, one run per chain, 4 tokens")
