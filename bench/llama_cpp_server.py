@@ -48,10 +48,13 @@ def llama_cpp_server(gguf: Path, threads: int, startup_timeout_s: float = 180.0)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     # Its log goes to a file: llama.cpp logs the whole model load, and an undrained pipe fills and blocks it.
+    # --interrupt_requests False: by default a new request cuts the stream being served short, so at
+    # concurrency 8 all but one call came back empty (0 text events, no error) and "finished" early.
     with tempfile.TemporaryFile(mode="w+") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL_ALIAS,
-             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "8192", "--n_threads", str(threads)],
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "8192", "--n_threads", str(threads),
+             "--interrupt_requests", "False"],
             stdout=log, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         try:

@@ -114,6 +114,7 @@ def run_block(
         "calls": len(calls),
         "errors": len(calls) - len(done) + 3 * conversations - len(calls),  # failed, and never made (after one)
         "error_samples": sorted({c.error for c in calls if c.error})[:3],
+        "empty_replies": sum(1 for c in done if not c.text),
         "ttft_p50_s": _percentile(ttfts, 50),
         "ttft_p99_s": _percentile(ttfts, 99),
         "output_tok_s": output / wall if wall else 0.0,
@@ -284,6 +285,7 @@ DEFINITIONS = {
     "overhead": "HTTP TTFT - kvmesh.ttft_s (the worker's, from the call's arrival there) of the same call, "
     "concurrency 1, both modes; share = overhead / HTTP TTFT, median over calls",
     "errors": "failed calls, and calls never made because an earlier one of the conversation failed",
+    "empty_replies": "calls that succeeded with no text at all (a server that drops a stream it was serving)",
 }
 
 
@@ -304,15 +306,18 @@ def _print(report: Json) -> None:
     rows = [("kvmesh", b) for b in report["blocks"]]
     rows += [("llama-cpp", b) for b in report["llama_cpp_python"].get("blocks", [])]
     print(
-        f"{'server':<10} {'mode':<6} {'conc':>4} {'calls':>5} {'errors':>6} {'TTFT p50':>9} {'TTFT p99':>9} "
-        f"{'tok/s':>7} {'reused':>6} {'cached':>6}"
+        f"{'server':<10} {'mode':<6} {'conc':>4} {'calls':>5} {'errors':>6} {'empty':>5} {'TTFT p50':>9} "
+        f"{'TTFT p99':>9} {'tok/s':>7} {'wall s':>7} {'reused':>6} {'cached':>6}"
     )
     for server, b in rows:
         print(
             f"{server:<10} {b['mode']:<6} {b['concurrency']:>4} {b['calls']:>5} {b['errors']:>6} "
-            f"{b['ttft_p50_s'] or 0:>8.3f}s {b['ttft_p99_s'] or 0:>8.3f}s {b['output_tok_s']:>7.1f} "
-            f"{pct(b['reused_share'])} {pct(b['cached_share'])}"
+            f"{b['empty_replies']:>5} {b['ttft_p50_s'] or 0:>8.3f}s {b['ttft_p99_s'] or 0:>8.3f}s "
+            f"{b['output_tok_s']:>7.1f} {b['wall_s']:>7.1f} {pct(b['reused_share'])} {pct(b['cached_share'])}"
         )
+    empty = sum(b["empty_replies"] for _, b in rows)
+    if empty:
+        print(f"WARNING: {empty} calls came back with no text: their blocks' wall times and rates are not comparable")
     for key, ingress in (("overhead_c1", "uvicorn in the driver"), ("overhead_c1_serve_ingress", "Ray Serve")):
         o = report[key]
         if o.get("calls"):

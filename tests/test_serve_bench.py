@@ -23,6 +23,7 @@ def test_quick_serve_bench_reports_blocks_and_both_ingresses_overhead(ray_cluste
         (2, "dense"),
     ]
     assert all(b["errors"] == 0 and b["calls"] == 3 * b["conversations"] for b in report["blocks"])
+    assert all(b["empty_replies"] == 0 for b in report["blocks"])  # every call streamed text
     for key in ("overhead_c1", "overhead_c1_serve_ingress"):
         overhead = report[key]
         assert overhead["calls"] == 12  # 2 conversations × 3 agents × 2 modes
