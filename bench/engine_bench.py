@@ -21,15 +21,17 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kvmesh.kvcomm.kv_cache import KVCache
+from kvmesh.workers.block_quant_linear import decode_threads
 from kvmesh.workers.engine import Engine, EngineConfig
 from kvmesh.workers.forward_batch import ForwardBatch, SequenceChunk
-from kvmesh.workers.linear import WeightFormat, make_linear
+from kvmesh.workers.linear import QUANTIZED_FORMATS, WeightFormat, make_linear
 from kvmesh.workers.llama import LlamaModel
 from kvmesh.workers.model_files import resolve_model_path
 from kvmesh.workers.sampling import SamplingParams
@@ -284,7 +286,8 @@ def _gate_up_gbs(setup: Setup, fmt: WeightFormat) -> float:
     gate_up = torch.cat([weights[f"{mlp}.gate_proj.weight"], weights[f"{mlp}.up_proj.weight"]])
     linear = make_linear(gate_up, fmt, setup.device)
     x = torch.randn(1, gate_up.shape[1], device=setup.device, dtype=setup.dtype)
-    seconds = floors.median_seconds(lambda: linear(x), setup.device, repeats=20, warmup=3)
+    with decode_threads(1) if fmt in QUANTIZED_FORMATS else nullcontext():  # as a decode step runs it
+        seconds = floors.median_seconds(lambda: linear(x), setup.device, repeats=20, warmup=3)
     return linear.weight_bytes / seconds / 1e9
 
 
@@ -343,8 +346,9 @@ def bench_formats(setup: Setup, plan: Plan, cache: KVCache, bandwidth_gbs: float
         try:
             result[fmt] = _format_entry(setup, plan, fmt, reference, cache, reference_logits, prompt, bandwidth_gbs)
         except RuntimeError as exc:  # e.g. oneDNN has no bf16 kernel for this ISA: the other formats still run
-            log(f"  {fmt}: skipped, this machine cannot run it ({str(exc).splitlines()[0]})")
-            unsupported[fmt] = f"this machine cannot run it: {str(exc).splitlines()[0]}"
+            reason = str(exc).splitlines()[0]
+            log(f"  {fmt}: skipped, this machine cannot run it ({reason})")
+            unsupported[fmt] = f"this machine cannot run it ({reason[:60]}…)"
         gc.collect()  # the format's model is gone with its entry's frame; free its memory before the next
     if unsupported:
         result["skipped"] = "; ".join(f"{fmt}: {why}" for fmt, why in sorted(unsupported.items()))
