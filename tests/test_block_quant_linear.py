@@ -18,6 +18,12 @@ from kvmesh.workers.onnx_graph import GROUP
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(scope="module")
+def int4(raw_model) -> LlamaModel:
+    """The real model in int4 (a Q4_1 GGUF's own codes, its Q8_0 head in int8), built once for this file."""
+    return LlamaModel(raw_model.config, raw_model.weights, weight_format="int4")
+
+
 def _q4_1_grid(out_features: int, in_features: int) -> torch.Tensor:
     """Weights as a Q4_1 file holds them: low + scale * code per group of 32, each group using codes 0 and 15
     (llama.cpp's quantizer maps a group's min and max there)."""
@@ -76,10 +82,9 @@ def test_block_quant_linear_rejects_shapes_and_widths_it_cannot_hold() -> None:
         BlockQuantLinear(torch.randn(8, 64), bits=3, dense=make_linear(torch.randn(8, 64), "fp32", CPU))
 
 
-def test_int4_smollm2_decodes_near_fp32_and_prefills_exactly(raw_model, model: LlamaModel) -> None:
+def test_int4_smollm2_decodes_near_fp32_and_prefills_exactly(raw_model, model: LlamaModel, int4: LlamaModel) -> None:
     """The real model in int4 (a Q4_1 GGUF's own codes, its Q8_0 head in int8): prompt logits equal fp32's,
     decode logits stay close, and the forward gives torch its threads back."""
-    int4 = LlamaModel(raw_model.config, raw_model.weights, weight_format="int4")
     assert type(int4.lm_head).__name__ == "BlockQuantLinear" and int4.lm_head.bits == 8
     assert all(layer.decode is not None for layer in int4.layers)
     prompt = raw_model.tokenizer.encode(SAMPLE_TEXT)[:96]
@@ -94,11 +99,12 @@ def test_int4_smollm2_decodes_near_fp32_and_prefills_exactly(raw_model, model: L
     assert distance["max_abs_logit_diff"] > 0  # the decode path did run the quantized kernel
 
 
-def test_a_quantized_layers_fused_decode_graphs_compute_the_layers_math(raw_model, model: LlamaModel) -> None:
+def test_a_quantized_layers_fused_decode_graphs_compute_the_layers_math(
+    raw_model, model: LlamaModel, int4: LlamaModel
+) -> None:
     """A layer's onnxruntime graphs against the same layer written out with lone quantized linears and torch
     ops (RoPE, SDPA, RMSNorm, SwiGLU): only the order of float sums may differ, since both round the
     activations entering each matmul to int8 the same way."""
-    int4 = LlamaModel(raw_model.config, raw_model.weights, weight_format="int4")
     c, index = int4.config, 3
     layer = int4.layers[index]
     assert layer.decode is not None

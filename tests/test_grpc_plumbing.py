@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import shutil
 import subprocess
+import threading
 
 import grpc
 import pytest
@@ -152,13 +153,25 @@ def test_a_server_refuses_calls_beyond_its_concurrency_bound_and_takes_them_agai
         streams = [reflection.ServerReflectionInfo(requests(feed), timeout=30) for feed in feeds]
         for feed in feeds:
             feed.put(reflection_pb2.ServerReflectionRequest(list_services=""))
-        for stream in streams[:2]:  # two run on the two threads; the third waits for one: 3 of 3 places held
-            assert next(stream).list_services_response.service
+        answered: queue.Queue = queue.Queue()
+
+        def first_answer(stream) -> None:
+            answered.put(next(stream).list_services_response.service)
+
+        readers = [threading.Thread(target=first_answer, args=(stream,), daemon=True) for stream in streams]
+        for reader in readers:  # the server takes the streams in arrival order, which need not be this one
+            reader.start()
+        for _ in range(2):  # two run on the two threads; the third waits for one: 3 of 3 places held
+            assert answered.get(timeout=30)
+        assert answered.empty()
         with pytest.raises(grpc.RpcError) as refused:
             status(channel)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         for feed in feeds:
             feed.put(None)
+        assert answered.get(timeout=30)  # the third, once a thread was free
+        for reader in readers:
+            reader.join(timeout=30)
         for stream in streams:
             list(stream)
         assert status(channel).name == "driver"
