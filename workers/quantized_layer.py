@@ -7,7 +7,7 @@ onnxruntime calls a layer and none of the ~12 torch ops between the matmuls:
     after:  (h, attn) -> h + o(attn) = h2 -> RMSNorm -> gate_up -> silu(gate) * up -> h2 + down(.)
 
 For one token of one sequence (batch-1 decode, an agent answering), quantized_step.py chains these node
-sets, with attention between them (`attend_nodes`), through every layer and the head as one graph; batched
+sets, with attention between them, through every layer and the head as one graph; batched
 decode and anything with a mask keep torch's attention (workers/attention.py) between these two graphs.
 
 The math is LlamaModel.project_qkv's, attention's and finish_layer's; only the activations entering each
@@ -93,70 +93,6 @@ def finish_nodes(g: GraphBuilder, parts: QuantizedParts, h: str, attn: str, p: s
     g.matmul(f"{p}swiglu", parts.matrices["down"], f"{p}mlp_out", name=f"{p}down")
     g.node("Add", [f"{p}h2", f"{p}mlp_out"], [f"{p}out"])
     return f"{p}out"
-
-
-def attend_nodes(
-    g: GraphBuilder,
-    w: LayerWeights,
-    q: str,
-    keys: list[str],
-    values: list[str],
-    p: str,
-    new: tuple[str, str] | None = None,
-) -> str:
-    """Nodes attending one token's q [1, Hq * D] over KV head j's keys[j] / values[j] [L, D]; returns
-    [1, Hq * D]. With `new` = (k, v) [1, Hkv * D], that token's own key and value join the L cached ones
-    (the cache does not hold them yet)."""
-    group, d = w.heads // w.kv_heads, w.head_dim
-    per_group = g.constant(f"{p}attention.group_shape", np.array([group, d], np.int64))
-    per_head = g.constant(f"{p}attention.head_shape", np.array([w.kv_heads, 1, d], np.int64))
-    row = g.constant(f"{p}attention.row_shape", np.array([1, group * d], np.int64))
-    queries = [f"{p}q{j}" for j in range(w.kv_heads)]
-    g.node("Split", [q], queries, axis=-1, num_outputs=w.kv_heads)  # query heads j*g .. (j+1)*g - 1
-    if new is not None:
-        ends = {
-            "last": g.constant(f"{p}attention.last", np.array([-1], np.int64)),
-            "big": g.constant(f"{p}attention.big", np.array([1 << 62], np.int64)),
-            "zero": g.constant(f"{p}attention.zero", np.array([0], np.int64)),
-            "axis": g.constant(f"{p}attention.axis", np.array([-1], np.int64)),
-        }
-        for kind, name in zip("kv", new, strict=True):  # [1, Hkv * D] -> Hkv x [1, D]
-            g.node("Reshape", [name, per_head], [f"{p}new_{kind}.heads"])
-            g.node(
-                "Split",
-                [f"{p}new_{kind}.heads"],
-                [f"{p}new_{kind}{j}" for j in range(w.kv_heads)],
-                axis=0,
-                num_outputs=w.kv_heads,
-            )
-    outs = []
-    for j, query in enumerate(queries):
-        g.node("Reshape", [query, per_group], [f"{query}.heads"])  # [g, D]
-        g.node("Gemm", [f"{query}.heads", keys[j]], [f"{query}.scores"], transB=1, alpha=d**-0.5)  # [g, L]
-        if new is None:
-            g.node("Softmax", [f"{query}.scores"], [f"{query}.weights"], axis=-1)
-            g.node("Gemm", [f"{query}.weights", values[j]], [f"{query}.mixed"])  # [g, D]
-        else:
-            new_k, new_v = (f"{p}new_{kind}{j}" for kind in "kv")
-            g.node("Reshape", [new_k, g.constant(f"{p}new_k{j}.shape", np.array([1, d], np.int64))], [f"{new_k}.row"])
-            g.node("Reshape", [new_v, g.constant(f"{p}new_v{j}.shape", np.array([1, d], np.int64))], [f"{new_v}.row"])
-            g.node("Gemm", [f"{query}.heads", f"{new_k}.row"], [f"{query}.new_score"], transB=1, alpha=d**-0.5)
-            g.node("Concat", [f"{query}.scores", f"{query}.new_score"], [f"{query}.all_scores"], axis=-1)
-            g.node("Softmax", [f"{query}.all_scores"], [f"{query}.weights"], axis=-1)  # [g, L + 1]
-            g.node("Slice", [f"{query}.weights", ends["zero"], ends["last"], ends["axis"]], [f"{query}.cached_w"])
-            g.node("Slice", [f"{query}.weights", ends["last"], ends["big"], ends["axis"]], [f"{query}.new_w"])
-            g.node("Gemm", [f"{query}.cached_w", values[j]], [f"{query}.cached_mix"])  # [g, D]
-            g.node("Mul", [f"{query}.new_w", f"{new_v}.row"], [f"{query}.new_mix"])  # [g, 1] * [1, D]
-            g.node("Add", [f"{query}.cached_mix", f"{query}.new_mix"], [f"{query}.mixed"])
-        g.node("Reshape", [f"{query}.mixed", row], [f"{query}.out"])
-        outs.append(f"{query}.out")
-    g.node("Concat", outs, [f"{p}attn"], axis=-1)
-    return f"{p}attn"
-
-
-def cached_heads(w: LayerWeights, p: str = "") -> tuple[list[str], list[str]]:
-    """Input names of each KV head's cached keys and values."""
-    return [f"{p}K{j}" for j in range(w.kv_heads)], [f"{p}V{j}" for j in range(w.kv_heads)]
 
 
 class QuantizedLayer:
