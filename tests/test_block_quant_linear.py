@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from kvmesh.bench.bench_common import SAMPLE_TEXT, all_logits, decode_logits, logits_distance
+from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.kvcomm.rope import rotate
 from kvmesh.workers.block_quant_linear import DENSE_FROM_ROWS, BlockQuantLinear
 from kvmesh.workers.forward_batch import ForwardBatch
+from kvmesh.workers.kv_slots import KVSlots
 from kvmesh.workers.linear import make_linear
 from kvmesh.workers.llama import LlamaModel
 from kvmesh.workers.onnx_graph import GROUP
@@ -141,27 +143,42 @@ def test_a_quantized_layers_fused_decode_graphs_compute_the_layers_math(
 
 
 def test_batch1_decode_as_one_graph_matches_the_layer_by_layer_path(raw_model) -> None:
-    """One sequence's next token runs as one graph (attention over the cache bound in place, the new key and
-    value joined inside); the same token layer by layer, with torch's SDPA between the layer graphs, must give
-    the same logits and append the same keys and values. Three layers of the model: over all 30, the two
-    paths' float sums (same values, other order) tip some int8 roundings of activations apart, and the runs
-    drift ~3% apart as any two int8-activation runs would; the decode test above bounds that against fp32."""
+    """One sequence's next token runs as one graph (onnxruntime's attention extends the cache in place); the
+    same tokens layer by layer, with torch's RoPE and SDPA between the layer graphs, must give the same logits
+    and the same cache: in a private cache and in a KV slot (a view of the shared buffer), for a first token
+    into an empty cache, and at a position other than the cache's length (RoPE follows the position given).
+    Three layers of the model: over all 30, the two paths' float sums (same values, other order) tip some int8
+    roundings of activations apart, and the runs drift ~3% apart as any two int8-activation runs would; the
+    decode test above bounds that against fp32."""
     config = dataclasses.replace(raw_model.config, num_layers=3)
     int4 = LlamaModel(config, raw_model.weights, weight_format="int4")
+    assert int4.step is not None
     prompt = raw_model.tokenizer.encode(SAMPLE_TEXT)[:40]
-    results = []
-    for one_graph in (True, False):
+    slots = KVSlots(num_layers=3, num_slots=2, num_kv_heads=config.num_kv_heads, capacity=64,
+                    head_dim=config.head_dim, dtype=torch.float32, device=CPU)  # fmt: skip
+
+    def run(cache: KVCache, one_graph: bool) -> torch.Tensor:
         step, int4.step = int4.step, (int4.step if one_graph else None)
         try:
-            cache = int4.new_cache(capacity=64)
-            int4.forward(ForwardBatch.single(cache, prompt))
-            logits = [int4.forward(ForwardBatch.single(cache, [token])) for token in (17, 4_000, 30)]
+            if cache.length == 0:
+                logits = [int4.forward(ForwardBatch.single(cache, [prompt[0]]))]  # a first token, nothing cached
+                int4.forward(ForwardBatch.single(cache, prompt[1:]))
+            else:
+                logits = []
+            logits += [int4.forward(ForwardBatch.single(cache, [token])) for token in (17, 4_000)]
+            shifted = torch.tensor([cache.length + 5])
+            logits.append(int4.forward(ForwardBatch.single(cache, [30], positions=shifted)))
         finally:
             int4.step = step
-        results.append((torch.cat(logits), cache))  # type: ignore[arg-type]
-    (ours, ours_cache), (layered, layered_cache) = results
-    assert ours_cache.length == layered_cache.length == 43
-    assert _relative_error(ours, layered) < 2e-3  # measured 4e-4: one tipped int8 rounding (~1/254 of an input)
-    keys, layered_keys = ours_cache.layer(2, 43)[0], layered_cache.layer(2, 43)[0]
-    assert _relative_error(keys[:, 40:], layered_keys[:, 40:]) < 2e-3
-    assert torch.equal(keys[:, :40], layered_keys[:, :40])  # the prompt's keys, untouched
+        return torch.cat(logits)  # type: ignore[arg-type]
+
+    for ours_cache in (int4.new_cache(capacity=64), slots.acquire()):
+        assert ours_cache is not None and int4.step.fits(ours_cache)
+        layered_cache = int4.new_cache(capacity=64)
+        ours, layered = run(ours_cache, True), run(layered_cache, False)
+        assert ours_cache.length == layered_cache.length == 43
+        assert _relative_error(ours, layered) < 2e-3  # measured 4e-4: one tipped int8 rounding (~1/254 of an input)
+        for layer in range(3):
+            for mine, theirs in zip(ours_cache.layer(layer, 43), layered_cache.layer(layer, 43), strict=True):
+                assert _relative_error(mine, theirs) < 2e-3
+    assert torch.equal(slots.keys[:, 1], torch.zeros_like(slots.keys[:, 1]))  # the other slot untouched

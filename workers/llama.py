@@ -104,7 +104,7 @@ class LlamaModel:
         if weight_format in QUANTIZED_FORMATS:
             assert isinstance(self.lm_head, BlockQuantLinear)
             layers = [layer.decode.parts for layer in self.layers if layer.decode is not None]
-            self.step = QuantizedStep(layers, self.final_norm, self.lm_head.quantized)
+            self.step = QuantizedStep(layers, self.final_norm, self.lm_head.quantized, self.rope)
 
     def new_cache(self, capacity: int = 64) -> KVCache:
         c = self.config
@@ -157,12 +157,12 @@ class LlamaModel:
             return self._forward(batch, group, rest)
 
     def _one_token_decode(self, batch: ForwardBatch) -> SequenceChunk | None:
-        """The batch's one chunk when it is one sequence's next token after at least one cached, unmasked, in
-        a quantized format: the whole step then runs as one graph (quantized_step.py)."""
+        """The batch's one chunk when it is one sequence's next token, unmasked, in a quantized format and a
+        cache the step's attention can work in: the whole step then runs as one graph (quantized_step.py)."""
         if self.step is None or len(batch.chunks) != 1:
             return None
         chunk = batch.chunks[0]
-        return chunk if chunk.num_tokens == 1 and chunk.attn_mask is None and chunk.cache.length > 0 else None
+        return chunk if chunk.num_tokens == 1 and chunk.attn_mask is None and self.step.fits(chunk.cache) else None
 
     def _threads(self, rows: int) -> AbstractContextManager[None]:
         quantized = self.weight_format in QUANTIZED_FORMATS
@@ -171,12 +171,12 @@ class LlamaModel:
     def _forward(self, batch: ForwardBatch, group: DecodeGroup | None, rest: list[int]) -> torch.Tensor | None:
         c = self.config
         h = self.embed[batch.token_ids.to(self.device)]  # [N, d]
-        cos, sin = self.rotary(batch.positions)
         one_token = self._one_token_decode(batch)
         if one_token is not None:
-            logits = self.step(h, cos[:, 0], sin[:, 0], one_token.cache)
+            logits = self.step(h, batch.positions, one_token.cache)
             one_token.cache.length += 1
             return None if batch.logit_rows is None else logits
+        cos, sin = self.rotary(batch.positions)
         for index in range(c.num_layers):
             q, k, v = self.project_qkv(index, h, cos, sin)
             h = self.finish_layer(index, h, attend(index, batch.chunks, group, rest, q, k, v))

@@ -17,9 +17,22 @@ import numpy as np
 import torch
 
 GROUP = 32  # weights are quantized in groups of 32 along the input dimension (GGUF's Q4_1 / Q8_0 blocks)
-# A [rows, width] fp32 tensor's shape: a width alone has the graph's shared row count "M" (the tokens of the
-# step); (name, width) names another symbolic row count (a KV head's [L, D]); (n, width) fixes it.
-Shape = int | tuple[str | int, int]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output of any rank and type (a KV cache [1, heads, capacity, D], int32 lengths): its
+    dims, ints or symbolic names, and numpy dtype. Its tensor is always the caller's (see OrtGraph.run)."""
+
+    dims: tuple[int | str, ...]
+    dtype: type = np.float32
+
+
+# A tensor's shape: a width alone is an fp32 [rows, width] with the graph's shared row count "M" (the tokens of
+# the step); (name, width) names another symbolic row count; (n, width) fixes it; a TensorSpec says it all.
+Shape = int | tuple[str | int, int] | TensorSpec
+_ONNX_TYPES = {np.float32: 1, np.int32: 6, np.int64: 7}  # onnx.TensorProto's FLOAT, INT32, INT64
+_NUMPY_TYPES = {torch.float32: np.float32, torch.int32: np.int32, torch.int64: np.int64}
 _pool_lock = threading.Lock()
 _pool_threads: int | None = None
 
@@ -134,14 +147,14 @@ class GraphBuilder:
         return out
 
     def build(self, inputs: dict[str, Shape], outputs: dict[str, Shape]) -> bytes:
-        """The model's bytes: fp32 inputs and outputs [rows, width] by name (see Shape)."""
-        from onnx import TensorProto
-
+        """The model's bytes: its inputs and outputs by name (see Shape)."""
         h = self._helper
 
         def info(name: str, shape: Shape):
+            if isinstance(shape, TensorSpec):
+                return h.make_tensor_value_info(name, _ONNX_TYPES[shape.dtype], list(shape.dims))
             rows, width = shape if isinstance(shape, tuple) else ("M", shape)
-            return h.make_tensor_value_info(name, TensorProto.FLOAT, [rows, width])
+            return h.make_tensor_value_info(name, _ONNX_TYPES[np.float32], [rows, width])
 
         graph = h.make_graph(
             self.nodes,
@@ -185,21 +198,35 @@ class OrtGraph:
         self._lock = threading.Lock()  # one binding per graph: calls from two threads take turns
 
     def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
-        """fp32 inputs [rows, width] by name (the first one's rows are "M") -> the outputs, fresh tensors, in
-        declaration order."""
+        """Inputs by name -> the outputs, fresh tensors, in declaration order."""
+        return self.run(inputs)
+
+    def run(self, inputs: dict[str, torch.Tensor], into: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Inputs by name (fp32, int32 or int64; the first one's rows are "M") -> the outputs in declaration
+        order: those named in `into` are written there, in place (a KV cache an op reads and extends), the
+        others into fresh fp32 tensors."""
+        into = into or {}
         rows = next(iter(inputs.values())).shape[0]
-        kept = [x.to(torch.float32).contiguous() for x in inputs.values()]  # alive until the run returns
-        outputs = [torch.empty(*_rows_width(shape, rows), dtype=torch.float32) for shape in self._outputs.values()]
+        kept = [x if x.dtype in _NUMPY_TYPES else x.to(torch.float32) for x in inputs.values()]
+        kept = [x.contiguous() for x in kept]  # alive until the run returns
+        outputs = [
+            into[name] if name in into else torch.empty(*_rows_width(shape, rows), dtype=torch.float32)
+            for name, shape in self._outputs.items()
+        ]
         with self._lock:
             for name, x in zip(inputs, kept, strict=True):
-                self._binding.bind_input(name, self._cpu, np.float32, list(x.shape), x.data_ptr())
+                self._binding.bind_input(name, self._cpu, _NUMPY_TYPES[x.dtype], list(x.shape), x.data_ptr())
             for name, y in zip(self._outputs, outputs, strict=True):
+                if not y.is_contiguous() or y.dtype != torch.float32:
+                    raise ValueError(f"output {name!r} must be a contiguous fp32 tensor, got {y.dtype} {y.stride()}")
                 self._binding.bind_output(name, self._cpu, np.float32, list(y.shape), y.data_ptr())
             self._session._sess.run_with_iobinding(self._binding, None)
         return outputs
 
 
 def _rows_width(shape: Shape, rows: int) -> tuple[int, int]:
+    if isinstance(shape, TensorSpec):
+        raise ValueError(f"an output declared as {shape} is written into the caller's tensor: pass it in `into`")
     if isinstance(shape, int):
         return rows, shape
     fixed, width = shape

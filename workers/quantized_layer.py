@@ -7,8 +7,9 @@ onnxruntime calls a layer and none of the ~12 torch ops between the matmuls:
     after:  (h, attn) -> h + o(attn) = h2 -> RMSNorm -> gate_up -> silu(gate) * up -> h2 + down(.)
 
 For one token of one sequence (batch-1 decode, an agent answering), quantized_step.py chains these node
-sets, with attention between them, through every layer and the head as one graph; batched
-decode and anything with a mask keep torch's attention (workers/attention.py) between these two graphs.
+sets through every layer and the head as one graph, with onnxruntime's own attention (RoPE included)
+between them; batched decode and anything with a mask keep torch's attention (workers/attention.py)
+between these two graphs.
 
 The math is LlamaModel.project_qkv's, attention's and finish_layer's; only the activations entering each
 matmul are rounded to int8 per group of 32 (MatMulNBits' fast path), as in block_quant_linear.py.
@@ -58,18 +59,23 @@ def quantize_layer(weights: LayerWeights, bits: int) -> QuantizedParts:
     return QuantizedParts(weights, {name: quantize(getattr(weights, name).float(), bits) for name in MATRICES})
 
 
-def project_nodes(g: GraphBuilder, parts: QuantizedParts, h: str, cos: str, sin: str, p: str) -> tuple[str, str, str]:
-    """Nodes from h [M, d] to q [M, Hq * D], k, v [M, Hkv * D], q and k rotated; names prefixed by `p`."""
+def qkv_nodes(g: GraphBuilder, parts: QuantizedParts, h: str, p: str) -> str:
+    """Nodes from h [M, d] to the packed qkv [M, Hq * D + 2 * Hkv * D], not rotated; names prefixed by `p`."""
     w = parts.weights
-    q_width, kv_width = w.heads * w.head_dim, w.kv_heads * w.head_dim
     norm = g.constant(f"{p}attn_norm", w.attn_norm.float().numpy())
     g.node("SimplifiedLayerNormalization", [h, norm], [f"{p}normed_in"], axis=-1, epsilon=w.eps)
-    g.matmul(f"{p}normed_in", parts.matrices["qkv"], f"{p}qkv_raw", name=f"{p}qkv")
+    return g.matmul(f"{p}normed_in", parts.matrices["qkv"], f"{p}qkv_raw", name=f"{p}qkv")
+
+
+def rotated_nodes(g: GraphBuilder, w: LayerWeights, qkv: str, cos: str, sin: str, out: str, p: str) -> str:
+    """Nodes from the packed qkv [M, q + 2 kv] to `out`, the same with RoPE applied to q and k (cos/sin [M, D])."""
+    q_width, kv_width = w.heads * w.head_dim, w.kv_heads * w.head_dim
     widths = g.constant(f"{p}qkv.widths", np.array([q_width, kv_width, kv_width], np.int64))
-    g.node("Split", [f"{p}qkv_raw", widths], [f"{p}q_raw", f"{p}k_raw", f"{p}v"], axis=-1)
+    g.node("Split", [qkv, widths], [f"{p}q_raw", f"{p}k_raw", f"{p}v"], axis=-1)
     q = g.rotary(f"{p}q_raw", cos, sin, w.heads, w.head_dim, name=f"{p}q_rope")
     k = g.rotary(f"{p}k_raw", cos, sin, w.kv_heads, w.head_dim, name=f"{p}k_rope")
-    return q, k, f"{p}v"
+    g.node("Concat", [q, k, f"{p}v"], [out], axis=-1)
+    return out
 
 
 def finish_nodes(g: GraphBuilder, parts: QuantizedParts, h: str, attn: str, p: str) -> str:
@@ -105,8 +111,7 @@ class QuantizedLayer:
         self.weight_bytes = parts.nbytes  # what a decode step reads
 
         before = GraphBuilder()
-        q, k, v = project_nodes(before, parts, "h", "cos", "sin", p="")
-        before.node("Concat", [q, k, v], ["qkv"], axis=-1)
+        rotated_nodes(before, weights, qkv_nodes(before, parts, "h", p=""), "cos", "sin", "qkv", p="")
         out = {"qkv": self.qkv_width}
         self._before = OrtGraph(before.build({"h": hidden, "cos": d, "sin": d}, out), out)
 
