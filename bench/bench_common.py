@@ -134,6 +134,12 @@ def decode_ms(model: LlamaModel, cache: KVCache, context: int, tokens: int) -> f
     return 1000 * statistics.median(times)
 
 
+def median_spread(values: list[float]) -> tuple[float, float]:
+    """A repeated figure's median and spread, (max - min) / median: how far the repeats disagree."""
+    median = statistics.median(values)
+    return median, (max(values) - min(values)) / median
+
+
 @dataclass(frozen=True)
 class Settled:
     """A figure measured in blocks until two blocks in a row agree (an unsettled machine or a cold cache shows

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .bench_common import Json, log, random_ids
+from .bench_common import Json, log, median_spread, random_ids
 from .llama_cpp_server import missing_note
 
 # One engine's measurement: prompt ids [n], decode steps after it (0: none) ->
@@ -148,19 +148,14 @@ def interleaved_rounds(engines: dict[str, Measure], sizes: Sizes, vocab: int) ->
     return {name: _summarize(by_length, sizes) for name, by_length in samples.items()}
 
 
-def _median_spread(values: list[float]) -> tuple[float, float]:
-    median = statistics.median(values)
-    return median, (max(values) - min(values)) / median
-
-
 def _summarize(by_length: dict[int, list[tuple[float, float | None]]], sizes: Sizes) -> Json:
     result: Json = {"prefill_tok_s": {}, "prefill_spread": {}, "decode_ms_per_token": {}, "decode_spread": {}}
     for n, runs in by_length.items():
         if n in sizes.prefill_lengths:
-            tok_s, spread = _median_spread([n / prefill_s for prefill_s, _ in runs])
+            tok_s, spread = median_spread([n / prefill_s for prefill_s, _ in runs])
             result["prefill_tok_s"][str(n)], result["prefill_spread"][str(n)] = tok_s, spread
         if n in sizes.decode_contexts:
-            ms, spread = _median_spread([ms for _, ms in runs if ms is not None])
+            ms, spread = median_spread([ms for _, ms in runs if ms is not None])
             result["decode_ms_per_token"][str(n)], result["decode_spread"][str(n)] = ms, spread
     return result
 

@@ -54,6 +54,15 @@ def test_engine_benchmark_quick_run_writes_the_promised_keys(tmp_path):
     assert report["batch8_tok_s"] > 0 and report["floor"]["decode_ms"] > 0
     assert report["floor"]["matmul_gflops"] > 0 and report["floor"]["bandwidth_gbs"] > 0
     assert "vs_transformers" in report
+    spread = report["spread"]  # every repeated figure's spread, and the worst one as a target
+    assert {f"prefill_tok_s@{n}" for n in report["prefill_tok_s"]} <= set(spread["figures"])
+    assert {f"decode_ms@{c}" for c in report["decode_ms_per_token"]} <= set(spread["figures"])
+    assert spread["max"] == max(spread["figures"].values()) == spread["figures"][spread["worst"]]
+    assert report["targets"]["spread"]["value"] == spread["max"]
+    decode_vs_floor = report["targets"]["decode_vs_floor"]["value"]
+    main = min(report["decode_ms_per_token"], key=int)  # --quick states its targets at its one context
+    assert decode_vs_floor == pytest.approx(report["decode_ms_per_token"][main] / report["floor"]["decode_ms"])
+    assert report["targets"]["prefill_vs_transformers"]["pass"] is None  # --quick skips transformers
     kernels = report["model"]["kernels"]  # which implementation each linear took
     assert sum(kernels.values()) == 4 * 30 + 1  # SmolLM2's 30 layers' four linears, and the LM head
     assert all(f"{count} {name}" in result.stdout for name, count in kernels.items())
