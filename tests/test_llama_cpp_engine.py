@@ -47,7 +47,10 @@ def test_without_llama_cpp_the_section_is_skipped_saying_how_to_get_it(monkeypat
         "batch8_speedup": 3.0,
         "vs_transformers": {"skipped": "--quick"},
         "vs_llamacpp": vs,
+        "floor": {"decode_ms": 10.0},
+        "model": {"weight_format": "fp32"},
     }
+    results["spread"] = engine_bench.collect_spreads(results)
     target = engine_bench.evaluate_targets(results, engine_bench.QUICK)["decode_vs_llamacpp"]
     assert target["pass"] is None and target["note"] == note
 
