@@ -68,7 +68,9 @@ def _items(model: LlamaModel, tokenizer: Tokenizer, count: int) -> Iterator[Item
             ids, start, placed = planned.token_ids, planned.reuse.splice_at, planned.reuse.splice_kv
             assert start is not None and placed is not None
             dense = model.new_cache(capacity=len(ids))
-            model.forward(ForwardBatch(torch.tensor(ids), torch.arange(len(ids)), [SequenceChunk(dense, len(ids))]))
+            model.forward(
+                ForwardBatch(torch.tensor(ids), torch.arange(len(ids)), [SequenceChunk(dense, len(ids), prompt=True)])
+            )
             assert planned.layout is not None
             chunk_texts = {p.segment_id: p.text for p in pieces if p.segment_id is not None}
             chunks = [

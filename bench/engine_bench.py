@@ -213,7 +213,7 @@ def _batch_prefill(model: LlamaModel, n: int, context: int, spare: int) -> tuple
     batch = ForwardBatch(
         token_ids=torch.cat(ids),
         positions=torch.arange(context).repeat(n),
-        chunks=[SequenceChunk(c, context) for c in caches],
+        chunks=[SequenceChunk(c, context, prompt=True) for c in caches],
         logit_rows=torch.arange(1, n + 1) * context - 1,
     )
     start = time.perf_counter()

@@ -11,11 +11,15 @@ from kvmesh.bench.bench_common import SAMPLE_TEXT, all_logits, decode_logits, lo
 from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.kvcomm.rope import rotate
 from kvmesh.workers.block_quant_linear import DENSE_FROM_ROWS, BlockQuantLinear
-from kvmesh.workers.forward_batch import ForwardBatch
+from kvmesh.workers.engine import Engine, EngineConfig
+from kvmesh.workers.forward_batch import ForwardBatch, SequenceChunk
 from kvmesh.workers.kv_slots import KVSlots
 from kvmesh.workers.linear import make_linear
 from kvmesh.workers.llama import LlamaModel
 from kvmesh.workers.onnx_graph import GROUP
+from kvmesh.workers.quantized_step import fits, plan_step_calls
+from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.scheduler import SchedulerConfig
 
 CPU = torch.device("cpu")
 
@@ -158,22 +162,23 @@ def test_batch1_decode_as_one_graph_matches_the_layer_by_layer_path(raw_model) -
                     head_dim=config.head_dim, dtype=torch.float32, device=CPU)  # fmt: skip
 
     def run(cache: KVCache, one_graph: bool) -> torch.Tensor:
-        step, int4.step = int4.step, (int4.step if one_graph else None)
-        try:
-            if cache.length == 0:
-                logits = [int4.forward(ForwardBatch.single(cache, [prompt[0]]))]  # a first token, nothing cached
-                int4.forward(ForwardBatch.single(cache, prompt[1:]))
-            else:
-                logits = []
-            logits += [int4.forward(ForwardBatch.single(cache, [token])) for token in (17, 4_000)]
-            shifted = torch.tensor([cache.length + 5])
-            logits.append(int4.forward(ForwardBatch.single(cache, [30], positions=shifted)))
-        finally:
-            int4.step = step
-        return torch.cat(logits)  # type: ignore[arg-type]
+        step = int4.step
+
+        def decode(token: int, **options) -> torch.Tensor:
+            int4.step = step if one_graph else None  # None: the layer-by-layer path
+            try:
+                return int4.forward(ForwardBatch.single(cache, [token], **options))  # type: ignore[return-value]
+            finally:
+                int4.step = step
+
+        logits = [decode(prompt[0])]  # a first token, nothing cached
+        int4.forward(ForwardBatch.single(cache, prompt[1:]))  # the prompt: fp32 on both sides
+        logits += [decode(token) for token in (17, 4_000)]
+        logits.append(decode(30, positions=torch.tensor([cache.length + 5])))
+        return torch.cat(logits)
 
     for ours_cache in (int4.new_cache(capacity=64), slots.acquire()):
-        assert ours_cache is not None and int4.step.fits(ours_cache)
+        assert ours_cache is not None and fits(ours_cache)
         layered_cache = int4.new_cache(capacity=64)
         ours, layered = run(ours_cache, True), run(layered_cache, False)
         assert ours_cache.length == layered_cache.length == 43
@@ -182,3 +187,64 @@ def test_batch1_decode_as_one_graph_matches_the_layer_by_layer_path(raw_model) -
             for mine, theirs in zip(ours_cache.layer(layer, 43), layered_cache.layer(layer, 43), strict=True):
                 assert _relative_error(mine, theirs) < 2e-3
     assert torch.equal(slots.keys[:, 1], torch.zeros_like(slots.keys[:, 1]))  # the other slot untouched
+
+
+def test_sequences_decoding_together_share_one_step_over_their_slots(raw_model) -> None:
+    """Three sequences of different lengths decode in one forward beside a fourth one's prefill chunk, while a
+    fifth holds a slot among theirs and waits: the three take one step call over the slot run (the other two
+    slots' rows get a discarded write past their lengths), the chunk an fp32 pass of its own; logits and every
+    cache as when each sequence runs alone (its decode layer by layer)."""
+    config = dataclasses.replace(raw_model.config, num_layers=2)
+    int4 = LlamaModel(config, raw_model.weights, weight_format="int4")
+    ids = raw_model.tokenizer.encode(SAMPLE_TEXT)
+    prompts = [ids[:30], ids[30:41], ids[41:60], ids[60:77], ids[77:90]]
+    decodes, prefilling, waiting = [0, 1, 4], 2, 3
+    slots = KVSlots(num_layers=2, num_slots=6, num_kv_heads=config.num_kv_heads, capacity=64,
+                    head_dim=config.head_dim, dtype=torch.float32, device=CPU)  # fmt: skip
+    together = [slots.acquire() for _ in prompts]
+    alone = [int4.new_cache(capacity=64) for _ in prompts]
+    for caches in (together, alone):
+        for i in [*decodes, waiting]:
+            int4.forward(ForwardBatch.single(caches[i], prompts[i]))  # type: ignore[arg-type]
+    new_tokens = {0: 17, 1: 4_000, 4: 30}
+    chunks = [SequenceChunk(together[i], 1) for i in decodes[:2]]  # type: ignore[arg-type]
+    chunks += [SequenceChunk(together[prefilling], 19, prompt=True), SequenceChunk(together[4], 1)]  # type: ignore[arg-type]
+    tokens = torch.tensor([17, 4_000, *prompts[prefilling], 30])
+    positions = torch.tensor([30, 11, *range(19), 13])
+    calls, rest = plan_step_calls(chunks)
+    assert [call.chunks for call in calls] == [[0, 1, 3]] and rest == [2]
+    assert calls[0].lengths.tolist() == [30, 11, 0, 17, 13]  # slots 0-4: the waiting one's row writes at 17
+    logits = int4.forward(ForwardBatch(tokens, positions, chunks, torch.tensor([0, 1, 20, 21])))
+
+    prefilled = int4.forward(ForwardBatch.single(alone[prefilling], prompts[prefilling]))  # in fp32, as together
+    step, int4.step = int4.step, None  # each sequence's decode alone, layer by layer
+    try:
+        expected = [int4.forward(ForwardBatch.single(alone[i], [new_tokens[i]])) for i in decodes]
+    finally:
+        int4.step = step
+    expected.insert(2, prefilled)
+    assert _relative_error(logits, torch.cat(expected)) < 2e-3  # type: ignore[arg-type]
+    for mine, theirs in zip(together, alone, strict=True):
+        assert mine is not None and mine.length == theirs.length
+        for layer in range(2):
+            for a, b in zip(mine.layer(layer, mine.length), theirs.layer(layer, theirs.length), strict=True):
+                assert _relative_error(a, b) < 2e-3
+
+
+def test_an_int4_engine_batch_gives_each_request_its_greedy_tokens_alone(int4: LlamaModel, tokenizer) -> None:
+    """The engine's steps mix decodes (one step call over the slots) with chunked prefills (fp32): three
+    requests together produce the greedy tokens each produces alone. Without speculation: a verify tree takes
+    the layer graphs, whose float sums differ from the step's in order, and with int8 activations that moves
+    logits by ~1% (a near-tie then goes the other way, as it would between any two int8-activation runs)."""
+    questions = ["What is the capital of France?", "Name three colors.", "Write a haiku about the sea."]
+    greedy = SamplingParams(max_tokens=10)
+
+    def engine(max_batch_tokens: int) -> Engine:
+        scheduler = SchedulerConfig(max_running=4, max_batch_tokens=max_batch_tokens)
+        config = EngineConfig(scheduler=scheduler, speculation=None)
+        return Engine(int4, tokenizer, config)
+
+    prompts = [engine(256).chat_prompt(q) for q in questions]
+    alone = [engine(256).generate([p], greedy)[0].token_ids for p in prompts]
+    together = engine(24).generate(prompts, greedy)  # 24 tokens a step: prefill chunks beside decodes
+    assert [c.token_ids for c in together] == alone

@@ -386,7 +386,7 @@ class Engine:
             positions.extend(range(start, start + chunk.num_tokens))
             if chunk.completes_prompt:
                 logit_rows.append(len(ids) - 1)
-            seq_chunks.append(SequenceChunk(seq.cache, chunk.num_tokens))
+            seq_chunks.append(SequenceChunk(seq.cache, chunk.num_tokens, prompt=seq.in_prefill))
         return ForwardBatch(
             token_ids=torch.tensor(ids),
             positions=torch.tensor(positions),

@@ -15,11 +15,14 @@ class SequenceChunk:
 
     attn_mask: [num_tokens, length + num_tokens] bool, True = may attend. None means causal by slot.
     A speculation tree passes its tree mask here (and per-node positions in ForwardBatch.positions).
+    prompt: the tokens are a prompt's (prefill), not generated ones: a quantized model computes their KV in
+    fp32, whatever else shares the forward, as it is kept and shared (llama.py).
     """
 
     cache: KVCache
     num_tokens: int
     attn_mask: torch.Tensor | None = None
+    prompt: bool = False
 
 
 @dataclass
@@ -47,10 +50,11 @@ class ForwardBatch:
         attn_mask: torch.Tensor | None = None,
         all_logits: bool = False,
     ) -> ForwardBatch:
-        """One sequence; logits for the last token (or all tokens)."""
+        """One sequence; logits for the last token (or all tokens). Several tokens without a mask are a
+        prompt's; one token, or a tree under a mask, are generated ones (decode, a speculation verify)."""
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         n = ids.numel()
         if positions is None:
             positions = torch.arange(cache.length, cache.length + n)
         rows = torch.arange(n) if all_logits else torch.tensor([n - 1])
-        return cls(ids, positions, [SequenceChunk(cache, n, attn_mask)], rows)
+        return cls(ids, positions, [SequenceChunk(cache, n, attn_mask, prompt=n > 1 and attn_mask is None)], rows)

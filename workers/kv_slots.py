@@ -56,6 +56,7 @@ class KVSlots:
         self.keys = _zeros(shape, dtype, device)
         self.values = _zeros(shape, dtype, device)
         self._free = list(range(num_slots))
+        self._holders: dict[int, SlotKVCache] = {}
 
     @property
     def capacity(self) -> int:
@@ -66,11 +67,18 @@ class KVSlots:
         if not self._free:
             return None
         self._free.sort()
-        return SlotKVCache(self, self._free.pop(0))
+        cache = SlotKVCache(self, self._free.pop(0))
+        self._holders[cache.index] = cache
+        return cache
+
+    def holder(self, index: int) -> SlotKVCache | None:
+        """The cache that holds slot `index`, or None while it is free."""
+        return self._holders.get(index)
 
     def release(self, index: int) -> None:
         if index in self._free:
             raise RuntimeError(f"KV slot {index} released twice")
+        del self._holders[index]
         self._free.append(index)
 
 

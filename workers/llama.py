@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -12,12 +12,12 @@ from kvmesh.kvcomm.rope import RopeTable, rotate
 
 from .attention import DecodeGroup, attend
 from .block_quant_linear import DENSE_FROM_ROWS, BlockQuantLinear, decode_threads
-from .forward_batch import ForwardBatch, SequenceChunk
+from .forward_batch import ForwardBatch
 from .linear import QUANTIZED_FORMATS, Linear, WeightFormat, head_format, make_linear
 from .model_config import ModelConfig
 from .model_files import ModelLoadError
 from .quantized_layer import LayerWeights, QuantizedLayer, quantize_layer
-from .quantized_step import QuantizedStep
+from .quantized_step import QuantizedStep, plan_step_calls
 
 
 class _Layer:
@@ -119,11 +119,12 @@ class LlamaModel:
         return cos[:, None, :], sin[:, None, :]
 
     def project_qkv(
-        self, index: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, index: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, exact: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [N, d] -> q [N, Hq, D], k [N, Hkv, D] (both rotated), v [N, Hkv, D] of layer `index`."""
+        """h [N, d] -> q [N, Hq, D], k [N, Hkv, D] (both rotated), v [N, Hkv, D] of layer `index`; `exact`
+        keeps a quantized model's rows in fp32."""
         c, layer = self.config, self.layers[index]
-        rotated = layer.decode is not None and h.shape[0] < DENSE_FROM_ROWS
+        rotated = layer.decode is not None and h.shape[0] < DENSE_FROM_ROWS and not exact
         if rotated:
             qkv = layer.decode.project_qkv(h, cos[:, 0], sin[:, 0])  # RoPE inside the graph
         else:
@@ -135,10 +136,10 @@ class LlamaModel:
             return q, k, v
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
-    def finish_layer(self, index: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def finish_layer(self, index: int, h: torch.Tensor, attn: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """The rest of layer `index` after attention: output projection, residual, SwiGLU MLP. [N, d]."""
         c, layer = self.config, self.layers[index]
-        if layer.decode is not None and h.shape[0] < DENSE_FROM_ROWS:
+        if layer.decode is not None and h.shape[0] < DENSE_FROM_ROWS and not exact:
             return layer.decode.finish(h, attn)
         h = h + layer.o(attn)
         gate, up = layer.gate_up(F.rms_norm(h, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)).chunk(2, dim=-1)
@@ -152,37 +153,74 @@ class LlamaModel:
             raise ValueError(f"positions must lie in [0, {c.max_context}) (the model's context)")
         for chunk in batch.chunks:
             chunk.cache.reserve(chunk.num_tokens)
+        if self.step is not None:
+            return self._forward_quantized(batch)
         group, rest = DecodeGroup.plan(batch.chunks)
-        with self._threads(batch.token_ids.numel()):
-            return self._forward(batch, group, rest)
+        return self._forward(batch, group, rest)
 
-    def _one_token_decode(self, batch: ForwardBatch) -> SequenceChunk | None:
-        """The batch's one chunk when it is one sequence's next token, unmasked, in a quantized format and a
-        cache the step's attention can work in: the whole step then runs as one graph (quantized_step.py)."""
-        if self.step is None or len(batch.chunks) != 1:
+    def _forward_quantized(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """A forward in a quantized format, in up to three passes by what each chunk is:
+        - generated single tokens (decodes) through the one-graph step (quantized_step.py), one call per KV
+          buffer;
+        - prompt chunks in fp32: the prompt's KV is exact, whatever the batch holds (it goes to the prefix
+          cache and to other agents), and prefill is compute-bound, so 4 bits buy nothing there;
+        - anything else (a speculation tree, a decode the step cannot take) through the layer graphs, as
+          decode runs."""
+        chunks = batch.chunks
+        starts = torch.tensor([0, *(chunk.num_tokens for chunk in chunks)]).cumsum(0).tolist()
+        logits_by_row: dict[int, torch.Tensor] = {}
+        calls, rest = plan_step_calls(chunks)
+        with decode_threads(1):
+            for call in calls:
+                rows = torch.tensor([starts[i] for i in call.chunks])
+                h = torch.zeros(len(call.lengths), self.config.hidden_size, dtype=self.dtype)  # [B, d]
+                positions = torch.zeros(len(call.lengths), dtype=torch.long)  # rows not decoded: discarded
+                h[call.buffer_rows] = self.embed[batch.token_ids[rows]]
+                positions[call.buffer_rows] = batch.positions[rows]
+                logits = self.step(h, positions, call)  # [B, V]
+                for i, row, buffer_row in zip(call.chunks, rows.tolist(), call.buffer_rows, strict=True):
+                    chunks[i].cache.length += 1
+                    logits_by_row[row] = logits[buffer_row]
+        prompts = [i for i in rest if chunks[i].prompt]
+        others = [i for i in rest if i not in prompts]
+        for indices, exact in ((prompts, True), (others, False)):
+            if indices:
+                logits_by_row |= self._forward_part(batch, starts, indices, exact)
+        if batch.logit_rows is None:
             return None
-        chunk = batch.chunks[0]
-        return chunk if chunk.num_tokens == 1 and chunk.attn_mask is None and self.step.fits(chunk.cache) else None
+        return torch.stack([logits_by_row[row] for row in batch.logit_rows.tolist()])  # [M, V]
 
-    def _threads(self, rows: int) -> AbstractContextManager[None]:
-        quantized = self.weight_format in QUANTIZED_FORMATS
-        return decode_threads(rows) if quantized else nullcontext()
+    def _forward_part(
+        self, batch: ForwardBatch, starts: list[int], indices: list[int], exact: bool
+    ) -> dict[int, torch.Tensor]:
+        """Some of a batch's chunks as a forward of their own -> their logits by the batch's row."""
+        rows = [row for i in indices for row in range(starts[i], starts[i + 1])]
+        wanted = set() if batch.logit_rows is None else set(batch.logit_rows.tolist())
+        part_rows = [j for j, row in enumerate(rows) if row in wanted]
+        part = ForwardBatch(
+            batch.token_ids[rows],
+            batch.positions[rows],
+            [batch.chunks[i] for i in indices],
+            torch.tensor(part_rows, dtype=torch.long) if part_rows else None,
+        )
+        group, rest = DecodeGroup.plan(part.chunks)
+        with nullcontext() if exact else decode_threads(len(rows)):
+            logits = self._forward(part, group, rest, exact)
+        return {} if logits is None else {rows[j]: row for j, row in zip(part_rows, logits, strict=True)}
 
-    def _forward(self, batch: ForwardBatch, group: DecodeGroup | None, rest: list[int]) -> torch.Tensor | None:
+    def _forward(
+        self, batch: ForwardBatch, group: DecodeGroup | None, rest: list[int], exact: bool = False
+    ) -> torch.Tensor | None:
         c = self.config
         h = self.embed[batch.token_ids.to(self.device)]  # [N, d]
-        one_token = self._one_token_decode(batch)
-        if one_token is not None:
-            logits = self.step(h, batch.positions, one_token.cache)
-            one_token.cache.length += 1
-            return None if batch.logit_rows is None else logits
         cos, sin = self.rotary(batch.positions)
         for index in range(c.num_layers):
-            q, k, v = self.project_qkv(index, h, cos, sin)
-            h = self.finish_layer(index, h, attend(index, batch.chunks, group, rest, q, k, v))
+            q, k, v = self.project_qkv(index, h, cos, sin, exact)
+            h = self.finish_layer(index, h, attend(index, batch.chunks, group, rest, q, k, v), exact)
         for chunk in batch.chunks:
             chunk.cache.length += chunk.num_tokens
         if batch.logit_rows is None:
             return None
         last = F.rms_norm(h[batch.logit_rows.to(self.device)], (c.hidden_size,), self.final_norm, c.rms_norm_eps)
-        return self.lm_head(last).float()  # [M, V]
+        head = self.lm_head.dense if exact and isinstance(self.lm_head, BlockQuantLinear) else self.lm_head
+        return head(last).float()  # [M, V]

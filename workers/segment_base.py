@@ -19,7 +19,9 @@ def base_alone(model: LlamaModel, header_ids: list[int], token_ids: list[int]) -
     """Prefill header + segment, keep the segment's KV, moved to start at position 0."""
     ids = header_ids + token_ids
     cache = model.new_cache(capacity=len(ids))
-    model.forward(ForwardBatch(torch.tensor(ids), torch.arange(len(ids)), [SequenceChunk(cache, len(ids))]))
+    model.forward(
+        ForwardBatch(torch.tensor(ids), torch.arange(len(ids)), [SequenceChunk(cache, len(ids), prompt=True)])
+    )
     kv = cache.slice(len(header_ids))
     kv.shift(-len(header_ids), model.config.rope)
     return kv
