@@ -188,7 +188,8 @@ class LlamaModel:
                 logits_by_row |= self._forward_part(batch, starts, indices, exact)
         if batch.logit_rows is None:
             return None
-        return torch.stack([logits_by_row[row] for row in batch.logit_rows.tolist()])  # [M, V]
+        with decode_threads(1):  # torch's second thread, woken here, would spin beside the next step's graph
+            return torch.stack([logits_by_row[row] for row in batch.logit_rows.tolist()])  # [M, V]
 
     def _forward_part(
         self, batch: ForwardBatch, starts: list[int], indices: list[int], exact: bool
