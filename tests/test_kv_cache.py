@@ -217,6 +217,7 @@ def test_shift_rotates_filled_keys_only_and_leaves_values():
     cache, _, values = _random(12)
     cache.keys[:, :, :12] = rotate(raw_keys, cos, sin)
     cache.reserve(10)
+    cache.keys[:, :, 12:] = 7.0  # reserve's fresh slots are uninitialized, and a NaN there never equals itself
     spare = cache.keys[:, :, 12:].clone()
     cache.shift(40, spec)
     cos, sin = cos_sin(spec, positions + 40, torch.float32)

@@ -8,10 +8,11 @@ activations to int8 per block (as llama.cpp's Q8 activations) and reads the pack
 The graphs and the weight schemes are in onnx_graph.py; a decoder layer's decode work is fused in
 quantized_layer.py, and this class serves a lone linear (the output head).
 
-Only decode-sized products take that kernel. From DENSE_FROM_ROWS rows on (prefill chunks) the fp32 weight
-goes through oneDNN: prefill is compute-bound, so 4 bits buy it nothing, and MatMulNBits ran with torch's
-parallel ops between its calls at 0.7x fp32's prefill rate (2,048 tokens) because two thread pools then
-share two cores. Prefill stays exact; the price is memory (fp32 beside the packed codes).
+Only decode-sized products take that kernel. Prompt chunks always run in fp32 (llama.py: their KV is kept
+and shared, so it must not depend on the batch), and any other product of DENSE_FROM_ROWS rows or more too:
+prefill is compute-bound, so 4 bits buy it nothing, and MatMulNBits ran with torch's parallel ops between its
+calls at 0.7x fp32's prefill rate (2,048 tokens) because two thread pools then share two cores. The price is
+memory (fp32 beside the packed codes).
 
 While the quantized kernels compute a decode step, torch runs on one thread (`decode_threads`): torch's own
 ops there are small, and its idle OpenMP threads spinning beside onnxruntime's pool had made int4 decode
