@@ -8,6 +8,7 @@ import torch
 from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.workers.blend import BlendConfig, _attend_causally, blend
 from kvmesh.workers.forward_batch import ForwardBatch
+from kvmesh.workers.llama import LlamaModel
 from kvmesh.workers.segment_base import base_alone
 from kvmesh.workers.span_reads import span_reads
 
@@ -57,7 +58,15 @@ def blended(model, tokenizer, prompt, config: BlendConfig, reused: KVCache | Non
     return cache, logits, stats
 
 
-def test_recomputing_every_token_is_dense_prefill(model, tokenizer, prompt):
+@pytest.fixture(scope="module")
+def int4(raw_model) -> LlamaModel:
+    return LlamaModel(raw_model.config, raw_model.weights, weight_format="int4")
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_recomputing_every_token_is_dense_prefill(request, tokenizer, prompt, weights):
+    """In int4 too: the recomputed rows are a prompt's, so they take fp32 as the dense prefill does."""
+    model = request.getfixturevalue("model" if weights == "fp32" else "int4")
     prefix, docs, suffix = prompt
     ids = prefix + [t for doc in docs for t in doc] + suffix
     dense = model.new_cache()

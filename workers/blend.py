@@ -105,7 +105,7 @@ def blend(
     h = model.embed[torch.tensor(token_ids, device=model.device)]  # [M, d]
     cos, sin = model.rotary(torch.arange(start, start + span))
     for layer in range(model.config.num_layers):
-        q, k, v = model.project_qkv(layer, h, cos, sin)  # for the selected rows only
+        q, k, v = model.project_qkv(layer, h, cos, sin, exact=True)  # the selected rows only; prompt KV: fp32
         if layer in checks:
             count = max(0, min(round(checks[layer] * span), len(rows)))
             keep = choose(layer, rows, v, cache.values[layer, :, start + rows].transpose(0, 1), count)
@@ -117,7 +117,7 @@ def blend(
         slots = start + rows
         cache.keys[layer, :, slots] = k.transpose(0, 1)  # [Hkv, |S|, D]
         cache.values[layer, :, slots] = v.transpose(0, 1)
-        h = model.finish_layer(layer, h, _attend_causally(q, cache.keys[layer], cache.values[layer], slots))
+        h = model.finish_layer(layer, h, _attend_causally(q, cache.keys[layer], cache.values[layer], slots), exact=True)
     return stats
 
 

@@ -32,7 +32,7 @@ def span_reads(model: LlamaModel, cache: KVCache, span_start: int, readers: Sequ
     h = model.embed[torch.tensor(list(readers), device=model.device)]  # [n, d]
     cos, sin = model.rotary(own)
     for layer in range(model.config.num_layers):
-        q, k, v = model.project_qkv(layer, h, cos, sin)  # q [n, Hq, D], k/v [n, Hkv, D]
+        q, k, v = model.project_qkv(layer, h, cos, sin, exact=True)  # q [n, Hq, D], k/v [n, Hkv, D]; prompt rows
         cache.write(layer, end, k.transpose(0, 1), v.transpose(0, 1))
         keys, values = cache.layer(layer, end + len(readers))  # [Hkv, T, D]
         group = q.shape[1] // keys.shape[0]
@@ -43,5 +43,5 @@ def span_reads(model: LlamaModel, cache: KVCache, span_start: int, readers: Sequ
             read = weights[:, :, span_start:end].sum(dim=(0, 1))  # [M]
             mass += read / read.sum().clamp_min(1e-12)
         out = torch.einsum("hnt,htd->nhd", weights.to(values.dtype), values)  # [n, Hq, D]
-        h = model.finish_layer(layer, h, out.reshape(len(readers), -1))
+        h = model.finish_layer(layer, h, out.reshape(len(readers), -1), exact=True)
     return mass
