@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -167,7 +168,7 @@ class LlamaModel:
         - anything else (a speculation tree, a decode the step cannot take) through the layer graphs, as
           decode runs."""
         chunks = batch.chunks
-        starts = torch.tensor([0, *(chunk.num_tokens for chunk in chunks)]).cumsum(0).tolist()
+        starts = list(accumulate((chunk.num_tokens for chunk in chunks), initial=0))  # each chunk's first row
         logits_by_row: dict[int, torch.Tensor] = {}
         calls, rest = plan_step_calls(chunks)
         with decode_threads(1):

@@ -6,10 +6,10 @@ onnxruntime calls a layer and none of the ~12 torch ops between the matmuls:
     before: (h, cos, sin) -> RMSNorm -> qkv -> RoPE on q and k                [M, d] -> [M, q + 2 kv]
     after:  (h, attn) -> h + o(attn) = h2 -> RMSNorm -> gate_up -> silu(gate) * up -> h2 + down(.)
 
-For one token of one sequence (batch-1 decode, an agent answering), quantized_step.py chains these node
-sets through every layer and the head as one graph, with onnxruntime's own attention (RoPE included)
-between them; batched decode and anything with a mask keep torch's attention (workers/attention.py)
-between these two graphs.
+For a decode step (one sequence's next token, or several sequences' in their KV slots), quantized_step.py
+chains these node sets through every layer and the head as one graph, with onnxruntime's own attention
+(RoPE included) between them; a speculation verify tree, or a decode the step cannot take, runs these two
+graphs a layer at a time with torch's attention (workers/attention.py) between them.
 
 The math is LlamaModel.project_qkv's, attention's and finish_layer's; only the activations entering each
 matmul are rounded to int8 per group of 32 (MatMulNBits' fast path), as in block_quant_linear.py.

@@ -53,17 +53,20 @@ def fits(cache: KVCache) -> bool:
 def plan_step_calls(chunks: list[SequenceChunk]) -> tuple[list[StepCall], list[int]]:
     """The step calls that decode a forward's generated single tokens (one call per KVSlots buffer, one per
     private cache), and the indices of the chunks left for the other paths."""
-    calls, by_buffer = [], {}
+    calls: list[StepCall] = []
+    by_buffer: dict[int, tuple[KVSlots, list[int], list[int]]] = {}  # id -> the buffer, its chunks, their slots
     for i, chunk in enumerate(chunks):
         cache = chunk.cache
         if chunk.num_tokens != 1 or chunk.prompt or chunk.attn_mask is not None or not fits(cache):
             continue
         if isinstance(cache, SlotKVCache) and cache.slots is not None:
-            by_buffer.setdefault(id(cache.slots), (cache.slots, []))[1].append(i)
+            _, members, indices = by_buffer.setdefault(id(cache.slots), (cache.slots, [], []))
+            members.append(i)
+            indices.append(cache.index)
         else:
             calls.append(StepCall(cache.keys[:, None], cache.values[:, None], torch.tensor([cache.length]), [i], [0]))
-    for slots, members in by_buffer.values():
-        call = _over_slots(slots, [chunks[i].cache.index for i in members], members)  # type: ignore[attr-defined]
+    for slots, members, indices in by_buffer.values():
+        call = _over_slots(slots, indices, members)
         if call is not None:
             calls.append(call)
     served = {i for call in calls for i in call.chunks}
