@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .forward_batch import ForwardBatch, SequenceChunk
-from .kv_slots import KVSlots, SlotKVCache
+from .kv_slots import KVSlots, SlotKVCache, shared_prefix
 from .linear import WeightFormat
 from .llama import LlamaModel
 from .model_config import ModelConfig
@@ -73,10 +73,15 @@ class EngineConfig:
     # SuffixDecoding speculation; None disables it. On by default: it drafts only where its cost model
     # expects a gain, so a request whose output repeats nothing runs (almost) as plain decoding
     speculation: SpeculationConfig | None = field(default_factory=SpeculationConfig)
+    # a prefix-cache hit at least this long is read in place by the sequences holding it (shared_prefix.py):
+    # agents fanning out over one context hold and read it once, not once each; None: every hit is copied
+    shared_prefix_min_tokens: int | None = 256
 
     def __post_init__(self) -> None:
         if self.kv_slot_tokens is not None and self.kv_slot_tokens < 1:
             raise ValueError(f"kv_slot_tokens must be >= 1 or None, got {self.kv_slot_tokens}")
+        if self.shared_prefix_min_tokens is not None and self.shared_prefix_min_tokens < 1:
+            raise ValueError(f"shared_prefix_min_tokens must be >= 1 or None, got {self.shared_prefix_min_tokens}")
 
 
 class RequestFailed(RuntimeError):
@@ -328,11 +333,40 @@ class Engine:
                 # exact cache never serves past a splice point
                 limit = seq.reuse.splice_at if seq.reuse.splice_at is not None else len(seq.prompt_ids) - 1
                 seq.prefix_match = match = self.prefix_cache.match(seq.prompt_ids, max_tokens=limit)  # pinned
-                self.prefix_cache.load(match, seq.cache)
+                if self._shares(seq, match.num_tokens):
+                    assert isinstance(seq.cache, SlotKVCache)
+                    seq.cache.share(self.prefix_cache.share(match))
+                else:
+                    self.prefix_cache.load(match, seq.cache)
                 seq.num_computed = match.num_tokens
                 seq.stats.prefix_hit_tokens = match.num_tokens
             self._splice_if_due(seq)
         return seq.status is not Status.FINISHED
+
+    def _shares(self, seq: Sequence, hit_tokens: int) -> bool:
+        """Whether `seq` reads its prefix-cache hit in place: a long enough hit, a KV slot (the batched paths
+        attend in two parts there), and no splice (a CacheBlend pass reads the cache's KV directly)."""
+        least = self.config.shared_prefix_min_tokens
+        return (
+            least is not None
+            and hit_tokens >= least
+            and isinstance(seq.cache, SlotKVCache)
+            and seq.reuse.splice_at is None
+        )
+
+    def held_kv_bytes(self) -> int:
+        """Bytes of KV the running requests hold, a prefix they share counted once."""
+        c = self.model.config
+        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.model.dtype.itemsize
+        shared: dict[object, int] = {}
+        own = 0
+        for seq in self.scheduler.running:
+            prefix = shared_prefix(seq.cache)
+            shared_tokens = 0 if prefix is None else prefix.length
+            if prefix is not None:
+                shared[prefix.identity] = prefix.length
+            own += seq.cache.length - shared_tokens
+        return (own + sum(shared.values())) * per_token
 
     def _splice_if_due(self, seq: Sequence) -> None:
         """Append (or compute) the planner's KV once the prompt before it is in the cache."""
@@ -447,7 +481,9 @@ class Engine:
             if self.prefix_cache is not None and reason != "error":  # a failed request's KV is not trusted
                 exact = seq.num_computed if seq.reuse.splice_at is None else min(seq.num_computed, seq.reuse.splice_at)
                 if exact:  # spliced KV is approximate: only what precedes it enters the exact cache
-                    self.prefix_cache.insert(seq.all_ids[:exact], seq.cache)
+                    prefix = shared_prefix(seq.cache)
+                    readable = 0 if prefix is None else prefix.length
+                    self.prefix_cache.insert(seq.all_ids[:exact], seq.cache, readable_from=readable)
         finally:
             if self.prefix_cache is not None and seq.prefix_match is not None:
                 self.prefix_cache.release(seq.prefix_match)

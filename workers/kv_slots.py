@@ -8,6 +8,10 @@ call reads (masked) positions past a sequence's length and a NaN there would poi
 it is zeroed by calloc, whose fresh pages materialize only where tokens are written, so a large
 capacity costs address space, not memory.
 A sequence that outgrows its slot moves to a buffer of its own and simply leaves the batched path.
+
+A slot may hold a sequence whose first tokens are a shared prefix (shared_prefix.py): the prefix tree's KV,
+read in place; the slot then holds only the tokens after it, at their own positions, and its first positions
+stay unwritten. Whoever reads such a cache's KV as a whole goes through `slice`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import numpy as np
 import torch
 
 from kvmesh.kvcomm.kv_cache import KVCache
+
+from .shared_prefix import SharedPrefix
 
 
 class SlotKVCache(KVCache):
@@ -27,17 +33,51 @@ class SlotKVCache(KVCache):
         self.length = 0
         self.slots: KVSlots | None = slots
         self.index = index
+        self.shared: SharedPrefix | None = None  # the tokens [0, shared.length), read in place
+
+    def share(self, prefix: SharedPrefix) -> None:
+        """Start the (empty) cache with a shared prefix: its tokens count as held, nothing is copied."""
+        if self.length or self.shared is not None:
+            raise RuntimeError("a shared prefix can only start an empty KV cache")
+        self.shared, self.length = prefix, prefix.length
 
     def reserve(self, extra: int) -> None:
         if self.length + extra > self.capacity:
+            self.unshare()  # the private buffer below is a copy of the slot: the prefix must be in it
             self.free_slot()  # KVCache.reserve now copies into a private, growable buffer
         super().reserve(extra)
+
+    def unshare(self) -> None:
+        """Copy the shared prefix into the slot's own positions and stop reading it in place."""
+        if self.shared is not None:
+            self.shared.copy_to(self.keys, self.values, 0, self.shared.length)
+            self.shared = None
+
+    def slice(self, start: int, end: int | None = None) -> KVCache:
+        shared, end = self.shared, self.length if end is None else end
+        if shared is None or start >= shared.length:
+            return super().slice(start, end)
+        if not 0 <= start <= end <= self.length:
+            raise ValueError(f"slice [{start}, {end}) is outside a {self.length}-token cache")
+        out = KVCache.empty_like(self, capacity=end - start)
+        middle = min(end, shared.length)
+        shared.copy_to(out.keys, out.values, start, middle)
+        out.keys[:, :, middle - start : end - start] = self.keys[:, :, middle:end]
+        out.values[:, :, middle - start : end - start] = self.values[:, :, middle:end]
+        out.length = end - start
+        return out
 
     def free_slot(self) -> None:
         """Give the slot back (the view must not be written after this)."""
         if self.slots is not None:
             self.slots.release(self.index)
             self.slots = None
+            self.shared = None
+
+
+def shared_prefix(cache: KVCache) -> SharedPrefix | None:
+    """The prefix `cache` reads in place, if any."""
+    return cache.shared if isinstance(cache, SlotKVCache) else None
 
 
 class KVSlots:

@@ -156,8 +156,8 @@ class LlamaModel:
             chunk.cache.reserve(chunk.num_tokens)
         if self.step is not None:
             return self._forward_quantized(batch)
-        group, rest = DecodeGroup.plan(batch.chunks)
-        return self._forward(batch, group, rest)
+        groups, rest = DecodeGroup.plan(batch.chunks)
+        return self._forward(batch, groups, rest)
 
     def _forward_quantized(self, batch: ForwardBatch) -> torch.Tensor | None:
         """A forward in a quantized format, in up to three passes by what each chunk is:
@@ -205,20 +205,20 @@ class LlamaModel:
             [batch.chunks[i] for i in indices],
             torch.tensor(part_rows, dtype=torch.long) if part_rows else None,
         )
-        group, rest = DecodeGroup.plan(part.chunks)
+        groups, rest = DecodeGroup.plan(part.chunks)
         with nullcontext() if exact else decode_threads(len(rows)):
-            logits = self._forward(part, group, rest, exact)
+            logits = self._forward(part, groups, rest, exact)
         return {} if logits is None else {rows[j]: row for j, row in zip(part_rows, logits, strict=True)}
 
     def _forward(
-        self, batch: ForwardBatch, group: DecodeGroup | None, rest: list[int], exact: bool = False
+        self, batch: ForwardBatch, groups: list[DecodeGroup], rest: list[int], exact: bool = False
     ) -> torch.Tensor | None:
         c = self.config
         h = self.embed[batch.token_ids.to(self.device)]  # [N, d]
         cos, sin = self.rotary(batch.positions)
         for index in range(c.num_layers):
             q, k, v = self.project_qkv(index, h, cos, sin, exact)
-            h = self.finish_layer(index, h, attend(index, batch.chunks, group, rest, q, k, v), exact)
+            h = self.finish_layer(index, h, attend(index, batch.chunks, groups, rest, q, k, v), exact)
         for chunk in batch.chunks:
             chunk.cache.length += chunk.num_tokens
         if batch.logit_rows is None:

@@ -23,6 +23,8 @@ import torch
 
 from kvmesh.kvcomm.kv_cache import KVCache
 
+from .shared_prefix import SharedPrefix
+
 
 @dataclass(frozen=True)
 class PrefixCacheConfig:
@@ -166,6 +168,24 @@ class PrefixCache:
             start, left = start + take, left - take
         cache.length = start
 
+    def share(self, match: PrefixMatch) -> SharedPrefix:
+        """The matched KV in place: views of the nodes' tensors, no copy (shared_prefix.py). The views keep the
+        tensors alive even if a later split replaces a node's own; the pin keeps the nodes in the tree."""
+        if match.num_tokens == 0 or not match.nodes:
+            raise ValueError("only a live match of at least one block can be shared")
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        left = match.num_tokens
+        for node in match.nodes[-1].path():
+            if left == 0:
+                break
+            take = min(len(node.tokens), left)
+            assert node.keys is not None and node.values is not None
+            keys.append(node.keys[:, :, :take])
+            values.append(node.values[:, :, :take])
+            left -= take
+        return SharedPrefix(tuple(keys), tuple(values))
+
     def release(self, match: PrefixMatch) -> None:
         """Unpin the match's path. A second release of the same match does nothing."""
         if not match.nodes:
@@ -192,8 +212,10 @@ class PrefixCache:
         self._num_nodes += 1
         return head
 
-    def insert(self, token_ids: Sequence[int], cache: KVCache) -> int:
-        """Store the whole blocks of token_ids not yet cached; cache slots [0, len(token_ids)) hold their KV.
+    def insert(self, token_ids: Sequence[int], cache: KVCache, readable_from: int = 0) -> int:
+        """Store the whole blocks of token_ids not yet cached; cache slots [readable_from, len(token_ids)) hold
+        their KV (a cache reading a shared prefix in place holds nothing before it: if the tree no longer holds
+        that prefix, nothing is stored).
 
         Returns the tokens this call added that are still in the tree after it evicted to fit the budget.
         """
@@ -213,6 +235,8 @@ class PrefixCache:
                 child = self._split(child, shared)
             child.last_access = now
             node, pos = child, pos + shared
+        if pos < min(readable_from, total):
+            return 0
         per_token = 2 * cache.keys[:, :, 0].numel() * cache.keys.element_size()
         end = min(total, pos + (self.config.budget_bytes // per_token) // bs * bs)  # never more than fits
         leaf = None

@@ -22,7 +22,8 @@ class PromptReuse:
     splice_kv: KVCache | None = None
     splice_fn: Callable[[KVCache], tuple[int, int]] | None = None
     splice_exact: int = 0  # leading spliced tokens whose KV is exact (a known prefix): reported as cached
-    # called in the engine's thread: keep it short (copy what is needed, hand the rest to another thread)
+    # called in the engine's thread: keep it short (copy what is needed, hand the rest to another thread);
+    # read the cache through `slice`: its prefix may be shared, read in place, not in its own tensors
     on_prefilled: Callable[[KVCache], None] | None = None  # the whole prompt's KV is in the cache
     on_finished: Callable[[KVCache, list[int]], None] | None = None  # (cache, output ids), before it is freed
 

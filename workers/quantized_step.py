@@ -28,7 +28,7 @@ from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.kvcomm.rope import RopeTable
 
 from .forward_batch import SequenceChunk
-from .kv_slots import KVSlots, SlotKVCache
+from .kv_slots import KVSlots, SlotKVCache, shared_prefix
 from .onnx_graph import GraphBuilder, OrtGraph, QuantizedWeight, TensorSpec
 from .quantized_layer import QuantizedParts, finish_nodes, qkv_nodes
 
@@ -46,8 +46,10 @@ class StepCall:
 
 def fits(cache: KVCache) -> bool:
     """Whether the step can decode in this cache: each layer's [Hkv, capacity, D] contiguous (a private cache
-    or a KV slot) with room for one more token."""
-    return cache.length < cache.capacity and cache.keys[0].is_contiguous() and cache.values[0].is_contiguous()
+    or a KV slot) with room for one more token, and all of its KV there (not reading a shared prefix in place,
+    which the graph's attention cannot merge in)."""
+    contiguous = cache.keys[0].is_contiguous() and cache.values[0].is_contiguous()
+    return cache.length < cache.capacity and contiguous and shared_prefix(cache) is None
 
 
 def plan_step_calls(chunks: list[SequenceChunk]) -> tuple[list[StepCall], list[int]]:

@@ -1,0 +1,205 @@
+"""A prefix-cache hit read in place (shared_prefix.py): the same KV and logits as a copy of it, no copy made.
+
+The model-level tests use the tiny random Llama (GQA, 2 layers) against dense private caches; the engine tests
+run the real SmolLM2 with sharing on and off and compare greedy tokens, hooks and what enters the prefix cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_kv_slots import decode_batch, make_slots, prefill
+
+from kvmesh.workers.engine import Completion, Engine, EngineConfig
+from kvmesh.workers.forward_batch import ForwardBatch, SequenceChunk
+from kvmesh.workers.prefix_cache import PrefixCache, PrefixCacheConfig
+from kvmesh.workers.prompt_reuse import PromptReuse
+from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.scheduler import SchedulerConfig
+from kvmesh.workers.shared_prefix import scores_with_lse, with_lse
+from kvmesh.workers.speculation import SpeculationConfig
+
+
+def _tree_with_two_pieces(model, context: list[int]) -> PrefixCache:
+    """A prefix cache holding `context` as two nodes (a second request diverged after 16 tokens)."""
+    tree = PrefixCache(PrefixCacheConfig(block_size=8))
+    for ids in (context, context[:16] + [3] * 16):
+        cache = model.new_cache()
+        prefill(model, cache, ids)
+        tree.insert(ids, cache)
+    return tree
+
+
+def test_with_lse_paths_agree_with_sdpa() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 16, generator=gen) for _ in range(3))
+    k, v = torch.randn(2, 3, 9, 16, generator=gen), torch.randn(2, 3, 9, 16, generator=gen)
+    allowed = torch.rand(2, 1, 5, 9, generator=gen) > 0.4
+    allowed[..., 0] = True
+    bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    scores = (q @ k.transpose(-1, -2)) * 16**-0.5 + bias
+    for out, lse in (with_lse(q, k, v, bias), scores_with_lse(q, k, v, bias)):
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=0)
+
+
+def test_sequences_over_a_shared_prefix_compute_what_copies_compute(tiny_model) -> None:
+    gen = torch.Generator().manual_seed(1)
+    context = torch.randint(3, 256, (40,), generator=gen).tolist()
+    tree = _tree_with_two_pieces(tiny_model, context)
+    tails = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (1, 6, 11)]
+    slots = make_slots(tiny_model, num_slots=5, capacity=80)
+    stranger = slots.acquire()  # a sequence without the prefix in the same buffer, between the sharers
+    shared, copied = [], []
+    for tail in tails:
+        match = tree.match(context + tail, max_tokens=len(context))
+        assert match.num_tokens == 40 and len(match.nodes) == 2
+        own = slots.acquire()
+        own.share(tree.share(match))
+        assert own.length == 40 and own.keys[:, :, :40].abs().sum() == 0  # nothing copied into the slot
+        private = tiny_model.new_cache()
+        tree.load(match, private)
+        shared.append(own)
+        copied.append(private)
+    reference_stranger = tiny_model.new_cache()
+    for cache, ids in ((stranger, context[:5]), (reference_stranger, context[:5])):
+        prefill(tiny_model, cache, ids)
+    # prompt chunks after the prefix (several tokens, causal) in one forward, then batched decodes
+    for caches in (shared, copied):
+        batch = ForwardBatch(
+            torch.tensor([t for tail in tails for t in tail]),
+            torch.tensor([40 + i for tail in tails for i in range(len(tail))]),
+            [SequenceChunk(cache, len(tail), prompt=True) for cache, tail in zip(caches, tails, strict=True)],
+            torch.arange(sum(map(len, tails))),
+        )
+        if caches is shared:
+            got = tiny_model.forward(batch)
+        else:
+            torch.testing.assert_close(got, tiny_model.forward(batch), atol=1e-5, rtol=0)
+    for step in range(3):
+        tokens = [9 + step, 20 + step, 31 + step, 42 + step]
+        got = decode_batch(tiny_model, [shared[0], stranger, shared[1], shared[2]], tokens)
+        want = decode_batch(tiny_model, [copied[0], reference_stranger, copied[1], copied[2]], tokens)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for own, private in zip(shared, copied, strict=True):  # the whole KV, read through slice, is the copy's
+        torch.testing.assert_close(own.slice(0).keys, private.slice(0).keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(own.slice(30, 43).values, private.slice(30, 43).values, atol=1e-5, rtol=0)
+
+
+def test_a_shared_sequence_that_outgrows_its_slot_copies_the_prefix_first(tiny_model) -> None:
+    context = list(range(10, 42))
+    tree = _tree_with_two_pieces(tiny_model, context)
+    slots = make_slots(tiny_model, num_slots=1, capacity=34)
+    own, private = slots.acquire(), tiny_model.new_cache()
+    match = tree.match([*context, 5], max_tokens=32)
+    own.share(tree.share(match))
+    tree.load(match, private)
+    for step in range(4):  # the third token no longer fits the slot
+        tokens = [50 + step]
+        torch.testing.assert_close(
+            decode_batch(tiny_model, [own], tokens), decode_batch(tiny_model, [private], tokens), atol=1e-5, rtol=0
+        )
+    assert own.slots is None and own.shared is None
+    torch.testing.assert_close(own.keys[:, :, :36], private.keys[:, :, :36], atol=1e-6, rtol=0)
+
+
+def test_share_is_a_view_and_an_insert_never_reads_the_unwritten_prefix(tiny_model) -> None:
+    context = list(range(10, 42))
+    tree = _tree_with_two_pieces(tiny_model, context)
+    match = tree.match(context)
+    prefix = tree.share(match)
+    nodes = match.nodes[-1].path()
+    assert [k.data_ptr() for k in prefix.keys] == [n.keys.data_ptr() for n in nodes]  # the tree's memory
+    slots = make_slots(tiny_model, num_slots=1, capacity=64)
+    own = slots.acquire()
+    own.share(prefix)
+    prefill(tiny_model, own, list(range(60, 76)))
+    tree.clear()  # the tree no longer holds the prefix: storing the sequence would need slots [0, 32)
+    assert tree.insert(context + list(range(60, 76)), own, readable_from=32) == 0 and tree.nbytes == 0
+    tree.release(match)
+
+
+# -- the engine on the real model ---------------------------------------------------------------------------
+
+CONTEXT = (
+    "Meeting notes, infrastructure review. The team moved the nightly batch jobs from the old cluster to the "
+    "new one in March. Two incidents followed: a disk filled up on the storage node because log rotation was "
+    "not configured, and a scheduler bug ran the billing export twice on the last day of the month. Both were "
+    "fixed within a day. The database migration is planned for next quarter; it needs a maintenance window of "
+    "four hours and a rollback plan that the team has not written yet. Costs went down by twelve percent after "
+    "the move, mostly from turning off idle machines at night. The on-call rotation now has six people. "
+)
+QUESTIONS = ["What went wrong?", "What is planned next?", "Did costs change?", "Who is on call?"]
+
+
+def _engine(model, tokenizer, shared_from: int | None, **config) -> Engine:
+    return Engine(
+        model,
+        tokenizer,
+        EngineConfig(
+            scheduler=SchedulerConfig(max_running=8, max_batch_tokens=64),
+            speculation=config.pop("speculation", None),
+            shared_prefix_min_tokens=shared_from,
+            **config,
+        ),
+    )
+
+
+def _fan_out(engine: Engine, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+    engine.generate([prompts[0][: len(prompts[0]) - 8]], SamplingParams(max_tokens=1))  # the context, cached
+    return engine.generate(prompts, sampling, role="agent")
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    context = tokenizer.encode(CONTEXT * 2)
+    return [context + tokenizer.encode(f"\nQuestion: {q}\nAnswer:") for q in QUESTIONS]
+
+
+@pytest.mark.slow
+def test_agents_over_one_context_get_the_tokens_copies_get_and_hold_it_once(model, tokenizer, prompts) -> None:
+    sampling = SamplingParams(max_tokens=12, ignore_eos=True)
+    copied = [c.token_ids for c in _fan_out(_engine(model, tokenizer, None), prompts, sampling)]
+    engine = _engine(model, tokenizer, 64)
+    engine.generate([prompts[0][:-8]], SamplingParams(max_tokens=1))
+    start = len(prompts[0]) - 8 - 64
+    engine.kv_slots.keys[:, :, :, :start].zero_()  # (what that request left in its slot)
+    ids = [engine.add_request(p, sampling) for p in prompts]
+    events = engine.step()  # admitted: each reads the cached context in place
+    running = engine.scheduler.running
+    hit = running[0].stats.prefix_hit_tokens
+    assert hit >= 64 and all(s.cache.shared is not None and s.cache.shared.length == hit for s in running)
+    per_token = 2 * running[0].cache.keys[:, :, 0].numel() * 4
+    own = sum(s.cache.length - hit for s in running)
+    assert engine.held_kv_bytes() == (hit + own) * per_token  # the context once
+    assert all(s.cache.keys[:, :, :start].abs().sum() == 0 for s in running)  # and never copied
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    while events:
+        tokens[events[0].request_id] += [] if events[0].token_id is None else [events[0].token_id]
+        events = events[1:] or (engine.step() if engine.has_work() else [])
+    assert [tokens[i] for i in ids] == copied
+    # a finished agent's KV went into the prefix cache beyond the context: its whole prompt is a hit now
+    probe = engine.prefix_cache.match(prompts[1] + [0] * 16)
+    assert probe.num_tokens == len(prompts[1]) // 16 * 16
+    engine.prefix_cache.release(probe)
+
+
+@pytest.mark.slow
+def test_hooks_and_speculation_see_the_whole_kv(model, tokenizer, prompts) -> None:
+    seen: dict[int | None, list[torch.Tensor]] = {None: [], 64: []}
+    for shared_from in (None, 64):
+        engine = _engine(model, tokenizer, shared_from)
+        engine.generate([prompts[0][:-8]], SamplingParams(max_tokens=1))
+        hooked = PromptReuse(on_prefilled=lambda cache, into=seen[shared_from]: into.append(cache.slice(0).keys))
+        engine.add_request(prompts[2], SamplingParams(max_tokens=2), reuse=hooked)
+        while engine.has_work():
+            engine.step()
+    assert len(seen[64]) == 1
+    assert torch.equal(seen[64][0][:, :, :256], seen[None][0][:, :, :256])  # the shared part is the tree's KV
+    torch.testing.assert_close(seen[64][0], seen[None][0], atol=1e-4, rtol=0)  # the rest: float rounding
+    sampling = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain = _fan_out(_engine(model, tokenizer, 64), prompts, sampling)
+    drafted = _fan_out(_engine(model, tokenizer, 64, speculation=SpeculationConfig()), prompts, sampling)
+    assert sum(c.stats.verify_steps for c in drafted) > 0  # drafts were verified over the shared prefix
+    assert [c.token_ids for c in drafted] == [c.token_ids for c in plain]
