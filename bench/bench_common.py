@@ -57,6 +57,20 @@ def random_ids(count: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (count,), generator=torch.Generator().manual_seed(seed))
 
 
+def target_entry(value: float | None, target: float, at_least: bool, note: str) -> Json:
+    """One of a benchmark's targets: its measured value against the bound (pass None: not measured)."""
+    passed = None if value is None else (value >= target if at_least else value <= target)
+    return {"value": value, "target": target, "direction": ">=" if at_least else "<=", "pass": passed, "note": note}
+
+
+def print_targets(targets: Json) -> None:
+    print("\ntargets:")
+    for name, t in targets.items():
+        status = {True: "PASS", False: "MISS", None: "n/a"}[t["pass"]]
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        print(f"  {status:4}  {name}: {value} (target {t['direction']} {t['target']}) - {t['note']}")
+
+
 # -- setup ------------------------------------------------------------------------------------------
 @dataclass
 class Setup:

@@ -19,6 +19,15 @@ def add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     add_model_options(engine_bench)
     engine_bench.set_defaults(handler=_deferred("engine_bench", "run_engine_bench"))
 
+    fanout_bench = bench_kinds.add_parser(
+        "fanout", help="agents decoding over one shared prefix: copied into each agent's KV vs read in place"
+    )
+    fanout_bench.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    fanout_bench.add_argument("--quick", action="store_true", help="3 agents, a 256-token prefix, 8 tokens each")
+    fanout_bench.add_argument("--agents", type=int, default=None, help="agents sharing the prefix (default 8; 3 quick)")
+    add_model_options(fanout_bench)
+    fanout_bench.set_defaults(handler=_deferred("fanout_bench", "run_fanout_bench"))
+
     suffix_bench = bench_kinds.add_parser("suffix", help="SuffixDecoding speculation on agent-loop workloads")
     suffix_bench.add_argument(
         "--workload",

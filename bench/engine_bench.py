@@ -51,10 +51,12 @@ from .bench_common import (
     logits_distance,
     machine_info,
     median_spread,
+    print_targets,
     random_ids,
     restart_clock,
     settle,
     slot_caches,
+    target_entry,
     timed_prefill,
 )
 from .json_report import save_json
@@ -497,11 +499,6 @@ def bench_llamacpp(args: argparse.Namespace, setup: Setup, plan: Plan) -> Json:
 
 
 # -- targets and the table --------------------------------------------------------------------------
-def _target(value: float | None, target: float, at_least: bool, note: str) -> Json:
-    passed = None if value is None else (value >= target if at_least else value <= target)
-    return {"value": value, "target": target, "direction": ">=" if at_least else "<=", "pass": passed, "note": note}
-
-
 def collect_spreads(results: Json) -> Json:
     """Every repeated figure's spread, flat by name, and the worst: how far apart its repeats landed."""
     figures: dict[str, float] = {}
@@ -532,38 +529,38 @@ def evaluate_targets(results: Json, plan: Plan) -> Json:
     vs_hf, vs_llama = results["vs_transformers"], results["vs_llamacpp"]
     decode, floor_ms = results["decode_ms_per_token"].get(main), results["floor"].get("decode_ms")
     return {
-        "decode_ms": _target(decode, TARGET_DECODE_MS, False, f"ms/token @{main}, batch 1"),
-        "decode_vs_floor": _target(
+        "decode_ms": target_entry(decode, TARGET_DECODE_MS, False, f"ms/token @{main}, batch 1"),
+        "decode_vs_floor": target_entry(
             None if decode is None or not floor_ms else decode / floor_ms,
             TARGET_DECODE_VS_FLOOR,
             False,
             f"ms/token @{main} / the weights' bytes at the measured copy rate ({results['model']['weight_format']})",
         ),
-        "prefill_efficiency": _target(
+        "prefill_efficiency": target_entry(
             results["prefill_efficiency"].get(main),
             TARGET_PREFILL_EFFICIENCY,
             True,
             f"prefill GFLOP/s @{main} / torch.mm GFLOP/s",
         ),
-        "decode_vs_transformers": _target(
+        "decode_vs_transformers": target_entry(
             vs_hf.get("decode_speedup"),
             TARGET_VS_TRANSFORMERS,
             True,
             vs_hf.get("skipped", f"transformers ms/token / ours @{main}"),
         ),
-        "prefill_vs_transformers": _target(
+        "prefill_vs_transformers": target_entry(
             vs_hf.get("prefill_speedup"),
             TARGET_VS_TRANSFORMERS,
             True,
             vs_hf.get("skipped", f"transformers prefill s / ours @{main}"),
         ),
-        "batch8_speedup": _target(
+        "batch8_speedup": target_entry(
             results["batch8_speedup"],
             TARGET_BATCH_SPEEDUP,
             True,
             f"batch-{plan.batch_size} aggregate tok/s / batch-1 tok/s @{batch}",
         ),
-        "decode_vs_llamacpp": _target(
+        "decode_vs_llamacpp": target_entry(
             vs_llama.get("decode_speedup"),
             TARGET_VS_LLAMACPP,
             True,
@@ -571,7 +568,7 @@ def evaluate_targets(results: Json, plan: Plan) -> Json:
                 "skipped", f"llama.cpp ms/token / ours @{main}, llama.cpp on the GGUF's own quantized weights"
             ),
         ),
-        "spread": _target(
+        "spread": target_entry(
             results["spread"]["max"], TARGET_SPREAD, False, f"the worst figure's spread: {results['spread']['worst']}"
         ),
     }
@@ -796,10 +793,7 @@ def print_table(results: Json) -> None:
             + ", ".join(f"{k} ({v:.0%} of the CPUs)" for k, v in busy.items())
             + ": with 2 threads on 2 cores their figures can be several times too slow"
         )
-    print("\ntargets:")
-    for name, t in results["targets"].items():
-        status = {True: "PASS", False: "MISS", None: "n/a"}[t["pass"]]
-        print(f"  {status:4}  {name}: {_fmt(t['value'], '.2f')} (target {t['direction']} {t['target']}) - {t['note']}")
+    print_targets(results["targets"])
 
 
 # -- entry point ------------------------------------------------------------------------------------

@@ -70,6 +70,29 @@ def test_engine_benchmark_quick_run_writes_the_promised_keys(tmp_path):
     assert report["machine"]["isa"] == [flag for flag in ISA_FLAGS if flag in flags]
 
 
+def test_fanout_benchmark_quick_run_shares_the_prefix_and_keeps_the_tokens(tmp_path):
+    out = tmp_path / "fanout.json"
+    result = kvmesh("bench", "fanout", "--quick", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    agents, prefix = report["agents"], report["shared_prefix_tokens"]
+    assert (agents, prefix, report["decode_tokens"]) == (3, 256, 8)
+    for variant in ("copied", "shared"):
+        assert report["prefix_hit_tokens"][variant] == [prefix] * agents  # every agent really hit the prefix
+        assert report["decode_steps"][variant] >= 1  # steps of all agents decoding and nothing else
+        assert report["decode_step_ms"][variant] > 0 and report["prefix_hit_ms"][variant] > 0
+        assert report["floor_step_ms"][variant] > 0
+    assert report["identical"] is True and report["identical_agents"] == agents  # sharing changes no token
+    kv = report["kv_bytes"]
+    saved = (agents - 1) * prefix * report["floor"]["kv_bytes_per_token"]  # the copies sharing does not make
+    assert kv["copied"] - kv["shared"] == pytest.approx(saved, rel=0.05)
+    assert report["floor_step_ms"]["shared"] < report["floor_step_ms"]["copied"]
+    assert report["speedup"] == pytest.approx(report["decode_step_ms"]["copied"] / report["decode_step_ms"]["shared"])
+    assert set(report["targets"]) == {"speedup", "kv_ratio", "identical", "prefix_hit_ms"}
+    assert report["targets"]["identical"]["pass"] is True
+    assert "floor ms" in result.stdout and "targets:" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
