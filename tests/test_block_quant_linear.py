@@ -248,3 +248,17 @@ def test_an_int4_engine_batch_gives_each_request_its_greedy_tokens_alone(int4: L
     alone = [engine(256).generate([p], greedy)[0].token_ids for p in prompts]
     together = engine(24).generate(prompts, greedy)  # 24 tokens a step: prefill chunks beside decodes
     assert [c.token_ids for c in together] == alone
+
+
+def test_an_int4_engine_copies_prefix_hits_rather_than_share_them(int4: LlamaModel, tokenizer) -> None:
+    """The step graph attends one contiguous cache: a shared prefix would send decodes to the layer graphs
+    (2.5x slower alone, other float sums: other tokens), so quantized models copy every hit."""
+    config = EngineConfig(speculation=None, shared_prefix_min_tokens=16)
+    engine = Engine(int4, tokenizer, config)
+    context = tokenizer.encode(SAMPLE_TEXT)[:80]
+    engine.generate([context], SamplingParams(max_tokens=1))
+    for tail in ([11, 12, 13], [21, 22, 23]):
+        engine.add_request(context + tail, SamplingParams(max_tokens=2))
+    engine.step()
+    assert [s.stats.prefix_hit_tokens for s in engine.scheduler.running] == [80, 80]
+    assert all(s.cache.shared is None for s in engine.scheduler.running)

@@ -186,6 +186,21 @@ def test_agents_over_one_context_get_the_tokens_copies_get_and_hold_it_once(mode
 
 
 @pytest.mark.slow
+def test_a_lone_reader_copies_and_a_later_partner_shares(model, tokenizer, prompts) -> None:
+    engine = _engine(model, tokenizer, 64)
+    engine.generate([prompts[0][:-8]], SamplingParams(max_tokens=1))
+    engine.add_request(prompts[0], SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()
+    (lone,) = engine.scheduler.running
+    assert lone.stats.prefix_hit_tokens >= 64 and lone.cache.shared is None  # alone, two parts would only cost
+    engine.add_request(prompts[1], SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.add_request(prompts[2], SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()
+    first, second = engine.scheduler.running[1:]
+    assert first.cache.shared is not None and first.cache.shared.identity == second.cache.shared.identity
+
+
+@pytest.mark.slow
 def test_hooks_and_speculation_see_the_whole_kv(model, tokenizer, prompts) -> None:
     seen: dict[int | None, list[torch.Tensor]] = {None: [], 64: []}
     for shared_from in (None, 64):
@@ -193,6 +208,9 @@ def test_hooks_and_speculation_see_the_whole_kv(model, tokenizer, prompts) -> No
         engine.generate([prompts[0][:-8]], SamplingParams(max_tokens=1))
         hooked = PromptReuse(on_prefilled=lambda cache, into=seen[shared_from]: into.append(cache.slice(0).keys))
         engine.add_request(prompts[2], SamplingParams(max_tokens=2), reuse=hooked)
+        engine.add_request(prompts[3], SamplingParams(max_tokens=2))  # a second reader: the hit is shared
+        engine.step()
+        assert all((s.cache.shared is not None) == (shared_from is not None) for s in engine.scheduler.running)
         while engine.has_work():
             engine.step()
     assert len(seen[64]) == 1

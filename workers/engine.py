@@ -35,17 +35,20 @@ from .linear import WeightFormat
 from .llama import LlamaModel
 from .model_config import ModelConfig
 from .model_files import DEFAULT_MODEL, load_raw_model
-from .prefix_cache import PrefixCache, PrefixCacheConfig
+from .prefix_cache import PrefixCache, PrefixCacheConfig, PrefixMatch
 from .prompt_reuse import PromptReuse
 from .sampling import InvalidRequestError, SamplingParams, make_generator, sample
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from .sequence import RequestStats, Sequence, Status
+from .shared_prefix import SharedPrefix
 from .speculation import SpeculationConfig, Speculator, tree_inputs, verify
 from .suffix_cache import Draft
 from .text_stream import TextStream
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+_PARTNER_SCAN = 64  # waiting requests compared with an admitted one for a prefix they could share
 
 
 def validate_prompt(prompt: Seq[int], config: ModelConfig) -> None:
@@ -74,7 +77,8 @@ class EngineConfig:
     # expects a gain, so a request whose output repeats nothing runs (almost) as plain decoding
     speculation: SpeculationConfig | None = field(default_factory=SpeculationConfig)
     # a prefix-cache hit at least this long is read in place by the sequences holding it (shared_prefix.py):
-    # agents fanning out over one context hold and read it once, not once each; None: every hit is copied
+    # agents fanning out over one context hold and read it once, not once each (float models, when at least two
+    # requests read it: Engine._shareable); None: every hit is copied
     shared_prefix_min_tokens: int | None = 256
 
     def __post_init__(self) -> None:
@@ -333,9 +337,10 @@ class Engine:
                 # exact cache never serves past a splice point
                 limit = seq.reuse.splice_at if seq.reuse.splice_at is not None else len(seq.prompt_ids) - 1
                 seq.prefix_match = match = self.prefix_cache.match(seq.prompt_ids, max_tokens=limit)  # pinned
-                if self._shares(seq, match.num_tokens):
+                prefix = self._shareable(seq, match)
+                if prefix is not None:
                     assert isinstance(seq.cache, SlotKVCache)
-                    seq.cache.share(self.prefix_cache.share(match))
+                    seq.cache.share(prefix)
                 else:
                     self.prefix_cache.load(match, seq.cache)
                 seq.num_computed = match.num_tokens
@@ -343,16 +348,31 @@ class Engine:
             self._splice_if_due(seq)
         return seq.status is not Status.FINISHED
 
-    def _shares(self, seq: Sequence, hit_tokens: int) -> bool:
-        """Whether `seq` reads its prefix-cache hit in place: a long enough hit, a KV slot (the batched paths
-        attend in two parts there), and no splice (a CacheBlend pass reads the cache's KV directly)."""
-        least = self.config.shared_prefix_min_tokens
-        return (
-            least is not None
-            and hit_tokens >= least
-            and isinstance(seq.cache, SlotKVCache)
-            and seq.reuse.splice_at is None
-        )
+    def _shareable(self, seq: Sequence, match: PrefixMatch) -> SharedPrefix | None:
+        """The hit `seq` reads in place instead of copying, or None. Reading in two parts costs a lone reader
+        ~7% a decode step (fp32, 2K tokens, bench/NOTES.md) and pays from two readers on (1.7x with 8), so a hit
+        is shared when another running request reads it in place or a waiting one starts with it. Also needed:
+        a long enough hit, a KV slot (the batched paths attend in two parts there), no splice (a CacheBlend pass
+        reads the cache's KV directly) and a float model (the quantized step graph cannot merge a second part;
+        its layer graphs would change tokens and slow a lone reader 2.5x)."""
+        least, hit = self.config.shared_prefix_min_tokens, match.num_tokens
+        if (
+            least is None
+            or hit < least
+            or not isinstance(seq.cache, SlotKVCache)
+            or seq.reuse.splice_at is not None
+            or self.model.step is not None
+        ):
+            return None
+        assert self.prefix_cache is not None
+        prefix = self.prefix_cache.share(match)
+        readers = (shared_prefix(other.cache) for other in self.scheduler.running)
+        if any(reader is not None and reader.identity == prefix.identity for reader in readers):
+            return prefix
+        head = seq.prompt_ids[:hit]
+        if any(other.prompt_ids[:hit] == head for other in itertools.islice(self.scheduler.waiting, _PARTNER_SCAN)):
+            return prefix
+        return None
 
     def held_kv_bytes(self) -> int:
         """Bytes of KV the running requests hold, a prefix they share counted once."""
