@@ -38,6 +38,7 @@ from .bench_common import (
     load_setup,
     log,
     machine_info,
+    median_spread,
     print_targets,
     restart_clock,
     target_entry,
@@ -74,11 +75,12 @@ class Plan:
     prefix_tokens: int  # the shared hit: a multiple of the prefix cache's block size
     decode_tokens: int  # each agent decodes exactly this many (ignore_eos)
     hit_repeats: int  # timed prefix hits per variant (median)
+    rounds: int  # runs of each variant, in the order copied, shared, shared, copied, ... (the machine drifts)
     floor_sizes: floors.FloorSizes
 
 
-FULL = Plan(agents=8, prefix_tokens=2048, decode_tokens=64, hit_repeats=9, floor_sizes=floors.FloorSizes())
-QUICK = Plan(agents=3, prefix_tokens=256, decode_tokens=8, hit_repeats=5, floor_sizes=floors.QUICK_SIZES)
+FULL = Plan(agents=8, prefix_tokens=2048, decode_tokens=64, hit_repeats=9, rounds=2, floor_sizes=floors.FloorSizes())
+QUICK = Plan(agents=3, prefix_tokens=256, decode_tokens=8, hit_repeats=5, rounds=1, floor_sizes=floors.QUICK_SIZES)
 VARIANTS: dict[str, int | None] = {"copied": None, "shared": SHARE_AT}  # name -> shared_prefix_min_tokens
 
 
@@ -169,7 +171,7 @@ def run_variant(setup: Setup, plan: Plan, name: str, context: list[int], prompts
     return {
         "decode_step_ms": step_ms,
         "decode_steps": len(times),
-        "decode_step_spread": (max(times) - min(times)) / statistics.median(times),
+        "step_times": times,
         "kv_bytes": held,
         "prefix_hit_tokens": [hits[i] for i in ids],
         "prefix_hit_ms": hit_ms,
@@ -177,15 +179,33 @@ def run_variant(setup: Setup, plan: Plan, name: str, context: list[int], prompts
     }
 
 
-def floor_step_ms(setup: Setup, plan: Plan, prompts: list[list[int]], bandwidth_gbs: float) -> Json:
+def pool_rounds(name: str, runs: list[Json]) -> Json:
+    """A variant's rounds as one: step times pooled, the most KV held, the median hit; every round must have
+    produced the same tokens (greedy, same engine settings)."""
+    if any(run["outputs"] != runs[0]["outputs"] for run in runs):
+        raise RuntimeError(f"{name}: the rounds produced different tokens: the engine is not deterministic here")
+    times = [t for run in runs for t in run["step_times"]]
+    return runs[0] | {
+        "decode_step_ms": 1000 * statistics.median(times),
+        "decode_steps": len(times),
+        # how far the rounds disagree; with one round, how far its steps did
+        "decode_step_spread": median_spread([run["decode_step_ms"] for run in runs] if len(runs) > 1 else times)[1],
+        "decode_step_ms_rounds": [run["decode_step_ms"] for run in runs],
+        "kv_bytes": max(run["kv_bytes"] for run in runs),
+        "prefix_hit_ms": statistics.median(run["prefix_hit_ms"] for run in runs),
+    }
+
+
+def floor_step_ms(setup: Setup, plan: Plan, prompts: list[list[int]], bandwidth_gbs: float, shares: bool) -> Json:
     """What one decode step must read, each variant: the weights once, and the KV every agent attends over at
-    the decode's mean length (the prompt plus half the output); a shared prefix is read once."""
+    the decode's mean length (the prompt plus half the output); a shared prefix once, where the engine did share
+    it (`shares`: quantized models copy every hit)."""
     config, model = setup.model.config, setup.model
     kv_per_token = 2 * config.num_layers * config.kv_size * model.dtype.itemsize  # keys and values
     contexts = [len(prompt) + plan.decode_tokens / 2 for prompt in prompts]
     tokens = {
         "copied": sum(contexts),
-        "shared": plan.prefix_tokens + sum(c - plan.prefix_tokens for c in contexts),
+        "shared": plan.prefix_tokens + sum(c - plan.prefix_tokens for c in contexts) if shares else sum(contexts),
     }
     weight_bytes = floors.decode_weight_bytes(model)
     read = {name: weight_bytes + kv_per_token * t for name, t in tokens.items()}
@@ -229,6 +249,12 @@ def print_table(results: Json) -> None:
         ("measure", "copied", "shared", "shared / copied"),
         ("decode step ms", f"{step['copied']:.1f}", f"{step['shared']:.1f}", f"{1 / results['speedup']:.2f}"),
         ("  floor ms", f"{floor['copied']:.1f}", f"{floor['shared']:.1f}", ""),
+        *[
+            (f"  round {i + 1} ms", f"{a:.1f}", f"{b:.1f}", "")
+            for i, (a, b) in enumerate(
+                zip(results["decode_step_ms_rounds"]["copied"], results["decode_step_ms_rounds"]["shared"], strict=True)
+            )
+        ],
         ("KV held MB", f"{kv['copied'] / 1e6:.0f}", f"{kv['shared'] / 1e6:.0f}", f"{kv['shared'] / kv['copied']:.2f}"),
         ("prefix hit ms", f"{hit['copied']:.3f}", f"{hit['shared']:.3f}", f"{hit['shared'] / hit['copied']:.2f}"),
     ]
@@ -257,16 +283,18 @@ def run_fanout_bench(args: argparse.Namespace) -> int:
     sizes = plan.floor_sizes
     bandwidth = max(floors.copy_bandwidth_gbs(n, setup.device, sizes.repeats) for n in sizes.copy_bytes)
     monitor, others_cpu = floors.CpuMonitor(), {}
-    runs: dict[str, Json] = {}
-    for name in VARIANTS:
+    rounds: dict[str, list[Json]] = {name: [] for name in VARIANTS}
+    order = [name for i in range(plan.rounds) for name in (list(VARIANTS) if i % 2 == 0 else list(VARIANTS)[::-1])]
+    for name in order:
         monitor.lap()
-        runs[name] = run_variant(setup, plan, name, context, prompts)
+        rounds[name].append(run_variant(setup, plan, name, context, prompts))
         gc.collect()  # the engine's KV slots go before the next one's are made
-        load = others_cpu[name] = monitor.lap()
-        if load is not None and load > 0.1:
+        load = others_cpu[name] = max(others_cpu.get(name, 0.0), monitor.lap() or 0.0)
+        if load > 0.1:
             log(f"  note: other processes used {load:.0%} of the CPUs during {name}: its figures are suspect")
+    runs = {name: pool_rounds(name, runs) for name, runs in rounds.items()}
     copied, shared = runs["copied"], runs["shared"]
-    floor = floor_step_ms(setup, plan, prompts, bandwidth)
+    floor = floor_step_ms(setup, plan, prompts, bandwidth, shares=shared["kv_bytes"] < copied["kv_bytes"])
     log(
         f"floor per decode step (bytes to read / {bandwidth:.1f} GB/s copy bandwidth): "
         + ", ".join(f"{name} {ms:.1f} ms" for name, ms in floor["floor_step_ms"].items())
@@ -290,6 +318,7 @@ def run_fanout_bench(args: argparse.Namespace) -> int:
         "decode_step_ms": {name: run["decode_step_ms"] for name, run in runs.items()},
         "decode_steps": {name: run["decode_steps"] for name, run in runs.items()},
         "decode_step_spread": {name: run["decode_step_spread"] for name, run in runs.items()},
+        "decode_step_ms_rounds": {name: run["decode_step_ms_rounds"] for name, run in runs.items()},
         "speedup": copied["decode_step_ms"] / shared["decode_step_ms"],
         "identical": copied["outputs"] == shared["outputs"],
         "identical_agents": sum(a == b for a, b in zip(copied["outputs"], shared["outputs"], strict=True)),
