@@ -7,6 +7,9 @@ hits it. With `shared_prefix_min_tokens=None` the hit is copied into each agent'
 read every step); with sharing on, the agents read the tree's one copy in place. Both variants share one loaded
 model, run without speculation (every step a plain decode) and must produce the same tokens.
 
+A second, cold setting starts from an empty prefix cache: the agents arrive together over the new context. Copied
+(today's engine), each prefills it; shared, the others wait while the first prefills it, then read its KV.
+
 Beside each decode step stands its floor: the bytes a step must read (the weights once, plus the KV each variant
 attends over) at the copy bandwidth measured in the same run. Progress lines go to stderr, a table to stdout,
 and with --json the results to a file.
@@ -179,6 +182,26 @@ def run_variant(setup: Setup, plan: Plan, name: str, context: list[int], prompts
     }
 
 
+def run_cold(setup: Setup, plan: Plan, name: str, prompts: list[list[int]]) -> Json:
+    """A fresh engine, nothing cached: the agents arrive together over the new context. Copied, each prefills
+    it; shared, the others wait for the first one's prefill and read its KV."""
+    config = EngineConfig(speculation=None, shared_prefix_min_tokens=VARIANTS[name])
+    engine = Engine(setup.model, setup.raw.tokenizer, config)
+    sampling = SamplingParams(temperature=0.0, max_tokens=plan.decode_tokens, ignore_eos=True)
+    log(f"{name}: {plan.agents} agents arrive together over the uncached context")
+    start = time.perf_counter()
+    completions = engine.generate(prompts, sampling)
+    wall = time.perf_counter() - start
+    computed = sum(len(p) - c.stats.prefix_hit_tokens for p, c in zip(prompts, completions, strict=True))
+    log(f"  {wall:.2f} s to the last token; {computed} prompt tokens computed")
+    return {
+        "wall_s": wall,
+        "prompt_tokens_computed": computed,
+        "ttft_max_s": max(c.stats.ttft_s or 0.0 for c in completions),
+        "outputs": [c.token_ids for c in completions],
+    }
+
+
 def pool_rounds(name: str, runs: list[Json]) -> Json:
     """A variant's rounds as one: step times pooled, the most KV held, the median hit; every round must have
     produced the same tokens (greedy, same engine settings)."""
@@ -193,6 +216,12 @@ def pool_rounds(name: str, runs: list[Json]) -> Json:
         "decode_step_ms_rounds": [run["decode_step_ms"] for run in runs],
         "kv_bytes": max(run["kv_bytes"] for run in runs),
         "prefix_hit_ms": statistics.median(run["prefix_hit_ms"] for run in runs),
+        "cold": {
+            "wall_s": statistics.median(run["cold"]["wall_s"] for run in runs),
+            "wall_s_rounds": [run["cold"]["wall_s"] for run in runs],
+            "prompt_tokens_computed": runs[0]["cold"]["prompt_tokens_computed"],
+            "ttft_max_s": statistics.median(run["cold"]["ttft_max_s"] for run in runs),
+        },
     }
 
 
@@ -234,6 +263,7 @@ def evaluate_targets(results: Json) -> Json:
 
 
 def print_table(results: Json) -> None:
+    cold = results["cold"]
     step, kv, hit, floor = (
         results["decode_step_ms"],
         results["kv_bytes"],
@@ -257,6 +287,9 @@ def print_table(results: Json) -> None:
         ],
         ("KV held MB", f"{kv['copied'] / 1e6:.0f}", f"{kv['shared'] / 1e6:.0f}", f"{kv['shared'] / kv['copied']:.2f}"),
         ("prefix hit ms", f"{hit['copied']:.3f}", f"{hit['shared']:.3f}", f"{hit['shared'] / hit['copied']:.2f}"),
+        ("cold: all done s", f"{cold['copied']['wall_s']:.2f}", f"{cold['shared']['wall_s']:.2f}", ""),
+        ("  prompt tokens computed", *(f"{cold[v]['prompt_tokens_computed']}" for v in ("copied", "shared")), ""),
+        ("  slowest first token s", *(f"{cold[v]['ttft_max_s']:.2f}" for v in ("copied", "shared")), ""),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for i, row in enumerate(rows):
@@ -265,7 +298,8 @@ def print_table(results: Json) -> None:
             print("  ".join("-" * w for w in widths))
     print(
         f"floor: the weights plus the KV each step attends over, at {results['floor']['copy_bandwidth_gbs']:.1f} GB/s "
-        f"(copy); identical outputs: {results['identical_agents']}/{results['agents']} agents"
+        f"(copy); identical outputs: {results['identical_agents']}/{results['agents']} agents (cold: "
+        f"{'the same' if results['cold_identical'] else 'NOT the same'})"
     )
     print_targets(results["targets"])
 
@@ -288,6 +322,7 @@ def run_fanout_bench(args: argparse.Namespace) -> int:
     for name in order:
         monitor.lap()
         rounds[name].append(run_variant(setup, plan, name, context, prompts))
+        rounds[name][-1]["cold"] = run_cold(setup, plan, name, prompts)
         gc.collect()  # the engine's KV slots go before the next one's are made
         load = others_cpu[name] = max(others_cpu.get(name, 0.0), monitor.lap() or 0.0)
         if load > 0.1:
@@ -323,6 +358,9 @@ def run_fanout_bench(args: argparse.Namespace) -> int:
         "identical": copied["outputs"] == shared["outputs"],
         "identical_agents": sum(a == b for a, b in zip(copied["outputs"], shared["outputs"], strict=True)),
         "prefix_hit_ms": {name: run["prefix_hit_ms"] for name, run in runs.items()},
+        "cold": {name: run["cold"] for name, run in runs.items()},
+        "cold_speedup": copied["cold"]["wall_s"] / shared["cold"]["wall_s"],
+        "cold_identical": rounds["copied"][0]["cold"]["outputs"] == rounds["shared"][0]["cold"]["outputs"],
         "sample_output": setup.raw.tokenizer.decode(shared["outputs"][0]),  # agent 1's reply, shared variant
         "floor": {k: v for k, v in floor.items() if k != "floor_step_ms"},
         "floor_step_ms": floor["floor_step_ms"],

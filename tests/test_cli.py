@@ -91,6 +91,10 @@ def test_fanout_benchmark_quick_run_shares_the_prefix_and_keeps_the_tokens(tmp_p
     assert set(report["targets"]) == {"speedup", "kv_ratio", "identical", "prefix_hit_ms"}
     assert report["targets"]["identical"]["pass"] is True
     assert "floor ms" in result.stdout and "targets:" in result.stdout
+    cold = report["cold"]  # nothing cached: copied, every agent computes the context; shared, the first one
+    assert cold["copied"]["prompt_tokens_computed"] == sum(report["prompt_tokens"])
+    assert cold["copied"]["prompt_tokens_computed"] - cold["shared"]["prompt_tokens_computed"] >= (agents - 1) * prefix
+    assert report["cold_identical"] is True and cold["shared"]["wall_s"] > 0
 
 
 @pytest.mark.parametrize(

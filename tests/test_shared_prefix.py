@@ -221,3 +221,36 @@ def test_hooks_and_speculation_see_the_whole_kv(model, tokenizer, prompts) -> No
     drafted = _fan_out(_engine(model, tokenizer, 64, speculation=SpeculationConfig()), prompts, sampling)
     assert sum(c.stats.verify_steps for c in drafted) > 0  # drafts were verified over the shared prefix
     assert [c.token_ids for c in drafted] == [c.token_ids for c in plain]
+
+
+@pytest.mark.slow
+def test_agents_arriving_together_over_a_new_context_compute_it_once(model, tokenizer, prompts) -> None:
+    sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+    copied = _engine(model, tokenizer, None).generate(prompts, sampling)  # today's: each prefills it all
+    engine = _engine(model, tokenizer, 64)
+    shared = engine.generate(prompts, sampling)
+    assert [c.token_ids for c in shared] == [c.token_ids for c in copied]
+    hits = [c.stats.prefix_hit_tokens for c in shared]
+    context = len(tokenizer.encode(CONTEXT * 2))
+    assert hits[0] == 0 and all(hit >= context - 16 for hit in hits[1:])  # the first computed it for all
+    computed = [
+        sum(len(p) - c.stats.prefix_hit_tokens for p, c in zip(prompts, run, strict=True)) for run in (copied, shared)
+    ]
+    assert computed[0] - computed[1] >= 2 * (context - 16)  # without waiting, most of them computed it again
+    assert engine.scheduler.running == [] and not engine._awaited
+
+
+def test_a_request_not_ready_keeps_its_place_and_lets_others_pass() -> None:
+    from kvmesh.workers.scheduler import Scheduler
+    from kvmesh.workers.sequence import Sequence
+
+    scheduler = Scheduler(SchedulerConfig(max_running=4, max_batch_tokens=64))
+    seqs = [
+        Sequence(f"r{i}", [1, 2, 3], SamplingParams(), cache=None, text=None, generator=None, max_tokens=4)  # type: ignore[arg-type]
+        for i in range(4)
+    ]
+    for seq in seqs:
+        scheduler.add(seq)
+    chunks = scheduler.schedule(lambda seq: True, lambda seq: seq.request_id not in ("r0", "r2"))
+    assert [c.seq.request_id for c in chunks] == ["r1", "r3"]
+    assert [seq.request_id for seq in scheduler.waiting] == ["r0", "r2"]

@@ -51,6 +51,18 @@ log = logging.getLogger(__name__)
 _PARTNER_SCAN = 64  # waiting requests compared with an admitted one for a prefix they could share
 
 
+def _common_head(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two prompts share."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]: bisect with C-speed slice comparisons
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
+    return lo
+
+
 def validate_prompt(prompt: Seq[int], config: ModelConfig) -> None:
     """Refuse what no engine step could serve, with what to do about it."""
     if not prompt:
@@ -126,6 +138,7 @@ class Engine:
         self.speculator = Speculator(self.config.speculation) if self.config.speculation else None
         self._ids = itertools.count()
         self._pending_events: list[TokenEvent] = []
+        self._awaited: set[str] = set()  # prefilling requests whose prompt's KV waiting requests will read
 
     @classmethod
     def load(
@@ -207,7 +220,7 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """One forward over the scheduled chunks; returns the tokens and endings it produced."""
-        chunks = self.scheduler.schedule(self._admit)
+        chunks = self.scheduler.schedule(self._admit, self._ready)
         events, self._pending_events = self._pending_events, []  # (admissions that failed included)
         if not chunks:
             return events
@@ -289,6 +302,9 @@ class Engine:
             self._splice_if_due(seq)
             if not completes:
                 return
+            if not seq.output_ids and seq.request_id in self._awaited:  # requests wait to read its prompt's KV
+                self._awaited.discard(seq.request_id)
+                self._cache_exact(seq)
             if not seq.output_ids and seq.reuse.on_prefilled is not None:
                 seq.reuse.on_prefilled(seq.cache)  # the whole prompt's KV, before decoding appends to it
         assert logits is not None  # a chunk that reaches its last known token, or verifies a draft, has rows
@@ -373,6 +389,38 @@ class Engine:
         if any(other.prompt_ids[:hit] == head for other in itertools.islice(self.scheduler.waiting, _PARTNER_SCAN)):
             return prefix
         return None
+
+    def _ready(self, seq: Sequence) -> bool:
+        """Whether a waiting request may be admitted now. Not while a running request is prefilling a head it
+        shares with it that is not cached yet (at least shared_prefix_min_tokens more than the cache serves):
+        agents fanning out over a new context would each compute it; waiting, they compute it once, and read
+        it from the prefix cache (in place, in float models) as soon as that prompt's prefill completes."""
+        least = self.config.shared_prefix_min_tokens
+        if least is None or self.prefix_cache is None or not seq.reuse.use_prefix_cache:
+            return True
+        ids, limit = seq.prompt_ids, (len(seq.prompt_ids) - 1 if seq.reuse.splice_at is None else seq.reuse.splice_at)
+        cached: int | None = None
+        for other in self.scheduler.running:
+            if not other.in_prefill or other.reuse.splice_at is not None or not other.reuse.use_prefix_cache:
+                continue  # (a splice's KV never enters the exact cache)
+            if other.prompt_ids[:least] != ids[:least]:
+                continue  # the cheap test first: most prompts part within their first blocks
+            common = min(_common_head(other.prompt_ids, ids), limit)
+            cached = self.prefix_cache.cached_tokens(ids, limit) if cached is None else cached
+            if common - cached >= least:
+                self._awaited.add(other.request_id)
+                return False
+        return True
+
+    def _cache_exact(self, seq: Sequence) -> None:
+        """Put the KV `seq` holds of its exact tokens (all, or those before a splice) into the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        exact = seq.num_computed if seq.reuse.splice_at is None else min(seq.num_computed, seq.reuse.splice_at)
+        if exact:  # spliced KV is approximate: only what precedes it enters the exact cache
+            prefix = shared_prefix(seq.cache)
+            readable = 0 if prefix is None else prefix.length
+            self.prefix_cache.insert(seq.all_ids[:exact], seq.cache, readable_from=readable)
 
     def held_kv_bytes(self) -> int:
         """Bytes of KV the running requests hold, a prefix they share counted once."""
@@ -498,13 +546,10 @@ class Engine:
                 self.speculator.finish(seq.request_id)
             if seq.reuse.on_finished is not None and reason in ("stop", "length"):
                 seq.reuse.on_finished(seq.cache, list(seq.output_ids))
-            if self.prefix_cache is not None and reason != "error":  # a failed request's KV is not trusted
-                exact = seq.num_computed if seq.reuse.splice_at is None else min(seq.num_computed, seq.reuse.splice_at)
-                if exact:  # spliced KV is approximate: only what precedes it enters the exact cache
-                    prefix = shared_prefix(seq.cache)
-                    readable = 0 if prefix is None else prefix.length
-                    self.prefix_cache.insert(seq.all_ids[:exact], seq.cache, readable_from=readable)
+            if reason != "error":  # a failed request's KV is not trusted
+                self._cache_exact(seq)
         finally:
+            self._awaited.discard(seq.request_id)
             if self.prefix_cache is not None and seq.prefix_match is not None:
                 self.prefix_cache.release(seq.prefix_match)
             if isinstance(seq.cache, SlotKVCache):

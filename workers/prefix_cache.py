@@ -121,10 +121,24 @@ class PrefixCache:
 
     def match(self, token_ids: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
         """Longest cached whole-block prefix of token_ids, capped at max_tokens (floored to a block)."""
+        self.queries += 1
+        pos, nodes = self._walk(token_ids, max_tokens)
+        self._clock += 1
+        now = self._clock
+        for n in nodes:
+            n.refcount += 1
+            n.last_access = now
+        self.hits_tokens += pos
+        return PrefixMatch(num_tokens=pos, nodes=nodes)
+
+    def cached_tokens(self, token_ids: Sequence[int], max_tokens: int | None = None) -> int:
+        """What `match` would serve now, without pinning or counting anything."""
+        return self._walk(token_ids, max_tokens)[0]
+
+    def _walk(self, token_ids: Sequence[int], max_tokens: int | None) -> tuple[int, list[PrefixNode]]:
         bs = self.config.block_size
         limit = len(token_ids) if max_tokens is None else min(len(token_ids), max(max_tokens, 0))
         limit -= limit % bs
-        self.queries += 1
         nodes: list[PrefixNode] = []
         node, pos = self._root, 0
         while pos < limit:
@@ -137,13 +151,7 @@ class PrefixCache:
             if shared < len(child.tokens):
                 break  # ends inside this node: it stays whole, load reads only its first blocks
             node = child
-        self._clock += 1
-        now = self._clock
-        for n in nodes:
-            n.refcount += 1
-            n.last_access = now
-        self.hits_tokens += pos
-        return PrefixMatch(num_tokens=pos, nodes=nodes)
+        return pos, nodes
 
     def load(self, match: PrefixMatch, cache: KVCache) -> None:
         """Append the matched KV (match.num_tokens tokens, in order) after cache.length."""

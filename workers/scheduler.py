@@ -65,23 +65,31 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, admit: Callable[[Sequence], bool]) -> list[ScheduledChunk]:
+    def schedule(
+        self, admit: Callable[[Sequence], bool], ready: Callable[[Sequence], bool] = lambda seq: True
+    ) -> list[ScheduledChunk]:
         """The next step's chunks. `admit` prepares a waiting request's KV (e.g. from the prefix cache); False
-        when that failed and the request has been ended."""
+        when that failed and the request has been ended. `ready` says whether a waiting request may be admitted
+        now: one that may not keeps its place in the queue, and those behind it may go first."""
         chunks = [ScheduledChunk(seq, seq.num_pending) for seq in self.running if not seq.in_prefill]
         budget = self.config.max_batch_tokens - sum(c.num_tokens for c in chunks)
         for seq in self.running:
             if seq.in_prefill and budget > 0:
                 chunks.append(ScheduledChunk(seq, min(seq.num_schedulable, budget)))
                 budget -= chunks[-1].num_tokens
+        held: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.waiting.popleft()
+            if not ready(seq):
+                held.append(seq)
+                continue
             if not admit(seq):
                 continue
             seq.status = Status.RUNNING
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, min(seq.num_schedulable, budget)))
             budget -= chunks[-1].num_tokens
+        self.waiting.extendleft(reversed(held))
         return chunks
 
     def remove(self, seq: Sequence) -> None:
