@@ -386,8 +386,9 @@ class Engine:
         if any(reader is not None and reader.identity == prefix.identity for reader in readers):
             return prefix
         head = seq.prompt_ids[:hit]
-        if any(other.prompt_ids[:hit] == head for other in itertools.islice(self.scheduler.waiting, _PARTNER_SCAN)):
-            return prefix
+        for other in itertools.islice(self.scheduler.waiting, _PARTNER_SCAN):
+            if other.reuse.use_prefix_cache and other.reuse.splice_at is None and other.prompt_ids[:hit] == head:
+                return prefix  # (one that would not read the cache, or would splice, will not read it in place)
         return None
 
     def _ready(self, seq: Sequence) -> bool:
