@@ -154,33 +154,24 @@ class PrefixCache:
         return pos, nodes
 
     def load(self, match: PrefixMatch, cache: KVCache) -> None:
-        """Append the matched KV (match.num_tokens tokens, in order) after cache.length."""
+        """Append the matched KV (match.num_tokens tokens, in order) after cache.length: a copy of `share`."""
         if match.num_tokens == 0:
             return
-        if not match.nodes:
-            raise ValueError("this match was released; its KV is no longer pinned")
-        path = match.nodes[-1].path()
-        first = path[0].keys
-        assert first is not None
-        if (cache.dtype, cache.keys[:, :, 0].shape) != (first.dtype, first[:, :, 0].shape):
+        prefix = self.share(match)
+        if (cache.dtype, cache.keys[:, :, 0].shape) != (prefix.keys[0].dtype, prefix.keys[0][:, :, 0].shape):
             raise ValueError(f"cache layout {tuple(cache.keys.shape)} {cache.dtype} does not match the tree's")
         cache.reserve(match.num_tokens)
-        start, left = cache.length, match.num_tokens
-        for node in path:
-            if left == 0:
-                break
-            take = min(len(node.tokens), left)
-            assert node.keys is not None and node.values is not None
-            cache.keys[:, :, start : start + take] = node.keys[:, :, :take]
-            cache.values[:, :, start : start + take] = node.values[:, :, :take]
-            start, left = start + take, left - take
-        cache.length = start
+        start = cache.length
+        prefix.copy_to(cache.keys[:, :, start:], cache.values[:, :, start:], 0, match.num_tokens)
+        cache.length = start + match.num_tokens
 
     def share(self, match: PrefixMatch) -> SharedPrefix:
         """The matched KV in place: views of the nodes' tensors, no copy (shared_prefix.py). The views keep the
         tensors alive even if a later split replaces a node's own; the pin keeps the nodes in the tree."""
-        if match.num_tokens == 0 or not match.nodes:
-            raise ValueError("only a live match of at least one block can be shared")
+        if match.num_tokens == 0:
+            raise ValueError("an empty match has no KV to share")
+        if not match.nodes:
+            raise ValueError("this match was released; its KV is no longer pinned")
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         left = match.num_tokens
