@@ -63,6 +63,12 @@ def _common_head(a: list[int], b: list[int]) -> int:
     return lo
 
 
+def _reads_exact_prefix(seq: Sequence) -> bool:
+    """Whether a request's prompt is served from the exact prefix cache with no splice: only such a request can
+    read a prefix in place, and only its prompt's KV enters that cache whole."""
+    return seq.reuse.use_prefix_cache and seq.reuse.splice_at is None
+
+
 def validate_prompt(prompt: Seq[int], config: ModelConfig) -> None:
     """Refuse what no engine step could serve, with what to do about it."""
     if not prompt:
@@ -376,7 +382,7 @@ class Engine:
             least is None
             or hit < least
             or not isinstance(seq.cache, SlotKVCache)
-            or seq.reuse.splice_at is not None
+            or not _reads_exact_prefix(seq)
             or self.model.step is not None
         ):
             return None
@@ -387,8 +393,8 @@ class Engine:
             return prefix
         head = seq.prompt_ids[:hit]
         for other in itertools.islice(self.scheduler.waiting, _PARTNER_SCAN):
-            if other.reuse.use_prefix_cache and other.reuse.splice_at is None and other.prompt_ids[:hit] == head:
-                return prefix  # (one that would not read the cache, or would splice, will not read it in place)
+            if _reads_exact_prefix(other) and other.prompt_ids[:hit] == head:
+                return prefix
         return None
 
     def _ready(self, seq: Sequence) -> bool:
@@ -402,7 +408,7 @@ class Engine:
         ids, limit = seq.prompt_ids, (len(seq.prompt_ids) - 1 if seq.reuse.splice_at is None else seq.reuse.splice_at)
         cached: int | None = None
         for other in self.scheduler.running:
-            if not other.in_prefill or other.reuse.splice_at is not None or not other.reuse.use_prefix_cache:
+            if not other.in_prefill or not _reads_exact_prefix(other):
                 continue  # (a splice's KV never enters the exact cache)
             if other.prompt_ids[:least] != ids[:least]:
                 continue  # the cheap test first: most prompts part within their first blocks
@@ -431,10 +437,9 @@ class Engine:
         own = 0
         for seq in self.scheduler.running:
             prefix = shared_prefix(seq.cache)
-            shared_tokens = 0 if prefix is None else prefix.length
+            own += seq.cache.length - (prefix.length if prefix else 0)
             if prefix is not None:
                 shared[prefix.identity] = prefix.length
-            own += seq.cache.length - shared_tokens
         return (own + sum(shared.values())) * per_token
 
     def _splice_if_due(self, seq: Sequence) -> None:
