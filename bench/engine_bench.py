@@ -755,8 +755,8 @@ def _format_rows(formats: Json) -> list[Row]:
 
 def kernel_paths(model: LlamaModel) -> dict[str, int]:
     """Which implementation each linear layer took (make_linear picks by format, device and oneDNN's presence);
-    a quantized format's layers count twice (their fp32 linears for prefill, their decode graphs), and its
-    batch-1 decode graph once."""
+    a quantized format's layers count twice (their fp32 linears for prefill, their decode graphs), and the
+    decode step's graph (CPU) once."""
     parts = [
         model.lm_head,
         *(part for layer in model.layers for part in (layer.qkv, layer.o, layer.gate_up, layer.down)),

@@ -17,9 +17,11 @@ from kvmesh.workers.kv_slots import KVSlots
 from kvmesh.workers.linear import make_linear
 from kvmesh.workers.llama import LlamaModel
 from kvmesh.workers.onnx_graph import GROUP
-from kvmesh.workers.quantized_step import fits, plan_step_calls
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.scheduler import SchedulerConfig
+from kvmesh.workers.speculation import tree_inputs
+from kvmesh.workers.step_graph import fits, plan_step_calls
+from kvmesh.workers.suffix_cache import Draft
 
 CPU = torch.device("cpu")
 
@@ -146,66 +148,73 @@ def test_a_quantized_layers_fused_decode_graphs_compute_the_layers_math(
         assert torch.equal(ours, theirs)
 
 
-def test_batch1_decode_as_one_graph_matches_the_layer_by_layer_path(raw_model) -> None:
+# the step graph against the path it replaces: int4's layer graphs, fp32's torch eager; tolerances measured
+# 4e-4 (int4: one tipped int8 rounding of an activation, ~1/254 of an input) and ~1e-6 (fp32: float sums' order)
+STEP_FORMATS = [("int4", 2e-3), ("fp32", 1e-4)]
+
+
+@pytest.mark.parametrize("fmt,tolerance", STEP_FORMATS)
+def test_batch1_decode_as_one_graph_matches_the_layer_by_layer_path(raw_model, fmt: str, tolerance: float) -> None:
     """One sequence's next token runs as one graph (onnxruntime's attention extends the cache in place); the
-    same tokens layer by layer, with torch's RoPE and SDPA between the layer graphs, must give the same logits
-    and the same cache: in a private cache and in a KV slot (a view of the shared buffer), for a first token
-    into an empty cache, and at a position other than the cache's length (RoPE follows the position given).
-    Three layers of the model: over all 30, the two paths' float sums (same values, other order) tip some int8
-    roundings of activations apart, and the runs drift ~3% apart as any two int8-activation runs would; the
-    decode test above bounds that against fp32."""
+    same tokens layer by layer (int4: torch's RoPE and SDPA between the layer graphs; fp32: torch eager) must
+    give the same logits and the same cache: in a private cache and in a KV slot (a view of the shared buffer),
+    for a first token into an empty cache, and at a position other than the cache's length (RoPE follows the
+    position given). Three layers of the model: over all 30, int4's two paths' float sums (same values, other
+    order) tip some int8 roundings of activations apart, and the runs drift ~3% apart as any two
+    int8-activation runs would; the decode test above bounds that against fp32."""
     config = dataclasses.replace(raw_model.config, num_layers=3)
-    int4 = LlamaModel(config, raw_model.weights, weight_format="int4")
-    assert int4.step is not None
+    graphed = LlamaModel(config, raw_model.weights, weight_format=fmt)  # type: ignore[arg-type]
+    assert graphed.step is not None
     prompt = raw_model.tokenizer.encode(SAMPLE_TEXT)[:40]
     slots = KVSlots(num_layers=3, num_slots=2, num_kv_heads=config.num_kv_heads, capacity=64,
                     head_dim=config.head_dim, dtype=torch.float32, device=CPU)  # fmt: skip
 
     def run(cache: KVCache, one_graph: bool) -> torch.Tensor:
-        step = int4.step
+        step = graphed.step
 
         def decode(token: int, **options) -> torch.Tensor:
-            int4.step = step if one_graph else None  # None: the layer-by-layer path
+            graphed.step = step if one_graph else None  # None: the layer-by-layer path
             try:
-                return int4.forward(ForwardBatch.single(cache, [token], **options))  # type: ignore[return-value]
+                return graphed.forward(ForwardBatch.single(cache, [token], **options))  # type: ignore[return-value]
             finally:
-                int4.step = step
+                graphed.step = step
 
         logits = [decode(prompt[0])]  # a first token, nothing cached
-        int4.forward(ForwardBatch.single(cache, prompt[1:]))  # the prompt: fp32 on both sides
+        graphed.forward(ForwardBatch.single(cache, prompt[1:]))  # the prompt: fp32 on both sides
         logits += [decode(token) for token in (17, 4_000)]
         logits.append(decode(30, positions=torch.tensor([cache.length + 5])))
         return torch.cat(logits)
 
-    for ours_cache in (int4.new_cache(capacity=64), slots.acquire()):
+    for ours_cache in (graphed.new_cache(capacity=64), slots.acquire()):
         assert ours_cache is not None and fits(ours_cache)
-        layered_cache = int4.new_cache(capacity=64)
+        layered_cache = graphed.new_cache(capacity=64)
         ours, layered = run(ours_cache, True), run(layered_cache, False)
         assert ours_cache.length == layered_cache.length == 43
-        assert _relative_error(ours, layered) < 2e-3  # measured 4e-4: one tipped int8 rounding (~1/254 of an input)
+        assert _relative_error(ours, layered) < tolerance
         for layer in range(3):
             for mine, theirs in zip(ours_cache.layer(layer, 43), layered_cache.layer(layer, 43), strict=True):
-                assert _relative_error(mine, theirs) < 2e-3
+                assert _relative_error(mine, theirs) < tolerance
     assert torch.equal(slots.keys[:, 1], torch.zeros_like(slots.keys[:, 1]))  # the other slot untouched
 
 
-def test_sequences_decoding_together_share_one_step_over_their_slots(raw_model) -> None:
+@pytest.mark.parametrize("fmt,tolerance", STEP_FORMATS)
+def test_sequences_decoding_together_share_one_step_over_their_slots(raw_model, fmt: str, tolerance: float) -> None:
     """Three sequences of different lengths decode in one forward beside a fourth one's prefill chunk, while a
     fifth holds a slot among theirs and waits: the three take one step call over the slot run (the other two
     slots' rows get a discarded write past their lengths), the chunk an fp32 pass of its own; logits and every
-    cache as when each sequence runs alone (its decode layer by layer)."""
+    cache as when each sequence runs alone (its decode off the step: layer by layer, or torch eager)."""
     config = dataclasses.replace(raw_model.config, num_layers=2)
-    int4 = LlamaModel(config, raw_model.weights, weight_format="int4")
+    graphed = LlamaModel(config, raw_model.weights, weight_format=fmt)  # type: ignore[arg-type]
     ids = raw_model.tokenizer.encode(SAMPLE_TEXT)
     prompts = [ids[:30], ids[30:41], ids[41:60], ids[60:77], ids[77:90]]
     decodes, prefilling, waiting = [0, 1, 4], 2, 3
     slots = KVSlots(num_layers=2, num_slots=6, num_kv_heads=config.num_kv_heads, capacity=64,
                     head_dim=config.head_dim, dtype=torch.float32, device=CPU)  # fmt: skip
     together = [slots.acquire() for _ in prompts]
-    alone = [int4.new_cache(capacity=64) for _ in prompts]
+    alone = [graphed.new_cache(capacity=64) for _ in prompts]
     for caches in (together, alone):
         for i in [*decodes, waiting]:
-            int4.forward(ForwardBatch.single(caches[i], prompts[i]))  # type: ignore[arg-type]
+            graphed.forward(ForwardBatch.single(caches[i], prompts[i]))  # type: ignore[arg-type]
     new_tokens = {0: 17, 1: 4_000, 4: 30}
     chunks = [SequenceChunk(together[i], 1) for i in decodes[:2]]  # type: ignore[arg-type]
     chunks += [SequenceChunk(together[prefilling], 19, prompt=True), SequenceChunk(together[4], 1)]  # type: ignore[arg-type]
@@ -214,28 +223,75 @@ def test_sequences_decoding_together_share_one_step_over_their_slots(raw_model) 
     calls, rest = plan_step_calls(chunks)
     assert [call.chunks for call in calls] == [[0, 1, 3]] and rest == [2]
     assert calls[0].lengths.tolist() == [30, 11, 0, 17, 13]  # slots 0-4: the waiting one's row writes at 17
-    logits = int4.forward(ForwardBatch(tokens, positions, chunks, torch.tensor([0, 1, 20, 21])))
+    logits = graphed.forward(ForwardBatch(tokens, positions, chunks, torch.tensor([0, 1, 20, 21])))
 
-    prefilled = int4.forward(ForwardBatch.single(alone[prefilling], prompts[prefilling]))  # in fp32, as together
-    step, int4.step = int4.step, None  # each sequence's decode alone, layer by layer
+    prefilled = graphed.forward(ForwardBatch.single(alone[prefilling], prompts[prefilling]))  # in fp32, as together
+    step, graphed.step = graphed.step, None  # each sequence's decode alone, layer by layer
     try:
-        expected = [int4.forward(ForwardBatch.single(alone[i], [new_tokens[i]])) for i in decodes]
+        expected = [graphed.forward(ForwardBatch.single(alone[i], [new_tokens[i]])) for i in decodes]
     finally:
-        int4.step = step
+        graphed.step = step
     expected.insert(2, prefilled)
-    assert _relative_error(logits, torch.cat(expected)) < 2e-3  # type: ignore[arg-type]
+    assert _relative_error(logits, torch.cat(expected)) < tolerance  # type: ignore[arg-type]
     for mine, theirs in zip(together, alone, strict=True):
         assert mine is not None and mine.length == theirs.length
         for layer in range(2):
             for a, b in zip(mine.layer(layer, mine.length), theirs.layer(layer, theirs.length), strict=True):
-                assert _relative_error(a, b) < 2e-3
+                assert _relative_error(a, b) < tolerance
+
+
+# int4: 5-row products tip more int8 roundings of activations than 1-row ones (2.8e-3 measured); fp32 ~1e-6
+@pytest.mark.parametrize("fmt,tolerance", [("int4", 5e-3), ("fp32", 1e-4)])
+def test_a_speculation_tree_runs_in_the_step_graph_beside_decodes(raw_model, fmt: str, tolerance: float) -> None:
+    """A verify tree (pending token + 4 draft nodes, two branches) in a slot between two decoding slots: the
+    decodes take one call over slots 0-2 (slot 1's row a discarded write), the tree a call of its own after it;
+    the tree's logits and KV (every node, in node order) and the decodes' are those of the path the step
+    replaces (layer graphs, or torch eager), each sequence alone."""
+    config = dataclasses.replace(raw_model.config, num_layers=2)
+    graphed = LlamaModel(config, raw_model.weights, weight_format=fmt)  # type: ignore[arg-type]
+    ids = raw_model.tokenizer.encode(SAMPLE_TEXT)
+    prompts = [ids[:30], ids[30:41], ids[41:60]]
+    slots = KVSlots(num_layers=2, num_slots=3, num_kv_heads=config.num_kv_heads, capacity=64,
+                    head_dim=config.head_dim, dtype=torch.float32, device=CPU)  # fmt: skip
+    together = [slots.acquire() for _ in prompts]
+    alone = [graphed.new_cache(capacity=64) for _ in prompts]
+    for caches in (together, alone):
+        for cache, prompt in zip(caches, prompts, strict=True):
+            graphed.forward(ForwardBatch.single(cache, prompt))  # type: ignore[arg-type]
+    draft = Draft(tokens=[11, 12, 13, 14], parents=[-1, -1, 0, 2], probs=[0.5, 0.3, 0.4, 0.3])
+    tree_positions, mask = tree_inputs(draft, len(prompts[1]))
+    tree_tokens = [4_000, *draft.tokens]
+    chunks = [SequenceChunk(together[0], 1), SequenceChunk(together[1], 5, mask), SequenceChunk(together[2], 1)]  # type: ignore[arg-type]
+    calls, rest = plan_step_calls(chunks)
+    assert [(call.chunks, call.tokens) for call in calls] == [([0, 2], 1), ([1], 5)] and rest == []
+    tokens = torch.tensor([17, *tree_tokens, 30])
+    positions = torch.cat([torch.tensor([30]), tree_positions, torch.tensor([19])])
+    logits = graphed.forward(ForwardBatch(tokens, positions, chunks, torch.arange(7)))
+
+    step, graphed.step = graphed.step, None
+    try:
+        tree = ForwardBatch.single(alone[1], tree_tokens, positions=tree_positions, attn_mask=mask, all_logits=True)
+        expected = [
+            graphed.forward(ForwardBatch.single(alone[0], [17])),
+            graphed.forward(tree),
+            graphed.forward(ForwardBatch.single(alone[2], [30])),
+        ]
+    finally:
+        graphed.step = step
+    assert _relative_error(logits, torch.cat(expected)) < tolerance  # type: ignore[arg-type]
+    for mine, theirs in zip(together, alone, strict=True):
+        assert mine is not None and mine.length == theirs.length
+        for layer in range(2):
+            for a, b in zip(mine.layer(layer, mine.length), theirs.layer(layer, theirs.length), strict=True):
+                assert _relative_error(a, b) < tolerance
 
 
 def test_an_int4_engine_batch_gives_each_request_its_greedy_tokens_alone(int4: LlamaModel, tokenizer) -> None:
     """The engine's steps mix decodes (one step call over the slots) with chunked prefills (fp32): three
-    requests together produce the greedy tokens each produces alone. Without speculation: a verify tree takes
-    the layer graphs, whose float sums differ from the step's in order, and with int8 activations that moves
-    logits by ~1% (a near-tie then goes the other way, as it would between any two int8-activation runs)."""
+    requests together produce the greedy tokens each produces alone. Without speculation: a verify tree's
+    rows are a product of other shape than a decode's, whose float sums may differ in order, and with int8
+    activations that can move logits by ~1% (a near-tie then goes the other way, as it would between any two
+    int8-activation runs)."""
     questions = ["What is the capital of France?", "Name three colors.", "Write a haiku about the sea."]
     greedy = SamplingParams(max_tokens=10)
 
@@ -247,6 +303,23 @@ def test_an_int4_engine_batch_gives_each_request_its_greedy_tokens_alone(int4: L
     prompts = [engine(256).chat_prompt(q) for q in questions]
     alone = [engine(256).generate([p], greedy)[0].token_ids for p in prompts]
     together = engine(24).generate(prompts, greedy)  # 24 tokens a step: prefill chunks beside decodes
+    assert [c.token_ids for c in together] == alone
+
+
+def test_an_fp32_engine_decodes_through_the_step_graph_with_torch_eagers_tokens(model: LlamaModel, tokenizer) -> None:
+    """fp32 decodes take the step graph by default (speculation's verify trees and prompts stay in torch): three
+    requests together, with speculation on, produce the greedy tokens torch eager produces for each alone."""
+    assert model.step is not None
+    questions = ["What is the capital of France?", "Name three colors.", "Write a haiku about the sea."]
+    greedy = SamplingParams(max_tokens=24)
+    prompts = [Engine(model, tokenizer).chat_prompt(q) for q in questions]
+    step, model.step = model.step, None
+    try:
+        alone = [Engine(model, tokenizer).generate([p], greedy)[0].token_ids for p in prompts]
+    finally:
+        model.step = step
+    config = EngineConfig(scheduler=SchedulerConfig(max_running=4, max_batch_tokens=24))
+    together = Engine(model, tokenizer, config).generate(prompts, greedy)
     assert [c.token_ids for c in together] == alone
 
 

@@ -64,7 +64,8 @@ def test_engine_benchmark_quick_run_writes_the_promised_keys(tmp_path):
     assert decode_vs_floor == pytest.approx(report["decode_ms_per_token"][main] / report["floor"]["decode_ms"])
     assert report["targets"]["prefill_vs_transformers"]["pass"] is None  # --quick skips transformers
     kernels = report["model"]["kernels"]  # which implementation each linear took
-    assert sum(kernels.values()) == 4 * 30 + 1  # SmolLM2's 30 layers' four linears, and the LM head
+    # SmolLM2's 30 layers' four linears and the LM head (prefill), and the decode step's graph
+    assert kernels.pop("StepGraph") == 1 and sum(kernels.values()) == 4 * 30 + 1
     assert all(f"{count} {name}" in result.stdout for name, count in kernels.items())
     flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
     assert report["machine"]["isa"] == [flag for flag in ISA_FLAGS if flag in flags]

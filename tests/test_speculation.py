@@ -103,7 +103,7 @@ def test_sampled_verify_follows_the_model_distribution_siblings_included():
 
 
 def test_cost_model_fits_the_line_and_planning_turns_itself_off():
-    cost = StepCostModel()
+    cost = StepCostModel(prior_ratio=0.05)  # the data's b / a: the fit, not the prior's value, is under test
     assert plan_step(cost, [Candidate("a", [1.0] * 8)], 1, 1, 100) == {}  # nothing measured yet
     for rows in [1, 2, 5, 9, 17, 3, 1, 12] * 4:
         cost.observe(rows, 0.040 + 0.002 * rows)

@@ -54,7 +54,7 @@ class BlockQuantLinear:
 
     def __init__(self, weight: torch.Tensor, bits: int, dense: Linear) -> None:  # weight [out, in] fp32
         quantized = quantize(weight.float(), bits)
-        self.quantized = quantized  # the codes, for graphs that fold this product in (quantized_step.py)
+        self.quantized = quantized  # the codes, for graphs that fold this product in (step_graph.py)
         self.out_features, self.in_features = weight.shape
         self.bits = bits
         self.dense = dense  # the same weight in fp32, for products of DENSE_FROM_ROWS rows or more

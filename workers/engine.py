@@ -31,7 +31,7 @@ import torch
 
 from .forward_batch import ForwardBatch, SequenceChunk
 from .kv_slots import KVSlots, SlotKVCache, shared_prefix
-from .linear import WeightFormat
+from .linear import QUANTIZED_FORMATS, WeightFormat
 from .llama import LlamaModel
 from .model_config import ModelConfig
 from .model_files import DEFAULT_MODEL, load_raw_model
@@ -154,8 +154,10 @@ class Engine:
         device: str | None = None,
         weight_format: WeightFormat | None = None,
         config: EngineConfig | None = None,
+        decode_graph: bool = True,
     ) -> Engine:
-        """Load a model ('smollm2', a .gguf file or an HF directory): fp32 on CPU, bf16 on CUDA."""
+        """Load a model ('smollm2', a .gguf file or an HF directory): fp32 on CPU, bf16 on CUDA;
+        `decode_graph`: see LlamaModel."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = torch.device(device).type == "cuda"
         raw = load_raw_model(model)
@@ -165,6 +167,7 @@ class Engine:
             device=device,
             dtype=torch.bfloat16 if on_gpu else torch.float32,
             weight_format=weight_format or ("bf16" if on_gpu else "fp32"),
+            decode_graph=decode_graph,
         )
         return cls(llama, raw.tokenizer, config)
 
@@ -375,15 +378,17 @@ class Engine:
         ~7% a decode step (fp32, 2K tokens, bench/NOTES.md) and pays from two readers on (1.7x with 8), so a hit
         is shared when another running request reads it in place or a waiting one starts with it. Also needed:
         a long enough hit, a KV slot (the batched paths attend in two parts there), no splice (a CacheBlend pass
-        reads the cache's KV directly) and a float model (the quantized step graph cannot merge a second part;
-        its layer graphs would change tokens and slow a lone reader 2.5x)."""
+        reads the cache's KV directly) and a float model. The step graph cannot merge a second part, so a
+        reader decodes through torch: in fp32 that is exact and, with 8 agents over 2K tokens, ~0.9x the
+        copies' graph step (bench/NOTES.md); in int4/int8 the layer graphs would change tokens and slow a lone
+        reader 2.5x."""
         least, hit = self.config.shared_prefix_min_tokens, match.num_tokens
         if (
             least is None
             or hit < least
             or not isinstance(seq.cache, SlotKVCache)
             or not _reads_exact_prefix(seq)
-            or self.model.step is not None
+            or self.model.weight_format in QUANTIZED_FORMATS
         ):
             return None
         assert self.prefix_cache is not None

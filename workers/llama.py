@@ -17,53 +17,49 @@ from .forward_batch import ForwardBatch
 from .linear import QUANTIZED_FORMATS, Linear, WeightFormat, head_format, make_linear
 from .model_config import ModelConfig
 from .model_files import ModelLoadError
-from .quantized_layer import LayerWeights, QuantizedLayer, quantize_layer
-from .quantized_step import QuantizedStep, plan_step_calls
+from .onnx_graph import DenseWeight
+from .quantized_layer import LayerWeights, QuantizedLayer, dense_layer, quantize_layer
+from .step_graph import StepCall, StepGraph, plan_step_calls
+
+
+def _layer_weights(weights: dict[str, torch.Tensor], prefix: str, config: ModelConfig) -> LayerWeights:
+    """One layer's weights from the checkpoint, q/k/v and gate/up each as one matrix."""
+
+    def take(name: str) -> torch.Tensor:
+        key = f"{prefix}.{name}"
+        if key not in weights:
+            raise ModelLoadError(f"the checkpoint lacks {key}")
+        return weights[key]
+
+    attn, mlp = "self_attn", "mlp"
+    return LayerWeights(
+        qkv=torch.cat([take(f"{attn}.{p}_proj.weight") for p in "qkv"]),
+        o=take(f"{attn}.o_proj.weight"),
+        gate_up=torch.cat([take(f"{mlp}.gate_proj.weight"), take(f"{mlp}.up_proj.weight")]),
+        down=take(f"{mlp}.down_proj.weight"),
+        attn_norm=take("input_layernorm.weight"),
+        mlp_norm=take("post_attention_layernorm.weight"),
+        eps=config.rms_norm_eps,
+        heads=config.num_heads,
+        kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+    )
 
 
 class _Layer:
-    def __init__(
-        self,
-        weights: dict[str, torch.Tensor],
-        prefix: str,
-        fmt: WeightFormat,
-        device: torch.device,
-        dtype: torch.dtype,
-        config: ModelConfig,
-    ):
-        def take(name: str) -> torch.Tensor:
-            key = f"{prefix}.{name}"
-            if key not in weights:
-                raise ModelLoadError(f"the checkpoint lacks {key}")
-            return weights[key]
-
-        attn, mlp = "self_attn", "mlp"
-        qkv = torch.cat([take(f"{attn}.{p}_proj.weight") for p in "qkv"])
-        gate_up = torch.cat([take(f"{mlp}.gate_proj.weight"), take(f"{mlp}.up_proj.weight")])
+    def __init__(self, weights: LayerWeights, fmt: WeightFormat, device: torch.device, dtype: torch.dtype):
         # quantized formats: the linears below serve prefill-sized batches in fp32, `decode` the rest
         dense_format: WeightFormat = "fp32" if fmt in QUANTIZED_FORMATS else fmt
-        self.qkv: Linear = make_linear(qkv, dense_format, device)  # [N, d] -> [N, q + 2 kv]
-        self.o: Linear = make_linear(take(f"{attn}.o_proj.weight"), dense_format, device)
-        self.gate_up: Linear = make_linear(gate_up, dense_format, device)  # [N, d] -> [N, 2 ffn]
-        self.down: Linear = make_linear(take(f"{mlp}.down_proj.weight"), dense_format, device)
+        self.qkv: Linear = make_linear(weights.qkv, dense_format, device)  # [N, d] -> [N, q + 2 kv]
+        self.o: Linear = make_linear(weights.o, dense_format, device)
+        self.gate_up: Linear = make_linear(weights.gate_up, dense_format, device)  # [N, d] -> [N, 2 ffn]
+        self.down: Linear = make_linear(weights.down, dense_format, device)
         # in the activations' dtype, as the final norm: mixed dtypes make rms_norm take its unfused path
-        self.attn_norm = take("input_layernorm.weight").to(device=device, dtype=dtype)
-        self.mlp_norm = take("post_attention_layernorm.weight").to(device=device, dtype=dtype)
+        self.attn_norm = weights.attn_norm.to(device=device, dtype=dtype)
+        self.mlp_norm = weights.mlp_norm.to(device=device, dtype=dtype)
         self.decode: QuantizedLayer | None = None
         if fmt in QUANTIZED_FORMATS:
-            parts = LayerWeights(
-                qkv=qkv,
-                o=take(f"{attn}.o_proj.weight"),
-                gate_up=gate_up,
-                down=take(f"{mlp}.down_proj.weight"),
-                attn_norm=self.attn_norm,
-                mlp_norm=self.mlp_norm,
-                eps=config.rms_norm_eps,
-                heads=config.num_heads,
-                kv_heads=config.num_kv_heads,
-                head_dim=config.head_dim,
-            )
-            self.decode = QuantizedLayer(quantize_layer(parts, QUANTIZED_FORMATS[fmt]))
+            self.decode = QuantizedLayer(quantize_layer(weights, QUANTIZED_FORMATS[fmt]))
 
     def decode_weight_bytes(self) -> int:
         """Bytes of weights a decode step reads in this layer (matmuls in the format used, and the norms)."""
@@ -82,7 +78,11 @@ class LlamaModel:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         weight_format: WeightFormat = "fp32",
+        decode_graph: bool = True,
     ) -> None:
+        """`decode_graph`: on CPU, run decode steps as one onnxruntime graph (step_graph.py) in fp32 too (the
+        quantized formats always do): ~2x faster decode, for a second copy of the weights in onnxruntime's
+        packed layout (+1 GB resident for SmolLM2-135M; bench/NOTES.md)."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -96,16 +96,17 @@ class LlamaModel:
             raise ModelLoadError("the checkpoint lacks lm_head.weight and does not tie it to the embeddings")
         self.lm_head: Linear = make_linear(head, head_format(weight_format), self.device)
         self.final_norm = weights["model.norm.weight"].to(device=self.device, dtype=dtype)
-        self.layers = [
-            _Layer(weights, f"model.layers.{i}", weight_format, self.device, dtype, config)
-            for i in range(config.num_layers)
-        ]
+        layer_weights = [_layer_weights(weights, f"model.layers.{i}", config) for i in range(config.num_layers)]
+        self.layers = [_Layer(w, weight_format, self.device, dtype) for w in layer_weights]
         self.rope = RopeTable(config.rope, config.max_context, dtype, self.device)
-        self.step: QuantizedStep | None = None  # batch-1 decode as one graph (quantized formats)
+        self.step: StepGraph | None = None  # decode steps as one graph (CPU: quantized formats, fp32 by choice)
         if weight_format in QUANTIZED_FORMATS:
             assert isinstance(self.lm_head, BlockQuantLinear)
             layers = [layer.decode.parts for layer in self.layers if layer.decode is not None]
-            self.step = QuantizedStep(layers, self.final_norm, self.lm_head.quantized, self.rope)
+            self.step = StepGraph(layers, self.final_norm, self.lm_head.quantized, self.rope)
+        elif decode_graph and weight_format == "fp32" and self.device.type == "cpu":
+            dense = [dense_layer(w) for w in layer_weights]
+            self.step = StepGraph(dense, self.final_norm, DenseWeight(head.float().numpy()), self.rope)
 
     def new_cache(self, capacity: int = 64) -> KVCache:
         c = self.config
@@ -155,42 +156,57 @@ class LlamaModel:
         for chunk in batch.chunks:
             chunk.cache.reserve(chunk.num_tokens)
         if self.step is not None:
-            return self._forward_quantized(batch)
+            return self._forward_with_step(batch)
         groups, rest = DecodeGroup.plan(batch.chunks)
         return self._forward(batch, groups, rest)
 
-    def _forward_quantized(self, batch: ForwardBatch) -> torch.Tensor | None:
-        """A forward in a quantized format, in up to three passes by what each chunk is:
-        - generated single tokens (decodes) through the one-graph step (quantized_step.py), one call per KV
-          buffer;
-        - prompt chunks in fp32: the prompt's KV is exact, whatever the batch holds (it goes to the prefix
-          cache and to other agents), and prefill is compute-bound, so 4 bits buy nothing there;
-        - anything else (a speculation tree, a decode the step cannot take) through the layer graphs, as
-          decode runs."""
+    def _forward_with_step(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """A forward with a step graph, in up to three passes by what each chunk is:
+        - generated tokens (decodes, speculation trees) through the one-graph step (step_graph.py), per KV
+          buffer one call for its decodes and one for its trees;
+        - prompt chunks in fp32 through torch: the prompt's KV is exact, whatever the batch holds (it goes to
+          the prefix cache and to other agents), and prefill is compute-bound, so 4 bits buy nothing there;
+        - anything else (a cache the step cannot take: no room, a shared prefix): in a quantized format
+          through the layer graphs, as decode runs; in fp32 through torch, as prompts."""
         chunks = batch.chunks
         starts = list(accumulate((chunk.num_tokens for chunk in chunks), initial=0))  # each chunk's first row
         logits_by_row: dict[int, torch.Tensor] = {}
         calls, rest = plan_step_calls(chunks)
         with decode_threads(1):
             for call in calls:
-                rows = torch.tensor([starts[i] for i in call.chunks])
-                h = torch.zeros(len(call.lengths), self.config.hidden_size, dtype=self.dtype)  # [B, d]
-                positions = torch.zeros(len(call.lengths), dtype=torch.long)  # rows not decoded: discarded
-                h[call.buffer_rows] = self.embed[batch.token_ids[rows]]
-                positions[call.buffer_rows] = batch.positions[rows]
-                logits = self.step(h, positions, call)  # [B, V]
-                for i, row, buffer_row in zip(call.chunks, rows.tolist(), call.buffer_rows, strict=True):
-                    chunks[i].cache.length += 1
-                    logits_by_row[row] = logits[buffer_row]
+                logits_by_row |= self._step_call(batch, starts, call)
         prompts = [i for i in rest if chunks[i].prompt]
         others = [i for i in rest if i not in prompts]
-        for indices, exact in ((prompts, True), (others, False)):
+        quantized = self.weight_format in QUANTIZED_FORMATS
+        for indices, exact in ((prompts, True), (others, not quantized)):
             if indices:
                 logits_by_row |= self._forward_part(batch, starts, indices, exact)
         if batch.logit_rows is None:
             return None
         with decode_threads(1):  # torch's second thread, woken here, would spin beside the next step's graph
             return torch.stack([logits_by_row[row] for row in batch.logit_rows.tolist()])  # [M, V]
+
+    def _step_call(self, batch: ForwardBatch, starts: list[int], call: StepCall) -> dict[int, torch.Tensor]:
+        """Run one step call; advance the caches it serves -> their rows' logits by the batch's row."""
+        rows, tokens = len(call.lengths), call.tokens
+        # rows and tokens the call does not serve (pads) sit after what their row holds, seeing it all
+        positions = call.lengths[:, None] + torch.arange(tokens)  # [B, S]
+        bias = torch.zeros(rows, 1, tokens, int(call.lengths.max()) + tokens)  # [B, 1, S, T]
+        h = torch.zeros(rows * tokens, self.config.hidden_size, dtype=self.dtype)  # [B * S, d]
+        served: dict[int, int] = {}  # the step's output row -> the batch's row
+        for i, buffer_row in zip(call.chunks, call.buffer_rows, strict=True):
+            chunk, first = batch.chunks[i], starts[i]
+            n, length = chunk.num_tokens, chunk.cache.length
+            h[buffer_row * tokens : buffer_row * tokens + n] = self.embed[batch.token_ids[first : first + n]]
+            positions[buffer_row, :n] = batch.positions[first : first + n]
+            if chunk.attn_mask is not None:  # [n, length + n], True = may attend
+                bias[buffer_row, 0, :n, : length + n].masked_fill_(~chunk.attn_mask.cpu(), float("-inf"))
+            served |= {buffer_row * tokens + j: first + j for j in range(n)}
+        logits = self.step(h, positions, bias, call)  # type: ignore[misc]  # [B * S, V]
+        for i in call.chunks:
+            batch.chunks[i].cache.length += batch.chunks[i].num_tokens
+        wanted = set() if batch.logit_rows is None else set(batch.logit_rows.tolist())
+        return {row: logits[out] for out, row in served.items() if row in wanted}
 
     def _forward_part(
         self, batch: ForwardBatch, starts: list[int], indices: list[int], exact: bool

@@ -1,8 +1,9 @@
-"""Small onnxruntime graphs over block-quantized weights, built in code and run on torch's memory.
+"""Small onnxruntime graphs over a model's weights, built in code and run on torch's memory.
 
-The quantized weight formats (block_quant_linear.py, quantized_layer.py) run their decode-sized work as
-onnxruntime graphs: MatMulNBits is the kernel they came for, and inside one graph the ops between the
-matmuls (RMSNorm, SwiGLU, residual adds) cost ~1-2 us each instead of torch's 10-40 us per op here.
+Decode-sized work runs as onnxruntime graphs: the quantized formats' linears and layers (block_quant_linear.py,
+quantized_layer.py; MatMulNBits is the kernel they came for) and every format's decode step on CPU
+(step_graph.py). Inside one graph the ops between the matmuls (RMSNorm, SwiGLU, residual adds) cost ~1-2 us
+each instead of torch's 10-40 us per op here.
 
 Calls go through onnxruntime's bound-buffer API on pointers into torch tensors (no copies) and skip its
 Python wrapper, which spent ~10 us a call validating bindings: 9.3 vs 19-25 us for a one-op graph.
@@ -53,6 +54,28 @@ class QuantizedWeight:
         offsets = 0 if self.offsets is None else self.offsets.nbytes
         return self.codes.size * self.bits // 8 + self.scales.nbytes + offsets
 
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+
+@dataclass(frozen=True)
+class DenseWeight:
+    """A [out, in] fp32 weight, multiplied as it is (onnxruntime packs it once for its SGEMM at load)."""
+
+    matrix: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.matrix.nbytes
+
+    @property
+    def out_features(self) -> int:
+        return self.matrix.shape[0]
+
+
+GraphWeight = QuantizedWeight | DenseWeight
+
 
 def quantize(weight: torch.Tensor, bits: int) -> QuantizedWeight:
     """weight [out, in] fp32 -> 4-bit asymmetric (Q4_1's scheme) or 8-bit symmetric (Q8_0's) groups of 32.
@@ -88,6 +111,9 @@ class GraphBuilder:
         self._helper, self._numpy_helper = helper, numpy_helper
         self.nodes: list = []
         self.initializers: list = []
+        # large weights stay out of the serialized model (protobuf took 4 s for SmolLM2's 540 MB): the model
+        # declares them external and onnxruntime reads them from these arrays (OrtGraph)
+        self.external: dict[str, np.ndarray] = {}
 
     def rotary(self, x: str, cos: str, sin: str, heads: int, head_dim: int, name: str) -> str:
         """RoPE in HF's rotate_half layout, as kvcomm/rope.py's `rotate`: x [M, heads * D], cos/sin [M, D]."""
@@ -111,11 +137,26 @@ class GraphBuilder:
         self.initializers.append(self._numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
+    def external_constant(self, name: str, array: np.ndarray) -> str:
+        """A constant the graph reads from `array` (fp32, contiguous) rather than from its own bytes."""
+        from onnx import TensorProto
+
+        declared = TensorProto(name=name, data_type=_ONNX_TYPES[np.float32], dims=array.shape)
+        declared.data_location = TensorProto.EXTERNAL
+        declared.external_data.add(key="location", value="kvmesh-in-memory")  # never read: OrtGraph supplies it
+        self.initializers.append(declared)
+        self.external[name] = np.ascontiguousarray(array, dtype=np.float32)
+        return name
+
     def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attributes) -> None:
         self.nodes.append(self._helper.make_node(op, inputs, outputs, domain=domain, **attributes))
 
-    def matmul(self, x: str, weight: QuantizedWeight, out: str, name: str) -> str:
-        """out [M, N] = x [M, K] @ weight.T: MatMulNBits with int8 activations, plus the 4-bit offsets term."""
+    def matmul(self, x: str, weight: GraphWeight, out: str, name: str) -> str:
+        """out [M, N] = x [M, K] @ weight.T: a dense weight through Gemm (transposed in the op: no copy of
+        it here), a quantized one through MatMulNBits with int8 activations plus the 4-bit offsets term."""
+        if isinstance(weight, DenseWeight):
+            self.node("Gemm", [x, self.external_constant(f"{name}.weight", weight.matrix)], [out], transB=1)
+            return out
         n, k = weight.codes.shape
         groups = k // GROUP
         if weight.bits == 4:  # two codes a byte, the first in the low nibble
@@ -184,13 +225,18 @@ def _shared_pool(threads: int) -> None:
 class OrtGraph:
     """A built graph as an onnxruntime session that reads and writes torch tensors in place."""
 
-    def __init__(self, model: bytes, outputs: dict[str, Shape]) -> None:
+    def __init__(self, model: bytes, outputs: dict[str, Shape], external: dict[str, np.ndarray] | None = None) -> None:
+        """`external`: the builder's external constants by name (GraphBuilder.external)."""
         import onnxruntime
         from onnxruntime.capi import _pybind_state
 
         _shared_pool(torch.get_num_threads())
         options = onnxruntime.SessionOptions()
         options.use_per_session_threads = False
+        if external:
+            # kept for the session's life: onnxruntime reads them in place (and packs its own copy at load)
+            self._external = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in external.values()]
+            options.add_external_initializers(list(external), self._external)
         self._session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self._outputs = outputs
         self._binding = _pybind_state.SessionIOBinding(self._session._sess)

@@ -6,13 +6,14 @@ onnxruntime calls a layer and none of the ~12 torch ops between the matmuls:
     before: (h, cos, sin) -> RMSNorm -> qkv -> RoPE on q and k                [M, d] -> [M, q + 2 kv]
     after:  (h, attn) -> h + o(attn) = h2 -> RMSNorm -> gate_up -> silu(gate) * up -> h2 + down(.)
 
-For a decode step (one sequence's next token, or several sequences' in their KV slots), quantized_step.py
+For a decode step (one sequence's next token, or several sequences' in their KV slots), step_graph.py
 chains these node sets through every layer and the head as one graph, with onnxruntime's own attention
-(RoPE included) between them; a speculation verify tree, or a decode the step cannot take, runs these two
-graphs a layer at a time with torch's attention (workers/attention.py) between them.
+(RoPE included) between them; fp32 models use it too, with their dense weights (`dense_layer`). In a
+quantized format a speculation verify tree, or a decode the step cannot take, runs these two graphs a layer
+at a time with torch's attention (workers/attention.py) between them.
 
-The math is LlamaModel.project_qkv's, attention's and finish_layer's; only the activations entering each
-matmul are rounded to int8 per group of 32 (MatMulNBits' fast path), as in block_quant_linear.py.
+The math is LlamaModel.project_qkv's, attention's and finish_layer's; in a quantized format the activations
+entering each matmul are rounded to int8 per group of 32 (MatMulNBits' fast path), as in block_quant_linear.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .onnx_graph import GraphBuilder, OrtGraph, QuantizedWeight, quantize
+from .onnx_graph import DenseWeight, GraphBuilder, GraphWeight, OrtGraph, quantize
 
 MATRICES = ("qkv", "o", "gate_up", "down")
 
@@ -44,22 +45,27 @@ class LayerWeights:
 
 
 @dataclass(frozen=True)
-class QuantizedParts:
-    """A layer's matrices quantized, beside its fp32 norms and shape."""
+class LayerParts:
+    """A layer's matrices in a graph's format (quantized, or fp32 as they are), beside its fp32 norms and shape."""
 
     weights: LayerWeights
-    matrices: dict[str, QuantizedWeight]
+    matrices: dict[str, GraphWeight]
 
     @property
     def nbytes(self) -> int:
         return sum(matrix.nbytes for matrix in self.matrices.values())
 
 
-def quantize_layer(weights: LayerWeights, bits: int) -> QuantizedParts:
-    return QuantizedParts(weights, {name: quantize(getattr(weights, name).float(), bits) for name in MATRICES})
+def quantize_layer(weights: LayerWeights, bits: int) -> LayerParts:
+    return LayerParts(weights, {name: quantize(getattr(weights, name).float(), bits) for name in MATRICES})
 
 
-def qkv_nodes(g: GraphBuilder, parts: QuantizedParts, h: str, p: str) -> str:
+def dense_layer(weights: LayerWeights) -> LayerParts:
+    """The layer's fp32 matrices as they are (views of the tensors: the graph's build copies them once)."""
+    return LayerParts(weights, {name: DenseWeight(getattr(weights, name).float().numpy()) for name in MATRICES})
+
+
+def qkv_nodes(g: GraphBuilder, parts: LayerParts, h: str, p: str) -> str:
     """Nodes from h [M, d] to the packed qkv [M, Hq * D + 2 * Hkv * D], not rotated; names prefixed by `p`."""
     w = parts.weights
     norm = g.constant(f"{p}attn_norm", w.attn_norm.float().numpy())
@@ -78,7 +84,7 @@ def rotated_nodes(g: GraphBuilder, w: LayerWeights, qkv: str, cos: str, sin: str
     return out
 
 
-def finish_nodes(g: GraphBuilder, parts: QuantizedParts, h: str, attn: str, p: str) -> str:
+def finish_nodes(g: GraphBuilder, parts: LayerParts, h: str, attn: str, p: str) -> str:
     """Nodes from the attention output `attn` [M, q] and the layer input `h` to the layer's output."""
     w = parts.weights
     g.matmul(attn, parts.matrices["o"], f"{p}attn_out", name=f"{p}o")
@@ -102,7 +108,7 @@ def finish_nodes(g: GraphBuilder, parts: QuantizedParts, h: str, attn: str, p: s
 
 
 class QuantizedLayer:
-    def __init__(self, parts: QuantizedParts) -> None:
+    def __init__(self, parts: LayerParts) -> None:
         weights = parts.weights
         self.parts = parts
         hidden, d = weights.o.shape[0], weights.head_dim

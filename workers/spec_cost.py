@@ -1,8 +1,9 @@
 """When speculation pays: the cost of a forward by its row count, and how many draft nodes each step buys.
 
 A decode-only forward of N rows costs t(N) ~ a + b*N: a is streaming the weights once (the floor of any
-step), b the extra work per row. On this CPU b/a is ~0.045 (a 17-row verify costs ~1.6 decode steps);
-on a GPU it is far smaller. The model starts from that ratio, scaled by the first measured step, and is
+step), b the extra work per row. On the 2-core dev CPU, with decodes and trees in onnxruntime's step graph,
+b/a is ~0.1 (a 5-row verify costs ~1.4 decode steps, a 17-row one ~2.5: at 17 rows fp32's matmuls are
+compute-bound); on a GPU it is far smaller. The model starts from that ratio, scaled by the first measured step, and is
 then fit online, by exponentially decayed least squares, to the steps the engine actually runs. On a
 shared machine a step can stall for another process, so each observation is clipped to a few times the
 prediction and the slope ratio is bounded: a burst of stalls must not switch speculation off for good.
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-PRIOR_ROW_RATIO = 0.045  # b / a measured on the 2-core dev machine (bench/NOTES.md)
+PRIOR_ROW_RATIO = 0.1  # b / a measured on the 2-core dev machine (bench/NOTES.md)
 MAX_ROW_RATIO = 0.25  # a 17-row forward at most ~5 one-row steps, however noisy the measurements
 OUTLIER = 3.0  # an observation above this multiple of the prediction counts as this multiple
 
