@@ -61,6 +61,15 @@ def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     return float((y - reference).abs().max() / reference.abs().max())
 
 
+def _assert_same_caches(ours: list[KVCache], references: list[KVCache], tolerance: float) -> None:
+    """Each cache holds as many tokens as its reference, every layer's keys and values within `tolerance`."""
+    for mine, theirs in zip(ours, references, strict=True):
+        assert mine is not None and mine.length == theirs.length
+        for layer in range(mine.num_layers):
+            for a, b in zip(mine.layer(layer, mine.length), theirs.layer(layer, theirs.length), strict=True):
+                assert _relative_error(a, b) < tolerance
+
+
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 def test_decode_rows_compute_the_files_weights_with_int8_activations_and_prefill_rows_are_exact(fmt: str) -> None:
     torch.manual_seed(0)
@@ -233,11 +242,7 @@ def test_sequences_decoding_together_share_one_step_over_their_slots(raw_model, 
         graphed.step = step
     expected.insert(2, prefilled)
     assert _relative_error(logits, torch.cat(expected)) < tolerance  # type: ignore[arg-type]
-    for mine, theirs in zip(together, alone, strict=True):
-        assert mine is not None and mine.length == theirs.length
-        for layer in range(2):
-            for a, b in zip(mine.layer(layer, mine.length), theirs.layer(layer, theirs.length), strict=True):
-                assert _relative_error(a, b) < tolerance
+    _assert_same_caches(together, alone, tolerance)  # type: ignore[arg-type]
 
 
 # int4: 5-row products tip more int8 roundings of activations than 1-row ones (2.8e-3 measured); fp32 ~1e-6
@@ -279,11 +284,7 @@ def test_a_speculation_tree_runs_in_the_step_graph_beside_decodes(raw_model, fmt
     finally:
         graphed.step = step
     assert _relative_error(logits, torch.cat(expected)) < tolerance  # type: ignore[arg-type]
-    for mine, theirs in zip(together, alone, strict=True):
-        assert mine is not None and mine.length == theirs.length
-        for layer in range(2):
-            for a, b in zip(mine.layer(layer, mine.length), theirs.layer(layer, theirs.length), strict=True):
-                assert _relative_error(a, b) < tolerance
+    _assert_same_caches(together, alone, tolerance)  # type: ignore[arg-type]
 
 
 def test_an_int4_engine_batch_gives_each_request_its_greedy_tokens_alone(int4: LlamaModel, tokenizer) -> None:

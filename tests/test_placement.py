@@ -146,6 +146,8 @@ def test_worker_settings_come_from_the_environment_and_bad_values_name_the_varia
                 RuntimeConfig()
     with pytest.raises(ValueError, match="threads must be an int >= 1"):
         WorkerConfig(threads=0)
+    with pytest.raises(ValueError, match="decode_graph must be True or False"):
+        WorkerConfig(decode_graph="no")  # type: ignore[arg-type]
 
 
 def test_loopback_defaults_are_refused_on_a_cluster_of_several_machines():

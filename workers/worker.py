@@ -54,6 +54,8 @@ class WorkerConfig:
                 raise ValueError(f"WorkerConfig.device={self.device!r}: use 'cpu', 'cuda' or 'cuda:N'")
         if self.weights is not None and self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"WorkerConfig.weights={self.weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
+        if not isinstance(self.decode_graph, bool):
+            raise ValueError(f"WorkerConfig.decode_graph must be True or False, got {self.decode_graph!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"WorkerConfig.threads must be an int >= 1 or None, got {self.threads!r}")
 
