@@ -82,7 +82,7 @@ class LlamaModel:
     ) -> None:
         """`decode_graph`: on CPU, run decode steps as one onnxruntime graph (step_graph.py) in fp32 too (the
         quantized formats always do): ~2x faster decode, for a second copy of the weights in onnxruntime's
-        packed layout (+1 GB resident for SmolLM2-135M; bench/NOTES.md)."""
+        packed layout (+1.3 GB resident for SmolLM2-135M; bench/NOTES.md)."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -162,8 +162,8 @@ class LlamaModel:
 
     def _forward_with_step(self, batch: ForwardBatch) -> torch.Tensor | None:
         """A forward with a step graph, in up to three passes by what each chunk is:
-        - generated tokens (decodes, speculation trees) through the one-graph step (step_graph.py), per KV
-          buffer one call for its decodes and one for its trees;
+        - generated tokens (decodes, speculation trees) through the one-graph step (step_graph.py): per KV
+          buffer one call for its decodes, then one call per tree;
         - prompt chunks in fp32 through torch: the prompt's KV is exact, whatever the batch holds (it goes to
           the prefix cache and to other agents), and prefill is compute-bound, so 4 bits buy nothing there;
         - anything else (a cache the step cannot take: no room, a shared prefix): in a quantized format
