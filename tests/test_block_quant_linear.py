@@ -16,7 +16,7 @@ from kvmesh.workers.forward_batch import ForwardBatch, SequenceChunk
 from kvmesh.workers.kv_slots import KVSlots
 from kvmesh.workers.linear import make_linear
 from kvmesh.workers.llama import LlamaModel
-from kvmesh.workers.onnx_graph import GROUP
+from kvmesh.workers.onnx_graph import GROUP, DenseWeight, GraphBuilder, OrtGraph
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.scheduler import SchedulerConfig
 from kvmesh.workers.speculation import tree_inputs
@@ -90,6 +90,22 @@ def test_decode_rows_compute_the_files_weights_with_int8_activations_and_prefill
     assert _relative_error(linear(x), x @ weight.T) > 1e-4  # ... and the activations were quantized
     rows = torch.randn(DENSE_FROM_ROWS, 128)
     assert _relative_error(linear(rows), rows @ weight.T) < 1e-5  # prefill-sized: fp32
+
+
+def test_a_dense_graph_outlives_the_arrays_it_was_built_from() -> None:
+    """A dense weight reaches onnxruntime as an external initializer; the graph releases the array when this
+    onnxruntime copies it at load (probed) and keeps it otherwise. Either way the product stays right after the
+    caller's array is gone and its memory reused."""
+    weight = torch.randn(384, 256)
+    expected_weight = weight.clone()
+    g = GraphBuilder()
+    g.matmul("x", DenseWeight(weight.numpy()), "y", name="w")
+    graph = OrtGraph(g.build({"x": 256}, {"y": 384}), {"y": 384}, g.external)
+    del g, weight
+    reused = [torch.full((384, 256), float("nan")) for _ in range(64)]  # the freed blocks, overwritten
+    x = torch.randn(3, 256)
+    assert torch.allclose(graph(x=x)[0], x @ expected_weight.T, atol=1e-4)
+    assert reused
 
 
 def test_block_quant_linear_rejects_shapes_and_widths_it_cannot_hold() -> None:

@@ -82,7 +82,7 @@ class LlamaModel:
     ) -> None:
         """`decode_graph`: on CPU, run decode steps as one onnxruntime graph (step_graph.py) in fp32 too (the
         quantized formats always do): ~2x faster decode, for a second copy of the weights in onnxruntime's
-        packed layout (+1.3 GB resident for SmolLM2-135M; bench/NOTES.md)."""
+        packed layout (+0.56 GB resident for SmolLM2-135M; bench/NOTES.md)."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype

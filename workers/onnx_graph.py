@@ -36,6 +36,7 @@ _ONNX_TYPES = {np.float32: 1, np.int32: 6, np.int64: 7}  # onnx.TensorProto's FL
 _NUMPY_TYPES = {torch.float32: np.float32, torch.int32: np.int32, torch.int64: np.int64}
 _pool_lock = threading.Lock()
 _pool_threads: int | None = None
+_copies_initializers: bool | None = None  # see _copies_external_initializers
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,32 @@ def _shared_pool(threads: int) -> None:
             _pool_threads = threads
 
 
+def _copies_external_initializers() -> bool:
+    """Whether this onnxruntime copies external initializers at load, probed once: a 1 MB weight's array is
+    zeroed after its session is made, and the product must not change."""
+    global _copies_initializers
+    import onnxruntime
+
+    with _pool_lock:
+        if _copies_initializers is None:
+            rng = np.random.default_rng(0)
+            weight, x = rng.standard_normal((512, 512), np.float32), rng.standard_normal((1, 512), np.float32)
+            g = GraphBuilder()
+            g.matmul("x", DenseWeight(weight), "y", name="probe")
+            options = onnxruntime.SessionOptions()
+            options.use_per_session_threads = False  # (the process-wide pool is set by now)
+            options.add_external_initializers(
+                list(g.external), [onnxruntime.OrtValue.ortvalue_from_numpy(g.external["probe.weight"])]
+            )
+            session = onnxruntime.InferenceSession(
+                g.build({"x": 512}, {"y": 512}), options, providers=["CPUExecutionProvider"]
+            )
+            before = session.run(None, {"x": x})[0]
+            g.external["probe.weight"][:] = 0
+            _copies_initializers = bool(np.array_equal(session.run(None, {"x": x})[0], before))
+        return _copies_initializers
+
+
 class OrtGraph:
     """A built graph as an onnxruntime session that reads and writes torch tensors in place."""
 
@@ -233,11 +260,13 @@ class OrtGraph:
         _shared_pool(torch.get_num_threads())
         options = onnxruntime.SessionOptions()
         options.use_per_session_threads = False
-        if external:
-            # kept for the session's life: onnxruntime reads them in place (and packs its own copy at load)
-            self._external = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in external.values()]
-            options.add_external_initializers(list(external), self._external)
+        values = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in (external or {}).values()]
+        if values:
+            options.add_external_initializers(list(external or {}), values)
         self._session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        # the arrays live as long as the session unless onnxruntime copied them at load (it does today: ~430 MB
+        # of SmolLM2's fp32 weights are then freed)
+        self._external = [] if not values or _copies_external_initializers() else values
         self._outputs = outputs
         self._binding = _pybind_state.SessionIOBinding(self._session._sess)
         self._cpu = _pybind_state.OrtDevice(_pybind_state.OrtDevice.cpu(), _pybind_state.OrtDevice.default_memory(), 0)
