@@ -93,9 +93,10 @@ def test_decode_rows_compute_the_files_weights_with_int8_activations_and_prefill
 
 
 def test_a_dense_graph_outlives_the_arrays_it_was_built_from() -> None:
-    """A dense weight reaches onnxruntime as an external initializer; the graph releases the array when this
-    onnxruntime copies it at load (probed) and keeps it otherwise. Either way the product stays right after the
-    caller's array is gone and its memory reused."""
+    """A dense weight reaches onnxruntime as an external initializer (declared in the model, read from the
+    array); the graph releases the array when this onnxruntime copies it at load (probed) and keeps it
+    otherwise. Either way the product stays right after the caller's array is gone and its memory reused
+    (with today's onnxruntime, which copies, what can fail here is the loading of external initializers)."""
     weight = torch.randn(384, 256)
     expected_weight = weight.clone()
     g = GraphBuilder()

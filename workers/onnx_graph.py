@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -223,26 +224,30 @@ def _shared_pool(threads: int) -> None:
             _pool_threads = threads
 
 
+def _session(model: bytes, external: dict[str, np.ndarray]) -> tuple[Any, list[Any]]:
+    """An onnxruntime session on the process-wide pool, its external constants read from `external`'s arrays
+    -> the session and the OrtValues over those arrays (alive as long as the caller keeps them)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.use_per_session_threads = False
+    values = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in external.values()]
+    if values:
+        options.add_external_initializers(list(external), values)
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"]), values
+
+
 def _copies_external_initializers() -> bool:
     """Whether this onnxruntime copies external initializers at load, probed once: a 1 MB weight's array is
     zeroed after its session is made, and the product must not change."""
     global _copies_initializers
-    import onnxruntime
-
     with _pool_lock:
         if _copies_initializers is None:
             rng = np.random.default_rng(0)
             weight, x = rng.standard_normal((512, 512), np.float32), rng.standard_normal((1, 512), np.float32)
             g = GraphBuilder()
             g.matmul("x", DenseWeight(weight), "y", name="probe")
-            options = onnxruntime.SessionOptions()
-            options.use_per_session_threads = False  # (the process-wide pool is set by now)
-            options.add_external_initializers(
-                list(g.external), [onnxruntime.OrtValue.ortvalue_from_numpy(g.external["probe.weight"])]
-            )
-            session = onnxruntime.InferenceSession(
-                g.build({"x": 512}, {"y": 512}), options, providers=["CPUExecutionProvider"]
-            )
+            session, _ = _session(g.build({"x": 512}, {"y": 512}), g.external)
             before = session.run(None, {"x": x})[0]
             g.external["probe.weight"][:] = 0
             _copies_initializers = bool(np.array_equal(session.run(None, {"x": x})[0], before))
@@ -254,16 +259,10 @@ class OrtGraph:
 
     def __init__(self, model: bytes, outputs: dict[str, Shape], external: dict[str, np.ndarray] | None = None) -> None:
         """`external`: the builder's external constants by name (GraphBuilder.external)."""
-        import onnxruntime
         from onnxruntime.capi import _pybind_state
 
         _shared_pool(torch.get_num_threads())
-        options = onnxruntime.SessionOptions()
-        options.use_per_session_threads = False
-        values = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in (external or {}).values()]
-        if values:
-            options.add_external_initializers(list(external or {}), values)
-        self._session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self._session, values = _session(model, external or {})
         # the arrays live as long as the session unless onnxruntime copied them at load (it does today: ~430 MB
         # of SmolLM2's fp32 weights are then freed)
         self._external = [] if not values or _copies_external_initializers() else values

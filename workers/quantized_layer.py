@@ -61,7 +61,7 @@ def quantize_layer(weights: LayerWeights, bits: int) -> LayerParts:
 
 
 def dense_layer(weights: LayerWeights) -> LayerParts:
-    """The layer's fp32 matrices as they are (views of the tensors: the graph's build copies them once)."""
+    """The layer's fp32 matrices as they are (views of the tensors; onnxruntime packs its own copy at load)."""
     return LayerParts(weights, {name: DenseWeight(getattr(weights, name).float().numpy()) for name in MATRICES})
 
 
