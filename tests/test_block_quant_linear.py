@@ -20,7 +20,7 @@ from kvmesh.workers.onnx_graph import GROUP, DenseWeight, GraphBuilder, OrtGraph
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.scheduler import SchedulerConfig
 from kvmesh.workers.speculation import tree_inputs
-from kvmesh.workers.step_graph import fits, plan_step_calls
+from kvmesh.workers.step_graph import fits
 from kvmesh.workers.suffix_cache import Draft
 
 CPU = torch.device("cpu")
@@ -246,7 +246,7 @@ def test_sequences_decoding_together_share_one_step_over_their_slots(raw_model, 
     chunks += [SequenceChunk(together[prefilling], 19, prompt=True), SequenceChunk(together[4], 1)]  # type: ignore[arg-type]
     tokens = torch.tensor([17, 4_000, *prompts[prefilling], 30])
     positions = torch.tensor([30, 11, *range(19), 13])
-    calls, rest = plan_step_calls(chunks)
+    calls, rest = graphed.step.plan(chunks)  # type: ignore[union-attr]
     assert [call.chunks for call in calls] == [[0, 1, 3]] and rest == [2]
     assert calls[0].lengths.tolist() == [30, 11, 0, 17, 13]  # slots 0-4: the waiting one's row writes at 17
     logits = graphed.forward(ForwardBatch(tokens, positions, chunks, torch.tensor([0, 1, 20, 21])))
@@ -284,7 +284,7 @@ def test_a_speculation_tree_runs_in_the_step_graph_beside_decodes(raw_model, fmt
     tree_positions, mask = tree_inputs(draft, len(prompts[1]))
     tree_tokens = [4_000, *draft.tokens]
     chunks = [SequenceChunk(together[0], 1), SequenceChunk(together[1], 5, mask), SequenceChunk(together[2], 1)]  # type: ignore[arg-type]
-    calls, rest = plan_step_calls(chunks)
+    calls, rest = graphed.step.plan(chunks)  # type: ignore[union-attr]
     assert [(call.chunks, call.tokens) for call in calls] == [([0, 2], 1), ([1], 5)] and rest == []
     tokens = torch.tensor([17, *tree_tokens, 30])
     positions = torch.cat([torch.tensor([30]), tree_positions, torch.tensor([19])])

@@ -6,12 +6,16 @@ run the real SmolLM2 with sharing on and off and compare greedy tokens, hooks an
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_kv_slots import decode_batch, make_slots, prefill
 
+from kvmesh.bench.bench_common import SAMPLE_TEXT
 from kvmesh.workers.engine import Completion, Engine, EngineConfig
 from kvmesh.workers.forward_batch import ForwardBatch, SequenceChunk
+from kvmesh.workers.llama import LlamaModel
 from kvmesh.workers.prefix_cache import PrefixCache, PrefixCacheConfig
 from kvmesh.workers.prompt_reuse import PromptReuse
 from kvmesh.workers.sampling import SamplingParams
@@ -254,3 +258,62 @@ def test_a_request_not_ready_keeps_its_place_and_lets_others_pass() -> None:
     chunks = scheduler.schedule(lambda seq: True, lambda seq: seq.request_id not in ("r0", "r2"))
     assert [c.seq.request_id for c in chunks] == ["r1", "r3"]
     assert [seq.request_id for seq in scheduler.waiting] == ["r0", "r2"]
+
+
+# -- readers in the step graph (workers/step_graph.py) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,tolerance", [("int4", 5e-3), ("fp32", 1e-4)])
+def test_prefix_readers_decode_in_the_step_graph_as_copies_decode_alone(raw_model, fmt: str, tolerance: float) -> None:
+    """Three readers of two shared prefixes beside a plain decode in one slot buffer: the decode's step call takes
+    the first prefix's readers (its KV bound as the tree holds it, no copy), the other prefix (two tree nodes,
+    joined once) gets a call of its own. Three steps: logits and every cache as each sequence's own copy of its
+    prefix decoding alone off the step (torch eager, or in int4 the layer graphs)."""
+    config = dataclasses.replace(raw_model.config, num_layers=2)
+    graphed = LlamaModel(config, raw_model.weights, weight_format=fmt)  # type: ignore[arg-type]
+    assert graphed.step is not None
+    ids = raw_model.tokenizer.encode(SAMPLE_TEXT)
+    first, second = ids[:32], ids[40:72]
+    tree = PrefixCache(PrefixCacheConfig(block_size=16))
+    for context in (first, second, second[:16] + ids[100:116]):  # the last splits `second` into two nodes
+        cache = graphed.new_cache()
+        prefill(graphed, cache, context)
+        tree.insert(context, cache)
+    slots = make_slots(graphed, num_slots=5, capacity=64)
+    layout = [(first, ids[80:81]), (None, ids[82:93]), (second, ids[94:97]), (first, ids[98:103])]  # per slot
+    together, alone, matches = [], [], []
+    for prefix, tail in layout:
+        own, private = slots.acquire(), graphed.new_cache()
+        if prefix is not None:
+            match = tree.match(prefix + tail, max_tokens=len(prefix))
+            own.share(tree.share(match))
+            tree.load(match, private)
+            matches.append(match)
+        for cache in (own, private):
+            prefill(graphed, cache, tail)
+        together.append(own)
+        alone.append(private)
+    chunks = [SequenceChunk(cache, 1) for cache in together]
+    calls, rest = graphed.step.plan(chunks)
+    assert rest == [] and [(call.chunks, call.readers and call.readers.chunks) for call in calls] == [
+        ([1], [0, 3]),
+        ([], [2]),
+    ]
+    node_keys = matches[0].nodes[-1].keys
+    assert calls[0].readers.prefix_keys.data_ptr() == node_keys.data_ptr()  # type: ignore[union-attr]
+    assert calls[1].readers.prefix_length == 32 and len(matches[1].nodes) == 2  # type: ignore[union-attr]
+    for step in range(3):
+        tokens = [9 + step, 20 + step, 31 + step, 42 + step]
+        got = decode_batch(graphed, together, tokens)
+        graphed.step, step_graph = None, graphed.step
+        try:
+            pairs = zip(alone, tokens, strict=True)
+            want = torch.cat([decode_batch(graphed, [cache], [token]) for cache, token in pairs])
+        finally:
+            graphed.step = step_graph
+        assert (got - want).norm() / want.norm() < tolerance
+    for own, private in zip(together, alone, strict=True):
+        assert own.length == private.length
+        for mine, theirs in ((own.slice(0).keys, private.keys), (own.slice(0).values, private.values)):
+            held = theirs[:, :, : private.length]
+            assert (mine - held).norm() / held.norm() < tolerance

@@ -374,14 +374,13 @@ class Engine:
         return seq.status is not Status.FINISHED
 
     def _shareable(self, seq: Sequence, match: PrefixMatch) -> SharedPrefix | None:
-        """The hit `seq` reads in place instead of copying, or None. Reading in two parts costs a lone reader
-        ~7% a decode step (fp32, 2K tokens, bench/NOTES.md) and pays from two readers on (1.7x with 8), so a hit
-        is shared when another running request reads it in place or a waiting one starts with it. Also needed:
-        a long enough hit, a KV slot (the batched paths attend in two parts there), no splice (a CacheBlend pass
-        reads the cache's KV directly) and a float model. The step graph cannot merge a second part, so a
-        reader decodes through torch: in fp32 that is exact and, with 8 agents over 2K tokens, ~0.9x the
-        copies' graph step (bench/NOTES.md); in int4/int8 the layer graphs would change tokens and slow a lone
-        reader 2.5x."""
+        """The hit `seq` reads in place instead of copying, or None. A hit is shared when another running
+        request reads it in place or a waiting one starts with it (a lone reader saves only the one-time copy),
+        when it is long enough, lands in a KV slot (the batched paths attend in two parts there), has no splice
+        (a CacheBlend pass reads the cache's KV directly), and the model is a float one. Readers decode in the
+        step graph (its prefix readers, step_graph.py): with 8 agents over 2K tokens 1.6x the copies' step
+        (bench/NOTES.md). Quantized models copy: a reader's speculation tree runs through the layer graphs,
+        whose other float sums (with int8 activations) change tokens that a copy's tree in the step would keep."""
         least, hit = self.config.shared_prefix_min_tokens, match.num_tokens
         if (
             least is None

@@ -19,7 +19,7 @@ from .model_config import ModelConfig
 from .model_files import ModelLoadError
 from .onnx_graph import DenseWeight
 from .quantized_layer import LayerWeights, QuantizedLayer, dense_layer, quantize_layer
-from .step_graph import StepCall, StepGraph, plan_step_calls
+from .step_graph import StepCall, StepGraph
 
 
 def _layer_weights(weights: dict[str, torch.Tensor], prefix: str, config: ModelConfig) -> LayerWeights:
@@ -171,7 +171,8 @@ class LlamaModel:
         chunks = batch.chunks
         starts = list(accumulate((chunk.num_tokens for chunk in chunks), initial=0))  # each chunk's first row
         logits_by_row: dict[int, torch.Tensor] = {}
-        calls, rest = plan_step_calls(chunks)
+        assert self.step is not None
+        calls, rest = self.step.plan(chunks)
         with decode_threads(1):
             for call in calls:
                 logits_by_row |= self._step_call(batch, starts, call)
@@ -189,10 +190,11 @@ class LlamaModel:
     def _step_call(self, batch: ForwardBatch, starts: list[int], call: StepCall) -> dict[int, torch.Tensor]:
         """Run one step call; advance the caches it serves -> their rows' logits by the batch's row."""
         rows, tokens = len(call.lengths), call.tokens
+        readers = [] if call.readers is None else call.readers.chunks
         # rows and tokens the call does not serve (pads) sit after what their row holds, seeing it all
         positions = call.lengths[:, None] + torch.arange(tokens)  # [B, S]
         bias = torch.zeros(rows, 1, tokens, int(call.lengths.max()) + tokens)  # [B, 1, S, T]
-        h = torch.zeros(rows * tokens, self.config.hidden_size, dtype=self.dtype)  # [B * S, d]
+        h = torch.zeros(rows * tokens + len(readers), self.config.hidden_size, dtype=self.dtype)  # [B * S + G, d]
         served: dict[int, int] = {}  # the step's output row -> the batch's row
         for i, buffer_row in zip(call.chunks, call.buffer_rows, strict=True):
             chunk, first = batch.chunks[i], starts[i]
@@ -202,8 +204,11 @@ class LlamaModel:
             if chunk.attn_mask is not None:  # [n, length + n], True = may attend
                 bias[buffer_row, 0, :n, : length + n].masked_fill_(~chunk.attn_mask.cpu(), float("-inf"))
             served |= {buffer_row * tokens + j: first + j for j in range(n)}
-        logits = self.step(h, positions, bias, call)  # type: ignore[misc]  # [B * S, V]
-        for i in call.chunks:
+        reader_rows = [starts[i] for i in readers]  # one token each
+        h[rows * tokens :] = self.embed[batch.token_ids[reader_rows]]
+        served |= {rows * tokens + g: row for g, row in enumerate(reader_rows)}
+        logits = self.step(h, positions, bias, batch.positions[reader_rows], call)  # type: ignore[misc]
+        for i in call.chunks + readers:
             batch.chunks[i].cache.length += batch.chunks[i].num_tokens
         wanted = set() if batch.logit_rows is None else set(batch.logit_rows.tolist())
         return {row: logits[out] for out, row in served.items() if row in wanted}

@@ -270,6 +270,7 @@ class OrtGraph:
         self._binding = _pybind_state.SessionIOBinding(self._session._sess)
         self._cpu = _pybind_state.OrtDevice(_pybind_state.OrtDevice.cpu(), _pybind_state.OrtDevice.default_memory(), 0)
         self._lock = threading.Lock()  # one binding per graph: calls from two threads take turns
+        self._nowhere = torch.zeros(1, dtype=torch.int64)  # what an empty tensor points at: onnxruntime refuses 0
 
     def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
         """Inputs by name -> the outputs, fresh tensors, in declaration order."""
@@ -289,11 +290,13 @@ class OrtGraph:
         ]
         with self._lock:
             for name, x in zip(inputs, kept, strict=True):
-                self._binding.bind_input(name, self._cpu, _NUMPY_TYPES[x.dtype], list(x.shape), x.data_ptr())
+                pointer = x.data_ptr() or self._nowhere.data_ptr()
+                self._binding.bind_input(name, self._cpu, _NUMPY_TYPES[x.dtype], list(x.shape), pointer)
             for name, y in zip(self._outputs, outputs, strict=True):
                 if not y.is_contiguous() or y.dtype != torch.float32:
                     raise ValueError(f"output {name!r} must be a contiguous fp32 tensor, got {y.dtype} {y.stride()}")
-                self._binding.bind_output(name, self._cpu, np.float32, list(y.shape), y.data_ptr())
+                pointer = y.data_ptr() or self._nowhere.data_ptr()
+                self._binding.bind_output(name, self._cpu, np.float32, list(y.shape), pointer)
             self._session._sess.run_with_iobinding(self._binding, None)
         return outputs
 

@@ -49,6 +49,21 @@ class SharedPrefix:
                 values[:, :, lo - start : hi - start] = piece_values[:, :, lo - offset : hi - offset]
             offset += piece_keys.shape[2]
 
+    def layer_contiguous(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values [L, Hkv, P, D] with each layer's [Hkv, P, D] contiguous, without a copy: when the prefix
+        is one tree node's whole tensors; None when it is pieces (or part of one)."""
+        (keys, *more), (values, *_) = self.keys, self.values
+        return (keys, values) if not more and keys.is_contiguous() and values.is_contiguous() else None
+
+    def joined(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the prefix's keys and values as one [L, Hkv, P, D] tensor each."""
+        first = self.keys[0]
+        shape = (first.shape[0], first.shape[1], self.length, first.shape[3])
+        keys = torch.empty(shape, dtype=first.dtype, device=first.device)
+        values = torch.empty_like(keys)
+        self.copy_to(keys, values, 0, self.length)
+        return keys, values
+
     def attend(self, layer: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """query [Hkv, R, D]: R rows per KV head, each of which sees the whole prefix -> (out [Hkv, R, D],
         lse [Hkv, R])."""

@@ -24,6 +24,15 @@ the op attends causally within the new tokens and the mask, as an additive bias,
 its keys and values land after the row's length in node order, as the torch path writes them. The op
 takes several new tokens per row only with one row, so each tree is a call of its own. Verifying a
 17-node tree through the graph costs about one decode step, where torch eager's costs three (bench/NOTES.md).
+
+Decodes whose caches read one shared prefix in place (shared_prefix.py) ride along in a call as its *readers*:
+the same matmuls over their rows, but their attention is written out in the graph, because the op knows one KV
+buffer and returns no log-sum-exp to merge a second one with. Their queries attend the prefix as one GEMM for
+the whole group (every member's rows against one read of its KV, which is what makes sharing cheaper than
+copies) and their own tokens after it plus the new one, under one softmax over both parts. Their new keys and
+values come out of the graph and are written into their slots after it (one indexed copy for all layers).
+A call needs at least one row for the op (it faults on an empty batch): readers with no decodes beside them
+get a pad row over a one-token scratch buffer.
 """
 
 from __future__ import annotations
@@ -39,13 +48,32 @@ from kvmesh.kvcomm.rope import RopeTable
 from .forward_batch import SequenceChunk
 from .kv_slots import KVSlots, SlotKVCache, shared_prefix
 from .onnx_graph import GraphBuilder, GraphWeight, OrtGraph, TensorSpec
-from .quantized_layer import LayerParts, finish_nodes, qkv_nodes
+from .quantized_layer import LayerParts, LayerWeights, finish_nodes, qkv_nodes
+from .shared_prefix import SharedPrefix
+
+
+@dataclass
+class PrefixReaders:
+    """A call's decodes over one shared prefix, read in place: their own tokens sit after it in a run of
+    KVSlots' slots (see the module's docstring)."""
+
+    prefix_keys: torch.Tensor  # [layers, Hkv, P, D], each layer contiguous
+    prefix_values: torch.Tensor
+    keys: torch.Tensor  # [layers, R, Hkv, capacity, D]: the run of slots holding their own tokens
+    values: torch.Tensor
+    rows: torch.Tensor  # [G] long: each reader's row of the run
+    lengths: torch.Tensor  # [G] long: tokens each holds, the prefix's included; its new key goes there
+    chunks: list[int]  # the forward's chunks they are
+
+    @property
+    def prefix_length(self) -> int:
+        return self.prefix_keys.shape[2]
 
 
 @dataclass
 class StepCall:
     """One run of the step graph over one KV buffer: B rows of one new token (decodes; a row with none is
-    padded, see the module's docstring), or one row of S (a speculation tree)."""
+    padded, see the module's docstring), or one row of S (a speculation tree); and maybe prefix readers."""
 
     keys: torch.Tensor  # [layers, B, Hkv, capacity, D]: every layer's [B, Hkv, capacity, D] is contiguous
     values: torch.Tensor
@@ -53,41 +81,24 @@ class StepCall:
     tokens: int  # S
     chunks: list[int]  # the forward's chunks this call runs ...
     buffer_rows: list[int]  # ... and the buffer row of each
+    readers: PrefixReaders | None = None
 
 
 def fits(cache: KVCache, tokens: int = 1) -> bool:
-    """Whether the step can run `tokens` new tokens in this cache: each layer's [Hkv, capacity, D] contiguous (a
+    """Whether the op can run `tokens` new tokens in this cache: each layer's [Hkv, capacity, D] contiguous (a
     private cache or a KV slot) with room for them, and all of its KV there (not reading a shared prefix in
-    place, which the graph's attention cannot merge in)."""
+    place: see `reads_prefix`)."""
     contiguous = cache.keys[0].is_contiguous() and cache.values[0].is_contiguous()
     return cache.length + tokens <= cache.capacity and contiguous and shared_prefix(cache) is None
 
 
-def plan_step_calls(chunks: list[SequenceChunk]) -> tuple[list[StepCall], list[int]]:
-    """The step calls that run a forward's generated tokens: one per KV buffer (a KVSlots buffer, or a private
-    cache) for its single-token decodes, one per speculation tree (a chunk under a mask: the graph's attention
-    takes several new tokens in a row only for one row); and the indices of the chunks left for the other paths
-    (prompts, caches the step cannot take)."""
-    calls: list[StepCall | None] = []
-    trees: list[StepCall | None] = []  # after the decodes: a decode call's pad row may write in a tree's slot
-    decodes: dict[int, tuple[KVSlots, list[int]]] = {}  # buffer id -> the buffer, its chunks
-    for i, chunk in enumerate(chunks):
-        cache, tree = chunk.cache, chunk.attn_mask is not None
-        if chunk.prompt or (chunk.num_tokens > 1 and not tree) or not fits(cache, chunk.num_tokens):
-            continue  # (unmarked causal runs of tokens are prompts, as ForwardBatch.single has them)
-        if tree and not _within_causal(chunk):
-            continue  # the graph's attention is causal: a mask can only hide more (as a tree's does)
-        if not (isinstance(cache, SlotKVCache) and cache.slots is not None):
-            lengths = torch.tensor([cache.length])
-            calls.append(StepCall(cache.keys[:, None], cache.values[:, None], lengths, chunk.num_tokens, [i], [0]))
-        elif tree:
-            trees.append(_over_slots(cache.slots, chunks, [i]))
-        else:
-            decodes.setdefault(id(cache.slots), (cache.slots, []))[1].append(i)
-    calls += [_over_slots(slots, chunks, members) for slots, members in decodes.values()]
-    taken = [call for call in calls + trees if call is not None]
-    served = {i for call in taken for i in call.chunks}
-    return taken, [i for i in range(len(chunks)) if i not in served]
+def reads_prefix(chunk: SequenceChunk) -> bool:
+    """Whether the chunk is a decode the step can run as a prefix reader: one generated token, in a KV slot
+    with room for it, after a shared prefix."""
+    cache = chunk.cache
+    single = chunk.num_tokens == 1 and chunk.attn_mask is None and not chunk.prompt
+    in_slot = isinstance(cache, SlotKVCache) and cache.slots is not None and cache.length < cache.capacity
+    return single and in_slot and shared_prefix(cache) is not None
 
 
 def _within_causal(chunk: SequenceChunk) -> bool:
@@ -117,24 +128,39 @@ def _cache_names(index: int) -> tuple[str, str, str, str]:
     return f"{p}past_key", f"{p}past_value", f"{p}present_key", f"{p}present_value"
 
 
+def _reader_names(index: int) -> tuple[str, str, str, str, str, str]:
+    """A layer's inputs for prefix readers (the prefix's KV, their slots' KV) and outputs (their new KV)."""
+    p = f"layer{index}."
+    names = ("prefix_key", "prefix_value", "own_key", "own_value", "new_key", "new_value")
+    return tuple(f"{p}{name}" for name in names)  # type: ignore[return-value]
+
+
 class StepGraph:
     def __init__(self, layers: list[LayerParts], final_norm: torch.Tensor, head: GraphWeight, rope: RopeTable) -> None:
         first = layers[0].weights
         hidden, d = first.o.shape[0], first.head_dim
         self.layers = len(layers)
+        self.kv_heads, self.head_dim, self._rep = first.kv_heads, d, first.heads // first.kv_heads
         g = GraphBuilder()
+        g.constant("token_axis", np.array([2], np.int64))  # of a [rows, Hkv, tokens, D] KV buffer
         # GroupQueryAttention's RoPE tables: [positions, D / 2], the first half of RopeTable's (halves repeat)
         cos = g.constant("cos_table", rope.cos[:, : d // 2].float().cpu().numpy())
         sin = g.constant("sin_table", rope.sin[:, : d // 2].float().cpu().numpy())
         q_width = first.heads * d
         flat = g.constant("flat_attn", np.array([-1, q_width], np.int64))
         cache = TensorSpec(("B", first.kv_heads, "capacity", d))
-        h, caches = "h", {}
+        prefix, own = TensorSpec((first.kv_heads, "P", d)), TensorSpec(("R", first.kv_heads, "capacity", d))
+        new_kv = TensorSpec(("G", 1, first.kv_heads * d))
+        h, caches, readers = "h", {}, {}
         for i, parts in enumerate(layers):
             p, w = f"layer{i}.", parts.weights
             past_key, past_value, present_key, present_value = _cache_names(i)
+            prefix_key, prefix_value, own_key, own_value = _reader_names(i)[:4]
             caches |= {past_key: cache, past_value: cache}
-            g.node("Reshape", [qkv_nodes(g, parts, h, p), "row_tokens"], [f"{p}qkv.rows"])  # [B, S, q + 2 kv]
+            readers |= {prefix_key: prefix, prefix_value: prefix, own_key: own, own_value: own}
+            # rows: the decodes' B * S, then the readers' G
+            g.node("Split", [qkv_nodes(g, parts, h, p), "row_split"], [f"{p}qkv.decodes", f"{p}qkv.readers"], axis=0)
+            g.node("Reshape", [f"{p}qkv.decodes", "row_tokens"], [f"{p}qkv.rows"])  # [B, S, q + 2 kv]
             g.node(
                 "GroupQueryAttention",
                 [
@@ -150,45 +176,235 @@ class StepGraph:
                 do_rotary=1,
                 rotary_interleaved=0,  # HF's rotate_half layout, as kvcomm/rope.py
             )
-            g.node("Reshape", [f"{p}attn.rows", flat], [f"{p}attn"])  # [B * S, Hq * D]
+            g.node("Reshape", [f"{p}attn.rows", flat], [f"{p}attn.decodes"])  # [B * S, Hq * D]
+            _reader_attention_nodes(g, w, f"{p}qkv.readers", (cos, sin), _reader_names(i), f"{p}attn.readers", p)
+            g.node("Concat", [f"{p}attn.decodes", f"{p}attn.readers"], [f"{p}attn"], axis=0)
             h = finish_nodes(g, parts, h, f"{p}attn", p)
         norm = g.constant("final_norm", final_norm.float().numpy())
         g.node("SimplifiedLayerNormalization", [h, norm], ["final_normed"], axis=-1, epsilon=first.eps)
         g.matmul("final_normed", head, "logits", name="head")
+        shape = TensorSpec((4,), np.int64)
         inputs = {
-            "h": hidden,  # [B * S, d]
-            "row_tokens": TensorSpec((3,), np.int64),  # (B, S, q + 2 kv): the rows' shape for attention
+            "h": hidden,  # [B * S + G, d]
+            "row_split": TensorSpec((2,), np.int64),  # (B * S, G)
+            "row_tokens": TensorSpec((3,), np.int64),  # (B, S, q + 2 kv): the decodes' rows' shape for attention
             "position": TensorSpec(("B", "S"), np.int64),
             "seqlens_k": TensorSpec(("B",), np.int32),  # tokens each row holds with its new ones, minus one
             "total_length": TensorSpec((), np.int32),  # the most any row holds with its new ones
             "attention_bias": TensorSpec(("B", 1, "S", "T")),  # 0 or -inf: a tree's mask within the causal one
+            "reader_position": TensorSpec(("G", 1), np.int64),
+            "reader_rows": TensorSpec(("G",), np.int64),  # each reader's row of the run of slots (own_key's R)
+            "own_start": TensorSpec((1,), np.int64),  # P: their own tokens' first position in the slots ...
+            "own_end": TensorSpec((1,), np.int64),  # ... P + O, O = the most any of them holds
+            "reader_bias": TensorSpec(("G", 1, 1, "O1")),  # over own tokens and the new one: 0, or -inf past its own
+            "reader_split": TensorSpec((2,), np.int64),  # (P, O + 1): a reader's scores, prefix then own
+            "prefix_scores_shape": shape,  # (Hkv, G, rep, P)
+            "prefix_probs_shape": TensorSpec((3,), np.int64),  # (Hkv, G * rep, P)
             **caches,
+            **readers,
         }
         self.qkv_width = first.qkv.shape[0]
-        outputs = {"logits": head.out_features}
+        outputs: dict = {"logits": head.out_features}
         outputs |= {name: cache for i in range(self.layers) for name in _cache_names(i)[2:]}
+        outputs |= {name: new_kv for i in range(self.layers) for name in _reader_names(i)[4:]}
         self._graph = OrtGraph(g.build(inputs, outputs), outputs, g.external)
+        # a call with readers only gives the op this pad row (it faults on an empty batch): [layers, 1, Hkv, 1, D]
+        self._pad_keys = torch.zeros(self.layers, 1, first.kv_heads, 1, d)
+        self._pad_values = torch.zeros_like(self._pad_keys)
+        self._joined: dict[tuple, tuple[SharedPrefix, torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, h: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor, call: StepCall) -> torch.Tensor:
-        """h [B * S, d] (the tokens' embeddings, S per buffer row) at positions [B, S], under bias [B, 1, S,
-        max length + S] (0 where a token may attend, -inf where a tree hides it; causal order applies anyway):
-        each row attends its length's cached tokens and its own earlier ones, and gets its keys and values
-        written after its length (the caller advances the lengths of the caches it serves) -> logits [B * S, V]."""
+    def plan(self, chunks: list[SequenceChunk]) -> tuple[list[StepCall], list[int]]:
+        """The step calls that run a forward's generated tokens: per KV buffer (a KVSlots buffer, or a private
+        cache) one for its single-token decodes, which also takes the decodes that read one shared prefix in
+        place as its readers (readers of another prefix get calls of their own); one per speculation tree (a
+        chunk under a mask: the op takes several new tokens in a row only for one row). And the indices of the
+        chunks left for the other paths (prompts, caches the step cannot take)."""
+        calls: list[StepCall | None] = []
+        trees: list[StepCall | None] = []  # last: a decode call's pad row may write in a tree's or a reader's slot
+        decodes: dict[int, tuple[KVSlots, list[int]]] = {}  # buffer id -> the buffer, its chunks
+        readers: dict[tuple, tuple[KVSlots, SharedPrefix, list[int]]] = {}  # (buffer id, prefix) -> ...
+        for i, chunk in enumerate(chunks):
+            cache, tree = chunk.cache, chunk.attn_mask is not None
+            if reads_prefix(chunk):
+                prefix = shared_prefix(cache)
+                assert isinstance(cache, SlotKVCache) and cache.slots is not None and prefix is not None
+                readers.setdefault((id(cache.slots), prefix.identity), (cache.slots, prefix, []))[2].append(i)
+                continue
+            if chunk.prompt or (chunk.num_tokens > 1 and not tree) or not fits(cache, chunk.num_tokens):
+                continue  # (unmarked causal runs of tokens are prompts, as ForwardBatch.single has them)
+            if tree and not _within_causal(chunk):
+                continue  # the graph's attention is causal: a mask can only hide more (as a tree's does)
+            if not (isinstance(cache, SlotKVCache) and cache.slots is not None):
+                lengths = torch.tensor([cache.length])
+                calls.append(StepCall(cache.keys[:, None], cache.values[:, None], lengths, chunk.num_tokens, [i], [0]))
+            elif tree:
+                trees.append(_over_slots(cache.slots, chunks, [i]))
+            else:
+                decodes.setdefault(id(cache.slots), (cache.slots, []))[1].append(i)
+        by_buffer = {buffer: _over_slots(slots, chunks, members) for buffer, (slots, members) in decodes.items()}
+        calls += by_buffer.values()
+        joined: dict[tuple, tuple[SharedPrefix, torch.Tensor, torch.Tensor]] = {}
+        for (buffer, _), (slots, prefix, members) in readers.items():
+            group = self._readers(slots, prefix, chunks, members, joined)
+            host = by_buffer.get(buffer)
+            if host is not None and host.readers is None:
+                host.readers = group
+            else:  # after every decode call: their pad rows write at a reader's length too, as it does
+                pad = torch.zeros(1, dtype=torch.long)
+                calls.append(StepCall(self._pad_keys, self._pad_values, pad, 1, [], [], group))
+        self._joined = joined  # joined copies live while some step reads them
+        taken = [call for call in calls + trees if call is not None]
+        served = {i for call in taken for i in call.chunks + (call.readers.chunks if call.readers else [])}
+        return taken, [i for i in range(len(chunks)) if i not in served]
+
+    def _readers(
+        self,
+        slots: KVSlots,
+        prefix: SharedPrefix,
+        chunks: list[SequenceChunk],
+        members: list[int],
+        joined: dict[tuple, tuple[SharedPrefix, torch.Tensor, torch.Tensor]],
+    ) -> PrefixReaders:
+        indices = [chunks[i].cache.index for i in members]  # type: ignore[attr-defined]
+        lo, hi = min(indices), max(indices) + 1
+        whole = prefix.layer_contiguous()
+        if whole is None:  # pieces of several tree nodes: one joined copy for all readers, kept between steps
+            kept = self._joined.get(prefix.identity) or joined.get(prefix.identity)
+            joined[prefix.identity] = kept or (prefix, *prefix.joined())  # (the prefix keeps its identity's memory)
+            whole = joined[prefix.identity][1:]
+        return PrefixReaders(
+            prefix_keys=whole[0],
+            prefix_values=whole[1],
+            keys=slots.keys[:, lo:hi],
+            values=slots.values[:, lo:hi],
+            rows=torch.tensor([index - lo for index in indices]),
+            lengths=torch.tensor([chunks[i].cache.length for i in members]),
+            chunks=members,
+        )
+
+    def __call__(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        bias: torch.Tensor,
+        reader_positions: torch.Tensor,
+        call: StepCall,
+    ) -> torch.Tensor:
+        """h [B * S + G, d] (the tokens' embeddings: S per buffer row, then one per reader) at positions [B, S]
+        and reader_positions [G], under bias [B, 1, S, max length + S] (0 where a token may attend, -inf where a
+        tree hides it; causal order applies anyway): each row attends its length's cached tokens and its own
+        earlier ones, each reader the prefix and its own tokens, and gets its keys and values written after its
+        length (the caller advances the lengths of the caches it serves) -> logits [B * S + G, V]."""
         rows, tokens = len(call.lengths), call.tokens
-        lengths = {
+        inputs = {
+            "h": h,
+            "row_split": torch.tensor([rows * tokens, h.shape[0] - rows * tokens]),
             "row_tokens": torch.tensor([rows, tokens, self.qkv_width]),
             "position": positions.to(torch.int64),
             "seqlens_k": (call.lengths + tokens - 1).to(torch.int32),
             "total_length": (call.lengths.max() + tokens).to(torch.int32),
             "attention_bias": bias,
         }
-        pasts: dict[str, torch.Tensor] = {}
-        presents: dict[str, torch.Tensor] = {}  # the same memory: the op appends in place
+        presents: dict[str, torch.Tensor] = {}  # the same memory as the pasts: the op appends in place
         for index in range(self.layers):
             past_key, past_value, present_key, present_value = _cache_names(index)
             keys, values = call.keys[index], call.values[index]  # [B, Hkv, capacity, D]
             if not (keys.is_contiguous() and values.is_contiguous()):
                 raise ValueError("a step call's KV buffer must be contiguous per layer (see fits)")
-            pasts |= {past_key: keys, past_value: values}
+            inputs |= {past_key: keys, past_value: values}
             presents |= {present_key: keys, present_value: values}
-        return self._graph.run({"h": h} | lengths | pasts, into=presents)[0]
+        readers = call.readers
+        groups = 0 if readers is None else len(readers.rows)
+        new_keys = torch.empty(self.layers, groups, 1, self.kv_heads * self.head_dim)  # [layers, G, 1, Hkv * D]
+        new_values = torch.empty_like(new_keys)
+        inputs |= self._reader_inputs(readers, reader_positions)
+        for index in range(self.layers):
+            presents |= dict(zip(_reader_names(index)[4:], (new_keys[index], new_values[index]), strict=True))
+        logits = self._graph.run(inputs, into=presents)[0]
+        if readers is not None:  # their new keys and values, every layer at once: [G, layers, Hkv, D] each
+            rows, at = readers.rows, readers.lengths
+            readers.keys[:, rows, :, at] = new_keys.view(self.layers, len(rows), self.kv_heads, -1).transpose(0, 1)
+            readers.values[:, rows, :, at] = new_values.view(self.layers, len(rows), self.kv_heads, -1).transpose(0, 1)
+        return logits
+
+    def _reader_inputs(self, readers: PrefixReaders | None, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The graph's reader inputs: a call without readers binds empty ones (and the pad buffer as their slots)."""
+        kv_heads, d = self.kv_heads, self.head_dim
+        if readers is None:
+            prefix = [torch.empty(self.layers, kv_heads, 0, d)] * 2
+            own, rows, start = [self._pad_keys, self._pad_values], torch.zeros(0, dtype=torch.long), 0
+            held = torch.zeros(0, 1, dtype=torch.long)
+        else:
+            prefix = [readers.prefix_keys, readers.prefix_values]
+            own, rows, start = [readers.keys, readers.values], readers.rows, readers.prefix_length
+            held = (readers.lengths - start)[:, None]  # [G, 1] own tokens each holds
+        most = int(held.max()) if len(held) else 0  # O
+        span = torch.arange(most + 1)  # own positions, the new token's last
+        visible = (span < held) | (span == most)  # [G, O + 1]
+        bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, None]  # [G, 1, 1, O + 1]
+        groups, rep = len(rows), self._rep
+        inputs = {
+            "reader_position": positions.to(torch.int64).reshape(-1, 1),
+            "reader_rows": rows,
+            "own_start": torch.tensor([start]),
+            "own_end": torch.tensor([start + most]),
+            "reader_bias": bias,
+            "reader_split": torch.tensor([start, most + 1]),
+            "prefix_scores_shape": torch.tensor([kv_heads, groups, rep, start]),
+            "prefix_probs_shape": torch.tensor([kv_heads, groups * rep, start]),
+        }
+        for index in range(self.layers):
+            names = _reader_names(index)[:4]
+            inputs |= dict(zip(names, (prefix[0][index], prefix[1][index], own[0][index], own[1][index]), strict=True))
+        return inputs
+
+
+def _reader_attention_nodes(
+    g: GraphBuilder, w: LayerWeights, qkv: str, rope: tuple[str, str], names: tuple[str, ...], out: str, p: str
+) -> None:
+    """Prefix readers' attention, written out: qkv [G, q + 2 kv] (not rotated) -> out [G, Hq * D], and their
+    rotated new keys and values [G, 1, Hkv * D] as the outputs `names[4:]`. Scores [G, Hkv, rep, P + O + 1]:
+    the prefix's (one GEMM of every reader's rows over [Hkv, P, D]), their own tokens' and the new token's."""
+    prefix_key, prefix_value, own_key, own_value, new_key, new_value = names
+    kv_heads, d = w.kv_heads, w.head_dim
+    rep, scale = w.heads // kv_heads, d**-0.5
+    r = f"{p}reader."
+    widths = g.constant(f"{r}widths", np.array([w.heads * d, kv_heads * d, kv_heads * d], np.int64))
+    by_head = g.constant(f"{r}by_head", np.array([-1, kv_heads, rep, d], np.int64))  # [G, Hkv, rep, D]
+    head_rows = g.constant(f"{r}head_rows", np.array([kv_heads, -1, d], np.int64))  # [Hkv, G * rep, D]
+    per_row = g.constant(f"{r}per_row", np.array([kv_heads, -1, rep, d], np.int64))  # [Hkv, G, rep, D]
+    one_token = g.constant(f"{r}one_token", np.array([-1, kv_heads, 1, d], np.int64))  # [G, Hkv, 1, D]
+    flat = g.constant(f"{r}flat", np.array([-1, w.heads * d], np.int64))
+    axes = g.constant(f"{r}axes", np.array([1], np.int64))
+    position, swap = "reader_position", [1, 0, 2, 3]
+    g.node("Unsqueeze", [qkv, axes], [f"{r}qkv"])  # [G, 1, q + 2 kv]
+    g.node("Split", [f"{r}qkv", widths], [f"{r}q_raw", f"{r}k_raw", new_value], axis=-1)
+    for raw, rotated, heads in ((f"{r}q_raw", f"{r}q", w.heads), (f"{r}k_raw", new_key, kv_heads)):
+        g.node("RotaryEmbedding", [raw, position, *rope], [rotated], domain="com.microsoft", num_heads=heads)
+    g.node("Reshape", [f"{r}q", by_head], [f"{r}q_heads"])  # [G, Hkv, rep, D]
+    g.node("Transpose", [f"{r}q_heads"], [f"{r}q_by_head"], perm=swap)  # [Hkv, G, rep, D]
+    g.node("Reshape", [f"{r}q_by_head", head_rows], [f"{r}q_rows"])  # [Hkv, G * rep, D]
+    fused = {"domain": "com.microsoft", "transB": 1, "alpha": scale}  # a @ b^T * scale
+    g.node("FusedMatMul", [f"{r}q_rows", prefix_key], [f"{r}prefix_rows"], **fused)
+    # shapes given at run time say sizes: a 0 there (no readers) is not "keep the input's dim"
+    exact = {"allowzero": 1}
+    g.node("Reshape", [f"{r}prefix_rows", "prefix_scores_shape"], [f"{r}prefix_by_head"], **exact)  # [Hkv, G, rep, P]
+    g.node("Transpose", [f"{r}prefix_by_head"], [f"{r}prefix_scores"], perm=swap)  # [G, Hkv, rep, P]
+    for cached, new, name in ((own_key, new_key, "keys"), (own_value, new_value, "values")):
+        g.node("Slice", [cached, "own_start", "own_end", "token_axis"], [f"{r}{name}.run"])  # [R, Hkv, O, D]
+        g.node("Gather", [f"{r}{name}.run", "reader_rows"], [f"{r}{name}.own"], axis=0)  # [G, Hkv, O, D]
+        g.node("Reshape", [new, one_token], [f"{r}{name}.new"])
+        g.node("Concat", [f"{r}{name}.own", f"{r}{name}.new"], [f"{r}{name}"], axis=2)  # [G, Hkv, O + 1, D]
+    g.node("FusedMatMul", [f"{r}q_heads", f"{r}keys"], [f"{r}own_raw"], **fused)
+    g.node("Add", [f"{r}own_raw", "reader_bias"], [f"{r}own_scores"])  # [G, Hkv, rep, O + 1]
+    g.node("Concat", [f"{r}prefix_scores", f"{r}own_scores"], [f"{r}scores"], axis=-1)
+    g.node("Softmax", [f"{r}scores"], [f"{r}probs"], axis=-1)
+    g.node("Split", [f"{r}probs", "reader_split"], [f"{r}prefix_probs", f"{r}own_probs"], axis=-1)
+    g.node("Transpose", [f"{r}prefix_probs"], [f"{r}prefix_probs_by_head"], perm=swap)  # [Hkv, G, rep, P]
+    g.node("Reshape", [f"{r}prefix_probs_by_head", "prefix_probs_shape"], [f"{r}prefix_probs_rows"], **exact)
+    g.node("MatMul", [f"{r}prefix_probs_rows", prefix_value], [f"{r}prefix_out_rows"])  # [Hkv, G * rep, D]
+    g.node("Reshape", [f"{r}prefix_out_rows", per_row], [f"{r}prefix_out_by_head"])
+    g.node("Transpose", [f"{r}prefix_out_by_head"], [f"{r}prefix_out"], perm=swap)  # [G, Hkv, rep, D]
+    g.node("MatMul", [f"{r}own_probs", f"{r}values"], [f"{r}own_out"])  # [G, Hkv, rep, D]
+    g.node("Add", [f"{r}prefix_out", f"{r}own_out"], [f"{r}out"])
+    g.node("Reshape", [f"{r}out", flat], [out])  # [G, Hq * D]
