@@ -375,12 +375,13 @@ class Engine:
 
     def _shareable(self, seq: Sequence, match: PrefixMatch) -> SharedPrefix | None:
         """The hit `seq` reads in place instead of copying, or None. A hit is shared when another running
-        request reads it in place or a waiting one starts with it (a lone reader saves only the one-time copy),
-        when it is long enough, lands in a KV slot (the batched paths attend in two parts there), has no splice
-        (a CacheBlend pass reads the cache's KV directly), and the model is a float one. Readers decode in the
-        step graph (its prefix readers, step_graph.py): with 8 agents over 2K tokens 1.6x the copies' step
-        (bench/NOTES.md). Quantized models copy: a reader's speculation tree runs through the layer graphs,
-        whose other float sums (with int8 activations) change tokens that a copy's tree in the step would keep."""
+        request reads it in place or a waiting one starts with it (a lone reader's two-part step costs ~15% more
+        than its copy's over 2K tokens, two break even: bench/NOTES.md), when it is long enough, lands in a KV
+        slot (the batched paths attend in two parts there), has no splice (a CacheBlend pass reads the cache's KV
+        directly), and the model is a float one. Readers decode in the step graph (its prefix readers,
+        step_graph.py): with 8 agents over 2K tokens 1.6x the copies' step (bench/NOTES.md). Quantized models
+        copy: a reader's speculation tree runs through the layer graphs, whose other float sums (with int8
+        activations) change tokens that a copy's tree in the step would keep."""
         least, hit = self.config.shared_prefix_min_tokens, match.num_tokens
         if (
             least is None

@@ -87,12 +87,12 @@ class StepCall:
 def fits(cache: KVCache, tokens: int = 1) -> bool:
     """Whether the op can run `tokens` new tokens in this cache: each layer's [Hkv, capacity, D] contiguous (a
     private cache or a KV slot) with room for them, and all of its KV there (not reading a shared prefix in
-    place: see `reads_prefix`)."""
+    place: see `_reads_prefix`)."""
     contiguous = cache.keys[0].is_contiguous() and cache.values[0].is_contiguous()
     return cache.length + tokens <= cache.capacity and contiguous and shared_prefix(cache) is None
 
 
-def reads_prefix(chunk: SequenceChunk) -> bool:
+def _reads_prefix(chunk: SequenceChunk) -> bool:
     """Whether the chunk is a decode the step can run as a prefix reader: one generated token, in a KV slot
     with room for it, after a shared prefix."""
     cache = chunk.cache
@@ -225,7 +225,7 @@ class StepGraph:
         readers: dict[tuple, tuple[KVSlots, SharedPrefix, list[int]]] = {}  # (buffer id, prefix) -> ...
         for i, chunk in enumerate(chunks):
             cache, tree = chunk.cache, chunk.attn_mask is not None
-            if reads_prefix(chunk):
+            if _reads_prefix(chunk):
                 prefix = shared_prefix(cache)
                 assert isinstance(cache, SlotKVCache) and cache.slots is not None and prefix is not None
                 readers.setdefault((id(cache.slots), prefix.identity), (cache.slots, prefix, []))[2].append(i)
