@@ -260,6 +260,36 @@ def test_a_request_not_ready_keeps_its_place_and_lets_others_pass() -> None:
     assert [seq.request_id for seq in scheduler.waiting] == ["r0", "r2"]
 
 
+def test_requests_brought_forward_bring_no_one_and_pass_a_waiting_request_once() -> None:
+    """a0 admitted brings a1 and a2 (its prefix's readers) ahead of x; a1 and a2, admitted out of turn, bring
+    nobody: a3, arriving later, goes after x."""
+    from kvmesh.workers.scheduler import Scheduler
+    from kvmesh.workers.sequence import Sequence
+
+    def request(name: str) -> Sequence:
+        return Sequence(name, [1, 2, 3], SamplingParams(), cache=None, text=None, generator=None, max_tokens=4)  # type: ignore[arg-type]
+
+    scheduler = Scheduler(SchedulerConfig(max_running=2, max_batch_tokens=64))
+    for name in ("a0", "x", "a1", "a2"):
+        scheduler.add(request(name))
+
+    def partner(seq: Sequence, other: Sequence) -> bool:
+        return seq.request_id[0] == other.request_id[0] == "a"
+
+    def admitted() -> list[str]:
+        before = list(scheduler.running)
+        scheduler.schedule(lambda seq: True, partner=partner)
+        return [seq.request_id for seq in scheduler.running if seq not in before]
+
+    assert admitted() == ["a0", "a1"] and [seq.request_id for seq in scheduler.waiting] == ["a2", "x"]
+    scheduler.add(request("a3"))
+    order = []
+    while scheduler.waiting:
+        scheduler.remove(scheduler.running[0])
+        order += admitted()
+    assert order == ["a2", "x", "a3"]
+
+
 # -- readers in the step graph (workers/step_graph.py) --------------------------------------------------------
 
 
@@ -317,3 +347,42 @@ def test_prefix_readers_decode_in_the_step_graph_as_copies_decode_alone(raw_mode
         for mine, theirs in ((own.slice(0).keys, private.keys), (own.slice(0).values, private.values)):
             held = theirs[:, :, : private.length]
             assert (mine - held).norm() / held.norm() < tolerance
+
+
+OTHER_CONTEXT = (
+    "Field report from the orchard. The spring frost came two weeks late and took most of the early apple "
+    "blossoms on the north slope; the pears on the south side were spared. The new irrigation lines were laid "
+    "in April and cut the water bill by a fifth. Two pickers left in June and were replaced by students for "
+    "the summer. The cider press needs a new motor before the harvest, and the buyer from the city wants a "
+    "firm price for three hundred crates by the end of August. "
+)
+
+
+def test_an_admitted_reader_brings_the_readers_of_its_prefix_ahead_of_another_prefixs(model, tokenizer) -> None:
+    """Three slots, six agents arriving alternately over two cached contexts: the first one admitted brings
+    the two other readers of its context forward, so one step decodes three readers of one prefix (one step
+    call) instead of two groups; the other context's agents follow, and all of them finish."""
+    contexts = [tokenizer.encode(text * 2) for text in (CONTEXT, OTHER_CONTEXT)]
+    engine = Engine(
+        model,
+        tokenizer,
+        EngineConfig(scheduler=SchedulerConfig(max_running=3, max_batch_tokens=64), shared_prefix_min_tokens=64),
+    )
+    engine.generate(contexts, SamplingParams(max_tokens=1))  # both contexts cached
+    sampling = SamplingParams(max_tokens=4, ignore_eos=True)
+    ids = [
+        engine.add_request(
+            contexts[i % 2] + tokenizer.encode(f"\nQuestion {i}: {QUESTIONS[i // 2]}\nAnswer:"), sampling
+        )
+        for i in range(6)
+    ]
+    engine.step()
+    running = engine.scheduler.running
+    assert [s.request_id for s in running] == [ids[0], ids[2], ids[4]]
+    assert all(
+        s.cache.shared is not None and s.cache.shared.identity == running[0].cache.shared.identity for s in running
+    )
+    finished = set()
+    while engine.has_work():
+        finished |= {event.request_id for event in engine.step() if event.finished}
+    assert finished == set(ids)

@@ -38,7 +38,7 @@ from .model_files import DEFAULT_MODEL, load_raw_model
 from .prefix_cache import PrefixCache, PrefixCacheConfig, PrefixMatch
 from .prompt_reuse import PromptReuse
 from .sampling import InvalidRequestError, SamplingParams, make_generator, sample
-from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from .scheduler import PARTNER_WINDOW, ScheduledChunk, Scheduler, SchedulerConfig
 from .sequence import RequestStats, Sequence, Status
 from .shared_prefix import SharedPrefix
 from .speculation import SpeculationConfig, Speculator, tree_inputs, verify
@@ -47,8 +47,6 @@ from .text_stream import TextStream
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-_PARTNER_SCAN = 64  # waiting requests compared with an admitted one for a prefix they could share
 
 
 def _common_head(a: list[int], b: list[int]) -> int:
@@ -229,7 +227,7 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """One forward over the scheduled chunks; returns the tokens and endings it produced."""
-        chunks = self.scheduler.schedule(self._admit, self._ready)
+        chunks = self.scheduler.schedule(self._admit, self._ready, self._partner)
         events, self._pending_events = self._pending_events, []  # (admissions that failed included)
         if not chunks:
             return events
@@ -397,10 +395,17 @@ class Engine:
         if any(reader is not None and reader.identity == prefix.identity for reader in readers):
             return prefix
         head = seq.prompt_ids[:hit]
-        for other in itertools.islice(self.scheduler.waiting, _PARTNER_SCAN):
+        for other in itertools.islice(self.scheduler.waiting, PARTNER_WINDOW):
             if _reads_exact_prefix(other) and other.prompt_ids[:hit] == head:
                 return prefix
         return None
+
+    def _partner(self, seq: Sequence, other: Sequence) -> bool:
+        """Whether waiting `other` would read in place the prefix that `seq` was just admitted reading."""
+        prefix = shared_prefix(seq.cache)
+        if prefix is None or not _reads_exact_prefix(other):
+            return False
+        return other.prompt_ids[: prefix.length] == seq.prompt_ids[: prefix.length]
 
     def _ready(self, seq: Sequence) -> bool:
         """Whether a waiting request may be admitted now. Not while a running request is prefilling a head it
