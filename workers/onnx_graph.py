@@ -12,6 +12,7 @@ Python wrapper, which spent ~10 us a call validating bindings: 9.3 vs 19-25 us f
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +34,8 @@ class TensorSpec:
 # A tensor's shape: a width alone is an fp32 [rows, width] with the graph's shared row count "M" (the tokens of
 # the step); (name, width) names another symbolic row count; (n, width) fixes it; a TensorSpec says it all.
 Shape = int | tuple[str | int, int] | TensorSpec
-_ONNX_TYPES = {np.float32: 1, np.int32: 6, np.int64: 7}  # onnx.TensorProto's FLOAT, INT32, INT64
-_NUMPY_TYPES = {torch.float32: np.float32, torch.int32: np.int32, torch.int64: np.int64}
+_ONNX_TYPES = {np.float32: 1, np.int32: 6, np.int64: 7, np.bool_: 9}  # onnx.TensorProto's FLOAT, INT32, INT64, BOOL
+_NUMPY_TYPES = {torch.float32: np.float32, torch.int32: np.int32, torch.int64: np.int64, torch.bool: np.bool_}
 _pool_lock = threading.Lock()
 _pool_threads: int | None = None
 _copies_initializers: bool | None = None  # see _copies_external_initializers
@@ -116,6 +117,7 @@ class GraphBuilder:
         # large weights stay out of the serialized model (protobuf took 4 s for SmolLM2's 540 MB): the model
         # declares them external and onnxruntime reads them from these arrays (OrtGraph)
         self.external: dict[str, np.ndarray] = {}
+        self._constants: set[str] = set()
 
     def rotary(self, x: str, cos: str, sin: str, heads: int, head_dim: int, name: str) -> str:
         """RoPE in HF's rotate_half layout, as kvcomm/rope.py's `rotate`: x [M, heads * D], cos/sin [M, D]."""
@@ -136,19 +138,41 @@ class GraphBuilder:
         return f"{name}.out"
 
     def constant(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(self._numpy_helper.from_array(np.ascontiguousarray(array), name))
+        """A constant; one already made under this name is that one (an If's two branches build the same layers)."""
+        if self._declare(name):
+            self.initializers.append(self._numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
+
+    def _declare(self, name: str) -> bool:
+        """Whether `name` is a new constant (then it is recorded)."""
+        new = name not in self._constants
+        self._constants.add(name)
+        return new
 
     def external_constant(self, name: str, array: np.ndarray) -> str:
         """A constant the graph reads from `array` (fp32, contiguous) rather than from its own bytes."""
         from onnx import TensorProto
 
+        if not self._declare(name):
+            return name
         declared = TensorProto(name=name, data_type=_ONNX_TYPES[np.float32], dims=array.shape)
         declared.data_location = TensorProto.EXTERNAL
         declared.external_data.add(key="location", value="kvmesh-in-memory")  # never read: OrtGraph supplies it
         self.initializers.append(declared)
         self.external[name] = np.ascontiguousarray(array, dtype=np.float32)
         return name
+
+    def branch(self, name: str, build: Callable[[], list[str]]) -> Any:
+        """A subgraph (an If's branch) of the nodes `build` adds, whose outputs are the fp32 values it returns
+        the names of. Constants it makes stay the enclosing graph's, read from the enclosing scope."""
+        enclosing, self.nodes = self.nodes, []
+        try:
+            outputs = build()
+            nodes = self.nodes
+        finally:
+            self.nodes = enclosing
+        values = [self._helper.make_tensor_value_info(output, _ONNX_TYPES[np.float32], None) for output in outputs]
+        return self._helper.make_graph(nodes, name, [], values)
 
     def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attributes) -> None:
         self.nodes.append(self._helper.make_node(op, inputs, outputs, domain=domain, **attributes))
@@ -271,6 +295,9 @@ class OrtGraph:
         self._cpu = _pybind_state.OrtDevice(_pybind_state.OrtDevice.cpu(), _pybind_state.OrtDevice.default_memory(), 0)
         self._lock = threading.Lock()  # one binding per graph: calls from two threads take turns
         self._nowhere = torch.zeros(1, dtype=torch.int64)  # what an empty tensor points at: onnxruntime refuses 0
+        # name -> (address, shape, dtype) bound last: a binding outlives the run, so an unchanged one (a KV buffer
+        # decoding step after step) is not made again (~2 us each; the step graph has ~250)
+        self._bound: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
 
     def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
         """Inputs by name -> the outputs, fresh tensors, in declaration order."""
@@ -290,15 +317,26 @@ class OrtGraph:
         ]
         with self._lock:
             for name, x in zip(inputs, kept, strict=True):
-                pointer = x.data_ptr() or self._nowhere.data_ptr()
-                self._binding.bind_input(name, self._cpu, _NUMPY_TYPES[x.dtype], list(x.shape), pointer)
+                if self._rebind(name, x):
+                    self._binding.bind_input(name, self._cpu, _NUMPY_TYPES[x.dtype], list(x.shape), self._address(x))
             for name, y in zip(self._outputs, outputs, strict=True):
                 if not y.is_contiguous() or y.dtype != torch.float32:
                     raise ValueError(f"output {name!r} must be a contiguous fp32 tensor, got {y.dtype} {y.stride()}")
-                pointer = y.data_ptr() or self._nowhere.data_ptr()
-                self._binding.bind_output(name, self._cpu, np.float32, list(y.shape), pointer)
+                if self._rebind(name, y):
+                    self._binding.bind_output(name, self._cpu, np.float32, list(y.shape), self._address(y))
             self._session._sess.run_with_iobinding(self._binding, None)
         return outputs
+
+    def _address(self, x: torch.Tensor) -> int:
+        return x.data_ptr() or self._nowhere.data_ptr()
+
+    def _rebind(self, name: str, x: torch.Tensor) -> bool:
+        """Whether `name` must be bound to x: not bound yet, or last to other memory, shape or type."""
+        key = (self._address(x), tuple(x.shape), x.dtype)
+        if self._bound.get(name) == key:
+            return False
+        self._bound[name] = key
+        return True
 
 
 def _rows_width(shape: Shape, rows: int) -> tuple[int, int]:

@@ -38,6 +38,7 @@ get a pad row over a one-token scratch buffer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -128,11 +129,13 @@ def _cache_names(index: int) -> tuple[str, str, str, str]:
     return f"{p}past_key", f"{p}past_value", f"{p}present_key", f"{p}present_value"
 
 
-def _reader_names(index: int) -> tuple[str, str, str, str, str, str]:
-    """A layer's inputs for prefix readers (the prefix's KV, their slots' KV) and outputs (their new KV)."""
+def _reader_names(index: int) -> tuple[str, str, str, str]:
+    """A layer's inputs for prefix readers: the prefix's keys and values, their slots' keys and values."""
     p = f"layer{index}."
-    names = ("prefix_key", "prefix_value", "own_key", "own_value", "new_key", "new_value")
-    return tuple(f"{p}{name}" for name in names)  # type: ignore[return-value]
+    return f"{p}prefix_key", f"{p}prefix_value", f"{p}own_key", f"{p}own_value"
+
+
+NEW_KV = ("new_keys", "new_values")  # the readers' new keys and values, every layer's: [G, layers, Hkv * D]
 
 
 class StepGraph:
@@ -144,45 +147,17 @@ class StepGraph:
         g = GraphBuilder()
         g.constant("token_axis", np.array([2], np.int64))  # of a [rows, Hkv, tokens, D] KV buffer
         # GroupQueryAttention's RoPE tables: [positions, D / 2], the first half of RopeTable's (halves repeat)
-        cos = g.constant("cos_table", rope.cos[:, : d // 2].float().cpu().numpy())
-        sin = g.constant("sin_table", rope.sin[:, : d // 2].float().cpu().numpy())
-        q_width = first.heads * d
-        flat = g.constant("flat_attn", np.array([-1, q_width], np.int64))
+        rope_tables = (
+            g.constant("cos_table", rope.cos[:, : d // 2].float().cpu().numpy()),
+            g.constant("sin_table", rope.sin[:, : d // 2].float().cpu().numpy()),
+        )
+        _step_nodes(g, layers, final_norm, head, rope_tables)
         cache = TensorSpec(("B", first.kv_heads, "capacity", d))
         prefix, own = TensorSpec((first.kv_heads, "P", d)), TensorSpec(("R", first.kv_heads, "capacity", d))
-        new_kv = TensorSpec(("G", 1, first.kv_heads * d))
-        h, caches, readers = "h", {}, {}
-        for i, parts in enumerate(layers):
-            p, w = f"layer{i}.", parts.weights
-            past_key, past_value, present_key, present_value = _cache_names(i)
-            prefix_key, prefix_value, own_key, own_value = _reader_names(i)[:4]
-            caches |= {past_key: cache, past_value: cache}
-            readers |= {prefix_key: prefix, prefix_value: prefix, own_key: own, own_value: own}
-            # rows: the decodes' B * S, then the readers' G
-            g.node("Split", [qkv_nodes(g, parts, h, p), "row_split"], [f"{p}qkv.decodes", f"{p}qkv.readers"], axis=0)
-            g.node("Reshape", [f"{p}qkv.decodes", "row_tokens"], [f"{p}qkv.rows"])  # [B, S, q + 2 kv]
-            g.node(
-                "GroupQueryAttention",
-                [
-                    f"{p}qkv.rows",
-                    *("", "", past_key, past_value, "seqlens_k", "total_length", cos, sin),
-                    *("position", "attention_bias"),
-                ],
-                [f"{p}attn.rows", present_key, present_value],
-                domain="com.microsoft",
-                num_heads=w.heads,
-                kv_num_heads=w.kv_heads,
-                scale=d**-0.5,
-                do_rotary=1,
-                rotary_interleaved=0,  # HF's rotate_half layout, as kvcomm/rope.py
-            )
-            g.node("Reshape", [f"{p}attn.rows", flat], [f"{p}attn.decodes"])  # [B * S, Hq * D]
-            _reader_attention_nodes(g, w, f"{p}qkv.readers", (cos, sin), _reader_names(i), f"{p}attn.readers", p)
-            g.node("Concat", [f"{p}attn.decodes", f"{p}attn.readers"], [f"{p}attn"], axis=0)
-            h = finish_nodes(g, parts, h, f"{p}attn", p)
-        norm = g.constant("final_norm", final_norm.float().numpy())
-        g.node("SimplifiedLayerNormalization", [h, norm], ["final_normed"], axis=-1, epsilon=first.eps)
-        g.matmul("final_normed", head, "logits", name="head")
+        caches, readers = {}, {}
+        for i in range(self.layers):
+            caches |= dict.fromkeys(_cache_names(i)[:2], cache)
+            readers |= dict(zip(_reader_names(i), (prefix, prefix, own, own), strict=True))
         shape = TensorSpec((4,), np.int64)
         inputs = {
             "h": hidden,  # [B * S + G, d]
@@ -192,6 +167,7 @@ class StepGraph:
             "seqlens_k": TensorSpec(("B",), np.int32),  # tokens each row holds with its new ones, minus one
             "total_length": TensorSpec((), np.int32),  # the most any row holds with its new ones
             "attention_bias": TensorSpec(("B", 1, "S", "T")),  # 0 or -inf: a tree's mask within the causal one
+            "has_readers": TensorSpec((), np.bool_),  # G > 0
             "reader_position": TensorSpec(("G", 1), np.int64),
             "reader_rows": TensorSpec(("G",), np.int64),  # each reader's row of the run of slots (own_key's R)
             "own_start": TensorSpec((1,), np.int64),  # P: their own tokens' first position in the slots ...
@@ -204,14 +180,17 @@ class StepGraph:
             **readers,
         }
         self.qkv_width = first.qkv.shape[0]
-        outputs: dict = {"logits": head.out_features}
-        outputs |= {name: cache for i in range(self.layers) for name in _cache_names(i)[2:]}
-        outputs |= {name: new_kv for i in range(self.layers) for name in _reader_names(i)[4:]}
-        self._graph = OrtGraph(g.build(inputs, outputs), outputs, g.external)
+        new_kv = TensorSpec(("G", self.layers, first.kv_heads * d))
+        graph_outputs: dict = {"logits": head.out_features}
+        graph_outputs |= {name: cache for i in range(self.layers) for name in _cache_names(i)[2:]}
+        graph_outputs |= dict.fromkeys(NEW_KV, new_kv)
+        self._graph = OrtGraph(g.build(inputs, graph_outputs), graph_outputs, g.external)
         # a call with readers only gives the op this pad row (it faults on an empty batch): [layers, 1, Hkv, 1, D]
         self._pad_keys = torch.zeros(self.layers, 1, first.kv_heads, 1, d)
         self._pad_values = torch.zeros_like(self._pad_keys)
         self._joined: dict[tuple, tuple[SharedPrefix, torch.Tensor, torch.Tensor]] = {}
+        self._no_readers = self._reader_inputs(None, torch.zeros(0, dtype=torch.long))
+        self._no_new_kv = [torch.empty(0, self.layers, first.kv_heads * d) for _ in range(2)]
 
     def plan(self, chunks: list[SequenceChunk]) -> tuple[list[StepCall], list[int]]:
         """The step calls that run a forward's generated tokens: per KV buffer (a KVSlots buffer, or a private
@@ -314,17 +293,18 @@ class StepGraph:
             inputs |= {past_key: keys, past_value: values}
             presents |= {present_key: keys, present_value: values}
         readers = call.readers
-        groups = 0 if readers is None else len(readers.rows)
-        new_keys = torch.empty(self.layers, groups, 1, self.kv_heads * self.head_dim)  # [layers, G, 1, Hkv * D]
-        new_values = torch.empty_like(new_keys)
-        inputs |= self._reader_inputs(readers, reader_positions)
-        for index in range(self.layers):
-            presents |= dict(zip(_reader_names(index)[4:], (new_keys[index], new_values[index]), strict=True))
-        logits = self._graph.run(inputs, into=presents)[0]
-        if readers is not None:  # their new keys and values, every layer at once: [G, layers, Hkv, D] each
-            rows, at = readers.rows, readers.lengths
-            readers.keys[:, rows, :, at] = new_keys.view(self.layers, len(rows), self.kv_heads, -1).transpose(0, 1)
-            readers.values[:, rows, :, at] = new_values.view(self.layers, len(rows), self.kv_heads, -1).transpose(0, 1)
+        if readers is None:  # the same tensors every step: their bindings stay (OrtGraph.run)
+            new_keys, new_values = self._no_new_kv
+            inputs |= self._no_readers
+        else:
+            new_keys = torch.empty(len(readers.rows), self.layers, self.kv_heads * self.head_dim)  # [G, L, Hkv * D]
+            new_values = torch.empty_like(new_keys)
+            inputs |= self._reader_inputs(readers, reader_positions)
+        logits = self._graph.run(inputs, into=presents | dict(zip(NEW_KV, (new_keys, new_values), strict=True)))[0]
+        if readers is not None:  # written after their lengths, every layer at once ([G, layers, Hkv, D] each)
+            rows, at, shape = readers.rows, readers.lengths, (len(readers.rows), self.layers, self.kv_heads, -1)
+            readers.keys[:, rows, :, at] = new_keys.view(shape)
+            readers.values[:, rows, :, at] = new_values.view(shape)
         return logits
 
     def _reader_inputs(self, readers: PrefixReaders | None, positions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -344,6 +324,7 @@ class StepGraph:
         bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, None]  # [G, 1, 1, O + 1]
         groups, rep = len(rows), self._rep
         inputs = {
+            "has_readers": torch.tensor(readers is not None),
             "reader_position": positions.to(torch.int64).reshape(-1, 1),
             "reader_rows": rows,
             "own_start": torch.tensor([start]),
@@ -354,21 +335,83 @@ class StepGraph:
             "prefix_probs_shape": torch.tensor([kv_heads, groups * rep, start]),
         }
         for index in range(self.layers):
-            names = _reader_names(index)[:4]
+            names = _reader_names(index)
             inputs |= dict(zip(names, (prefix[0][index], prefix[1][index], own[0][index], own[1][index]), strict=True))
         return inputs
 
 
-def _reader_attention_nodes(
-    g: GraphBuilder, w: LayerWeights, qkv: str, rope: tuple[str, str], names: tuple[str, ...], out: str, p: str
+def _step_nodes(
+    g: GraphBuilder, layers: list[LayerParts], final_norm: torch.Tensor, head: GraphWeight, rope: tuple[str, str]
 ) -> None:
-    """Prefix readers' attention, written out: qkv [G, q + 2 kv] (not rotated) -> out [G, Hq * D], and their
-    rotated new keys and values [G, 1, Hkv * D] as the outputs `names[4:]`. Scores [G, Hkv, rep, P + O + 1]:
-    the prefix's (one GEMM of every reader's rows over [Hkv, P, D]), their own tokens' and the new token's."""
-    prefix_key, prefix_value, own_key, own_value, new_key, new_value = names
+    """The step's nodes: every layer (the prefix readers' rows after the decodes'), the final norm, the head."""
+    first = layers[0].weights
+    q_width, d = first.heads * first.head_dim, first.head_dim
+    flat = g.constant("flat_attn", np.array([-1, q_width], np.int64))
+    h, new_kv = "h", []
+    for i, parts in enumerate(layers):
+        p, w = f"layer{i}.", parts.weights
+        past_key, past_value, present_key, present_value = _cache_names(i)
+        # rows: the decodes' B * S, then the readers' G
+        g.node("Split", [qkv_nodes(g, parts, h, p), "row_split"], [f"{p}qkv.decodes", f"{p}qkv.readers"], axis=0)
+        g.node("Reshape", [f"{p}qkv.decodes", "row_tokens"], [f"{p}qkv.rows"])  # [B, S, q + 2 kv]
+        g.node(
+            "GroupQueryAttention",
+            [
+                f"{p}qkv.rows",
+                *("", "", past_key, past_value, "seqlens_k", "total_length", *rope),
+                *("position", "attention_bias"),
+            ],
+            [f"{p}attn.rows", present_key, present_value],
+            domain="com.microsoft",
+            num_heads=w.heads,
+            kv_num_heads=w.kv_heads,
+            scale=d**-0.5,
+            do_rotary=1,
+            rotary_interleaved=0,  # HF's rotate_half layout, as kvcomm/rope.py
+        )
+        g.node("Reshape", [f"{p}attn.rows", flat], [f"{p}attn.decodes"])  # [B * S, Hq * D]
+        new_kv.append(_readers_if(g, w, i, rope))
+        g.node("Concat", [f"{p}attn.decodes", f"{p}attn.readers"], [f"{p}attn"], axis=0)
+        h = finish_nodes(g, parts, h, f"{p}attn", p)
+    norm = g.constant("final_norm", final_norm.float().numpy())
+    g.node("SimplifiedLayerNormalization", [h, norm], ["final_normed"], axis=-1, epsilon=first.eps)
+    g.matmul("final_normed", head, "logits", name="head")
+    for kind, name in enumerate(NEW_KV):  # [G, 1, Hkv * D] a layer -> [G, layers, Hkv * D]
+        g.node("Concat", [layer[kind] for layer in new_kv], [name], axis=1)
+
+
+def _readers_if(g: GraphBuilder, w: LayerWeights, index: int, rope: tuple[str, str]) -> tuple[str, str]:
+    """Layer `index`'s prefix readers: when there are any, their attention (below), else empty values, as
+    `layer{index}.attn.readers` [G, Hq * D] -> the names of their new keys and values [G, 1, Hkv * D]. The empty
+    branch spares a step without readers their ~35 nodes a layer (a decode +13% -> +5%, bench/NOTES.md)."""
+    p = f"layer{index}."
+    outputs = [f"{p}attn.readers", f"{p}new_key", f"{p}new_value"]
+    kv_width = w.kv_heads * w.head_dim
+    empties = [(0, w.heads * w.head_dim), (0, 1, kv_width), (0, 1, kv_width)]
+    reading = g.branch(f"{p}readers", partial(_reader_attention_nodes, g, w, f"{p}qkv.readers", rope, index))
+    none = g.branch(f"{p}no_readers", partial(_no_readers, g, empties, p))
+    g.node("If", ["has_readers"], outputs, then_branch=reading, else_branch=none)
+    return outputs[1], outputs[2]
+
+
+def _no_readers(g: GraphBuilder, empties: list[tuple[int, ...]], p: str) -> list[str]:
+    """The branch without readers: empty values (copies of constants the whole graph shares)."""
+    names = [f"{p}no_readers.{i}" for i in range(len(empties))]
+    for name, dims in zip(names, empties, strict=True):
+        g.node("Identity", [g.constant("empty" + "x".join(map(str, dims)), np.zeros(dims, np.float32))], [name])
+    return names
+
+
+def _reader_attention_nodes(g: GraphBuilder, w: LayerWeights, qkv: str, rope: tuple[str, str], index: int) -> list[str]:
+    """Prefix readers' attention, written out: qkv [G, q + 2 kv] (not rotated) -> the names of their attention
+    [G, Hq * D] and their rotated new keys and values [G, 1, Hkv * D]. Scores [G, Hkv, rep, P + O + 1]: the
+    prefix's (one GEMM of every reader's rows over [Hkv, P, D]), their own tokens' and the new token's."""
+    prefix_key, prefix_value, own_key, own_value = _reader_names(index)
+    p = f"layer{index}."
     kv_heads, d = w.kv_heads, w.head_dim
     rep, scale = w.heads // kv_heads, d**-0.5
     r = f"{p}reader."
+    new_key, new_value = f"{r}new_key", f"{r}new_value"
     widths = g.constant(f"{r}widths", np.array([w.heads * d, kv_heads * d, kv_heads * d], np.int64))
     by_head = g.constant(f"{r}by_head", np.array([-1, kv_heads, rep, d], np.int64))  # [G, Hkv, rep, D]
     head_rows = g.constant(f"{r}head_rows", np.array([kv_heads, -1, d], np.int64))  # [Hkv, G * rep, D]
@@ -407,4 +450,5 @@ def _reader_attention_nodes(
     g.node("Transpose", [f"{r}prefix_out_by_head"], [f"{r}prefix_out"], perm=swap)  # [G, Hkv, rep, D]
     g.node("MatMul", [f"{r}own_probs", f"{r}values"], [f"{r}own_out"])  # [G, Hkv, rep, D]
     g.node("Add", [f"{r}prefix_out", f"{r}own_out"], [f"{r}out"])
-    g.node("Reshape", [f"{r}out", flat], [out])  # [G, Hq * D]
+    g.node("Reshape", [f"{r}out", flat], [f"{r}attn"])  # [G, Hq * D]
+    return [f"{r}attn", new_key, new_value]
