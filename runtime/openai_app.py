@@ -40,6 +40,7 @@ from .openai_schema import (
     Usage,
     parse_request,
 )
+from .wire import finish_reason_from_wire, reuse_mode_from_wire
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -113,7 +114,12 @@ def build_app(door: ChatDoor) -> FastAPI:
                 id=completion_id,
                 created=int(time.time()),
                 model=settings.model,
-                choices=[Choice(message=AssistantMessage(content="".join(text)), finish_reason=final.finish_reason)],
+                choices=[
+                    Choice(
+                        message=AssistantMessage(content="".join(text)),
+                        finish_reason=finish_reason_from_wire(final.finish_reason),
+                    )
+                ],
                 usage=_usage(final.stats),
                 kvmesh=_kvmesh(final.stats, call.slot),
             ).model_dump(mode="json")
@@ -174,7 +180,8 @@ async def _stream(
             if chunk.finished:
                 stats = chunk.stats
                 kvmesh = None if include_usage else _kvmesh(stats, slot)
-                yield event([ChunkChoice(delta=Delta(), finish_reason=chunk.finish_reason)], kvmesh=kvmesh)
+                reason = finish_reason_from_wire(chunk.finish_reason)
+                yield event([ChunkChoice(delta=Delta(), finish_reason=reason)], kvmesh=kvmesh)
                 if include_usage:
                     yield event([], usage=_usage(stats), kvmesh=_kvmesh(stats, slot))
                 break
@@ -205,8 +212,8 @@ def _kvmesh(stats: worker_pb2.CallStats, slot: str) -> KvmeshStats:
     return KvmeshStats(
         reused_tokens=stats.reused_tokens,
         cached_tokens=stats.cached_tokens,
-        reuse_mode=stats.reuse_mode,
-        segment_modes=dict(stats.segment_modes),
+        reuse_mode=reuse_mode_from_wire(stats.reuse_mode),
+        segment_modes={key: reuse_mode_from_wire(m) for key, m in stats.segment_modes.items()},
         segment_reasons=dict(stats.segment_reasons),
         degradations=list(stats.degradations),
         slot=slot,

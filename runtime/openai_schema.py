@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kvmesh.agents.agent import REUSE_MODES
+from kvmesh.workers.vocabulary import ReuseMode
 
 from .openai_errors import OpenAIError, unsupported
 
@@ -93,7 +93,7 @@ class StreamOptions(BaseModel):
 
 class KvmeshOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reuse: Literal[REUSE_MODES] | None = None  # type: ignore[valid-type]  # None: auto
+    reuse: ReuseMode | None = None  # None: auto
 
 
 class ChatCompletionRequest(BaseModel):

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from kvmesh.agents import Phase, RunResult
 from kvmesh.v1 import worker_pb2
 
+from .wire import reuse_mode_from_wire
+
 
 @dataclass(frozen=True)
 class CallRecord:
@@ -46,13 +48,13 @@ class CallRecord:
             ttft_s=stats.ttft_s,
             decode_tok_s=stats.decode_tok_s,
             wall_s=stats.wall_s,
-            reuse_mode=stats.reuse_mode,
+            reuse_mode=reuse_mode_from_wire(stats.reuse_mode),
             attempts=stats.attempts or 1,
             drafted_tokens=stats.drafted_tokens,
             accepted_tokens=stats.accepted_tokens,
             reused_tokens=stats.reused_tokens,
             anchors_consulted=stats.anchors_consulted,
-            segment_modes=dict(stats.segment_modes),
+            segment_modes={key: reuse_mode_from_wire(m) for key, m in stats.segment_modes.items()},
             segment_reasons=dict(stats.segment_reasons),
             degradations=tuple(stats.degradations),
         )

@@ -26,6 +26,7 @@ from kvmesh.agents import Agent, Phase, Tool
 from kvmesh.v1 import worker_pb2
 
 from .tracing import record_error
+from .wire import finish_reason_from_wire, reuse_mode_from_wire
 
 PROVIDER = "kvmesh"  # gen_ai.provider.name: kvmesh serves the model itself
 
@@ -110,7 +111,7 @@ def traced_chat(
             "gen_ai.request.model": model,
             "gen_ai.agent.name": request.agent,
             "kvmesh.request_id": request.request_id,
-            "kvmesh.reuse.requested": request.reuse,
+            "kvmesh.reuse.requested": reuse_mode_from_wire(request.reuse),
             **_request_attributes(sampling.max_tokens, sampling.temperature, sampling.top_p),
         },
     )
@@ -126,7 +127,7 @@ def traced_chat(
                     _call_attributes(chunk.stats)
                     | {
                         "gen_ai.response.model": chunk.stats.model or model,
-                        "gen_ai.response.finish_reasons": [chunk.finish_reason or "stop"],
+                        "gen_ai.response.finish_reasons": [finish_reason_from_wire(chunk.finish_reason) or "stop"],
                     }
                 )
                 for degradation in chunk.stats.degradations:  # survived, but the user should hear of it
@@ -159,13 +160,15 @@ def _call_attributes(stats: worker_pb2.CallStats) -> dict[str, Any]:
         "gen_ai.usage.input_tokens": stats.prompt_tokens,
         "gen_ai.usage.output_tokens": stats.output_tokens,
         "gen_ai.usage.cache_read.input_tokens": stats.cached_tokens + stats.reused_tokens,
-        "kvmesh.reuse.mode": stats.reuse_mode,
+        "kvmesh.reuse.mode": reuse_mode_from_wire(stats.reuse_mode),
         "kvmesh.reuse.cached_tokens": stats.cached_tokens,
         "kvmesh.reuse.reused_tokens": stats.reused_tokens,
         "kvmesh.reuse.recomputed_tokens": stats.recomputed_tokens,
         "kvmesh.reuse.anchors_consulted": stats.anchors_consulted,
         # what served each segment's KV; attribute values cannot be maps, so "segment id=mode" strings
-        "kvmesh.reuse.segment_modes": [f"{key}={mode}" for key, mode in sorted(stats.segment_modes.items())],
+        "kvmesh.reuse.segment_modes": [
+            f"{key}={reuse_mode_from_wire(mode)}" for key, mode in sorted(stats.segment_modes.items())
+        ],
         "kvmesh.reuse.segment_reasons": [f"{key}={why}" for key, why in sorted(stats.segment_reasons.items())],
         "kvmesh.degradations": list(stats.degradations),
         "kvmesh.ttft_s": stats.ttft_s,

@@ -13,6 +13,8 @@ from kvmesh.v1 import worker_pb2
 from kvmesh.workers.reuse_planner import ChatTurn, PromptPiece
 from kvmesh.workers.sampling import SamplingParams
 
+from .wire import reuse_mode_from_wire
+
 DEFAULT_MAX_TOKENS = 256  # a request that leaves max_tokens unset (0 on the wire)
 CHAT_ROLES = ("user", "assistant", "system")  # what a ChatMessage may be (the system prompt is the request's)
 
@@ -51,7 +53,7 @@ def worker_call(request: worker_pb2.GenerateRequest) -> WorkerCall:
         agent=request.agent,
         system=request.system if request.HasField("system") else None,
         turns=turns,
-        reuse=request.reuse or "auto",
+        reuse=reuse_mode_from_wire(request.reuse),
         sampling=SamplingParams(
             max_tokens=int(sampling.max_tokens) or DEFAULT_MAX_TOKENS,
             temperature=float(sampling.temperature),

@@ -26,6 +26,7 @@ from kvmesh.workers.scheduler import EngineOverloaded
 from kvmesh.workers.sequence import RequestStats
 
 from .spans import traced_chat
+from .wire import finish_reason_to_wire, reuse_mode_to_wire
 from .worker_request import worker_call
 
 
@@ -74,7 +75,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     text=event.text,
                     token_ids=[] if event.token_id is None else [event.token_id],
                     finished=True,
-                    finish_reason=event.finish_reason or "",
+                    finish_reason=finish_reason_to_wire(event.finish_reason),
                     stats=self._stats(event.stats, planned),
                 )
         except InvalidRequestError as exc:  # the engine refused it (e.g. longer than the context)
@@ -107,11 +108,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             decode_tok_s=stats.decode_tok_s or 0.0,
             drafted_tokens=stats.drafted_tokens,
             accepted_tokens=stats.accepted_tokens,
-            reuse_mode=mode,
+            reuse_mode=reuse_mode_to_wire(mode),
             model=self.model_name,
             worker=self._address(),
             anchors_consulted=planned.stats.anchors_consulted,
-            segment_modes=planned.stats.segment_modes,
+            segment_modes={key: reuse_mode_to_wire(m) for key, m in planned.stats.segment_modes.items()},
             segment_reasons=planned.stats.segment_reasons,
             degradations=planned.stats.degradations,
         )

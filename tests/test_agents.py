@@ -55,7 +55,8 @@ class Recorder:
         (lambda: Agent("a", "{query} {"), "malformed"),
         (lambda: Agent("a", "{0}"), "is not a name"),
         (lambda: Agent("bad name"), "must be a Python identifier"),
-        (lambda: Agent("a", reuse="magic"), "reuse='magic'"),
+        (lambda: Agent("a", reuse="magic"), "reuse='magic'; choose one of auto, dense, prefix, kvcomm, blend$"),
+        (lambda: Agent("a", reuse="naive"), "reuse='naive'"),  # for benchmarks: the worker takes it, users may not
         (lambda: Agent("a", temperature=-1), "temperature"),
         # sampling fields: the engine's ranges and the wire's (max_tokens uint32, seed uint64), named here
         (lambda: Agent("a", max_tokens=2**32), r"agent 'a': max_tokens must be an integer in \[1, 4294967295\]"),

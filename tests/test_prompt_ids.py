@@ -3,12 +3,19 @@ tokenized alone."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from kvmesh.agents import Agent, SegmentPart
 from kvmesh.agents.render import render
 from kvmesh.kvcomm.segment_id import segment_id
+from kvmesh.runtime.worker_request import worker_call
+from kvmesh.v1 import worker_pb2
 from kvmesh.workers.reuse_planner import PromptPiece, ReusePlanner
+from kvmesh.workers.sampling import InvalidRequestError
+
+OFFERED = "auto, dense, prefix, kvcomm, blend"  # the modes users may choose: a refusal names them
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +64,15 @@ def test_empty_parts_add_no_tokens_and_the_frame_stays(planner, tokenizer):
     assert planned.layout is None  # the only segment was empty: nothing to reuse
 
 
-def test_an_unknown_reuse_mode_is_refused(planner):
-    with pytest.raises(ValueError, match="reuse mode 'magic'"):
+def test_an_unknown_reuse_mode_is_refused_naming_the_modes_users_may_choose(planner):
+    with pytest.raises(InvalidRequestError, match=rf"reuse mode 'magic' is not one of {OFFERED}$"):
         planner.plan(None, [PromptPiece("Hi")], "a", "magic")
+    assert planner.plan(None, [PromptPiece("Hi")], "a", "naive").stats.mode == "prefix"  # benchmarks' mode: taken
+
+
+@pytest.mark.parametrize(("reuse", "seen"), [(worker_pb2.REUSE_MODE_KVCOMM_BLEND, "'kvcomm+blend'"), (99, "'99'")])
+def test_a_requests_reuse_mode_the_worker_does_not_serve_is_refused_naming_the_valid_ones(planner, reuse, seen):
+    """kvcomm+blend is only ever served; 99 is a mode some newer peer may know: neither is planned."""
+    call = worker_call(worker_pb2.GenerateRequest(parts=[worker_pb2.PromptPart(text="Hi")], reuse=reuse))
+    with pytest.raises(InvalidRequestError, match=rf"reuse mode {re.escape(seen)} is not one of {OFFERED}$"):
+        planner.plan_conversation(call.system, call.turns, call.agent, call.reuse)

@@ -13,6 +13,7 @@ from kvmesh.runtime.config import ConfigError, RuntimeConfig
 from kvmesh.runtime.grpc_client import open_channel
 from kvmesh.runtime.grpc_server import start_server
 from kvmesh.runtime.spans import traced_chat
+from kvmesh.runtime.wire import finish_reason_to_wire
 from kvmesh.runtime.worker_actor import WORKER_SERVICE
 from kvmesh.v1 import agent_pb2, agent_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -97,23 +98,23 @@ def _chunks(finish: str = "stop", fail: bool = False):
         ttft_s=0.05,
         drafted_tokens=3,
         accepted_tokens=1,
-        reuse_mode="kvcomm",
+        reuse_mode=worker_pb2.REUSE_MODE_KVCOMM,
         model="smollm2",
         worker="127.0.0.1:1",
         anchors_consulted=5,
-        segment_modes={"s2": "kvcomm", "s1": "dense"},
+        segment_modes={"s2": worker_pb2.REUSE_MODE_KVCOMM, "s1": worker_pb2.REUSE_MODE_DENSE},
         segment_reasons={"s2": "vouched for by 5 anchors", "s1": "nearest anchor is 0.70 away (> 0.5)"},
         degradations=["KV store unavailable: Redis is unreachable"],
     )
     yield worker_pb2.GenerateChunk(text="a")
     if fail:
         raise RuntimeError("engine fault")
-    yield worker_pb2.GenerateChunk(text="b", finished=True, finish_reason=finish, stats=stats)
+    yield worker_pb2.GenerateChunk(text="b", finished=True, finish_reason=finish_reason_to_wire(finish), stats=stats)
 
 
 def _request() -> worker_pb2.GenerateRequest:
     sampling = worker_pb2.Sampling(max_tokens=2, temperature=0.0, top_p=0.9)
-    return worker_pb2.GenerateRequest(request_id="r1", agent="writer", sampling=sampling, reuse="auto")
+    return worker_pb2.GenerateRequest(request_id="r1", agent="writer", sampling=sampling)  # reuse unset: auto
 
 
 def test_a_chat_span_carries_the_genai_and_kvmesh_attributes_of_the_call():
@@ -127,6 +128,7 @@ def test_a_chat_span_carries_the_genai_and_kvmesh_attributes_of_the_call():
         "gen_ai.provider.name": "kvmesh",
         "gen_ai.request.model": "smollm2",
         "gen_ai.agent.name": "writer",
+        "kvmesh.reuse.requested": "auto",
         "gen_ai.request.max_tokens": 2,
         "gen_ai.request.temperature": 0.0,
         "gen_ai.request.top_p": pytest.approx(0.9),

@@ -46,9 +46,9 @@ from .reuse_guard import GuardConfig, ReuseGuard, audit_reuse
 from .sampling import InvalidRequestError
 from .segment_base import base_alone, base_from_decode
 from .tokenizer import Tokenizer
+from .vocabulary import REUSE_MODES, WORKER_MODES
 
 log = logging.getLogger(__name__)
-REUSE_MODES = ("auto", "dense", "prefix", "kvcomm", "blend", "naive")
 _PREFIX_BUDGET_BYTES = 256 << 20
 
 
@@ -155,7 +155,7 @@ class ReusePlanner:
     def plan_conversation(self, system: str | None, turns: Sequence[ChatTurn], agent: str, mode: str) -> PlannedCall:
         """plan() for a whole conversation: the model's chat frame around every turn's pieces, each tokenized
         alone, the assistant's turn opened at the end. Raises InvalidRequestError / ValueError."""
-        if mode not in REUSE_MODES:
+        if mode not in WORKER_MODES:  # (naive is for benchmarks: not offered)
             raise InvalidRequestError(f"reuse mode {mode!r} is not one of {', '.join(REUSE_MODES)}")
         started = time.perf_counter()  # before the lock: time waiting for another call's planning counts too
         frames = self.framer.frames(system, [turn.role for turn in turns])

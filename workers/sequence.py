@@ -13,6 +13,7 @@ from kvmesh.kvcomm.kv_cache import KVCache
 from .prompt_reuse import PromptReuse
 from .sampling import SamplingParams
 from .text_stream import TextStream
+from .vocabulary import EngineFinish
 
 
 class Status(enum.Enum):
@@ -74,7 +75,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens of all_ids whose KV is in `cache`
     status: Status = Status.WAITING
-    finish_reason: str | None = None
+    finish_reason: EngineFinish | None = None
     stats: RequestStats = field(default_factory=RequestStats)
     prefix_match: object | None = None  # the prefix-cache match pinned while the request runs
     role: str | None = None  # the agent role, which selects a suffix tree for speculation
