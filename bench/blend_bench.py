@@ -95,7 +95,7 @@ def run_blend_bench(args: argparse.Namespace) -> int:
             logits, tokens = continuation(model, call.prompt_kv, call.prompt_ids)
             answer = tokenizer.decode(tokens)
             correct[name] += item["answer"].lower() in answer.lower()
-            ttft[name].append(call.ttft_s)
+            ttft[name].append(call.stats.ttft_s)
             served[name] += call.reuse.mode == mode
             span = call.reuse.reused_tokens or 1
             recomputed[name].append(call.reuse.blend_recomputed / span)

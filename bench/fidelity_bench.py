@@ -36,7 +36,7 @@ from kvmesh.runtime.wire import generate_request
 from kvmesh.runtime.worker_request import WorkerCall, worker_call
 from kvmesh.workers.llama import LlamaModel
 from kvmesh.workers.tokenizer import Tokenizer
-from kvmesh.workers.worker import WorkerConfig, build_worker
+from kvmesh.workers.worker import CallStats, WorkerConfig, build_worker
 
 from .bench_common import log, machine_info
 from .fidelity_frontier import plot_frontier
@@ -92,13 +92,9 @@ class CallRecord:
     agent: str
     prompt_ids: list[int]
     reply: str
-    ttft_s: float  # planning included, as the worker reports it
+    stats: CallStats  # as a served call reports it
     wall_s: float  # planning, prefill and decode
-    prompt_tokens: int
-    cached_tokens: int  # from the exact prefix cache
-    reused_tokens: int  # from segments (kvcomm, blend)
-    reuse_mode: str  # what the planner served the prompt with
-    segment_reasons: dict[str, str]  # segment id -> why it was or was not reused
+    reuse_mode: str  # what the planner served the prompt with (stats.reuse_mode: as observed)
     kl: float = 0.0  # of dense's next-token distribution from this one, at the reply's start
     same_first_token: bool = True
 
@@ -248,19 +244,7 @@ class FidelityBench:
 
 
 def _record(agent: str, result: CallResult, wall_s: float) -> CallRecord:
-    reuse = result.reuse
-    return CallRecord(
-        agent=agent,
-        prompt_ids=result.prompt_ids,
-        reply=result.text,
-        ttft_s=result.ttft_s,
-        wall_s=wall_s,
-        prompt_tokens=result.engine.prompt_tokens,
-        cached_tokens=result.engine.prefix_hit_tokens,
-        reused_tokens=result.engine.reused_tokens,
-        reuse_mode=reuse.mode,
-        segment_reasons=dict(reuse.segment_reasons),
-    )
+    return CallRecord(agent, result.prompt_ids, result.text, result.stats, wall_s, result.reuse.mode)
 
 
 def _progress(shape: str, runs: list[ItemRun], total: int, elapsed: float) -> str:

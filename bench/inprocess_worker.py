@@ -9,8 +9,7 @@ from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.workers.engine import RequestFailed
 from kvmesh.workers.reuse_planner import PromptPiece, ReuseStats
 from kvmesh.workers.sampling import SamplingParams
-from kvmesh.workers.sequence import RequestStats
-from kvmesh.workers.worker import Worker
+from kvmesh.workers.worker import CallStats, Worker
 
 
 @dataclass
@@ -18,9 +17,8 @@ class CallResult:
     text: str
     token_ids: list[int]
     prompt_ids: list[int]
-    ttft_s: float  # planning (base KVs, matching, assembly) + the engine's time to first token
-    reuse: ReuseStats
-    engine: RequestStats
+    stats: CallStats  # as a served call reports it (TTFT: planning included)
+    reuse: ReuseStats  # the planner's decision, with what benchmarks study (matches, blend_recomputed)
     prompt_kv: KVCache | None  # the prompt's KV as the engine had it when the prompt was done (if captured)
 
 
@@ -65,13 +63,12 @@ class InProcessWorker:
                     self.planner.drain()  # anchors and segments are in the store before the next call
                     if event.error is not None:
                         raise RequestFailed(f"{agent}'s call failed in the engine: {event.error}")
-                    stats = event.stats or RequestStats()
+                    assert event.stats is not None  # an end event carries them
                     return CallResult(
                         text="".join(pieces_out),
                         token_ids=tokens,
                         prompt_ids=planned.token_ids,
-                        ttft_s=planned.stats.preprocess_s + (stats.ttft_s or 0.0),
+                        stats=CallStats.of(event.stats, planned.stats),
                         reuse=planned.stats,
-                        engine=stats,
                         prompt_kv=captured[0] if captured else None,
                     )

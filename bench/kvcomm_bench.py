@@ -191,9 +191,9 @@ def bench_ttft(workers: dict[str, InProcessWorker], spec: Json) -> Json:
                     reuse[key][1] += prompt_tokens[k]
             if warm:
                 for mode in TTFT_MODES:
-                    ttft[mode][k].append(calls[mode].ttft_s)
+                    ttft[mode][k].append(calls[mode].stats.ttft_s)
                 if served:
-                    served_ttft[k].append(calls["kvcomm"].ttft_s)
+                    served_ttft[k].append(calls["kvcomm"].stats.ttft_s)
             for mode, reused in REUSED.items():
                 if calls[mode].reuse.mode == reused:
                     row = _fidelity(model, calls["dense"], calls[mode])

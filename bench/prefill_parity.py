@@ -55,13 +55,13 @@ def bench_prefill_parity(session: Any, rounds: int, log: Any) -> Json:
     runtime_s, inprocess_s, prompt_tokens = [], [], set()
     for index in range(rounds):
         (call,) = session.run(pipeline, document).calls
-        runtime_s.append(call.ttft_s)
+        runtime_s.append(call.stats.ttft_s)
         local_call = local.call("reader", None, pieces, "dense", SamplingParams(max_tokens=1))
-        inprocess_s.append(local_call.ttft_s)
-        prompt_tokens |= {call.prompt_tokens, len(local_call.prompt_ids)}
+        inprocess_s.append(local_call.stats.ttft_s)
+        prompt_tokens |= {call.stats.prompt_tokens, len(local_call.prompt_ids)}
         log(
-            f"prefill parity round {index + 1}/{rounds}: session {call.ttft_s:.3f} s, "
-            f"in-process {local_call.ttft_s:.3f} s"
+            f"prefill parity round {index + 1}/{rounds}: session {call.stats.ttft_s:.3f} s, "
+            f"in-process {local_call.stats.ttft_s:.3f} s"
         )
     session.release(pipeline)
     if len(prompt_tokens) != 1:

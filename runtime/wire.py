@@ -1,8 +1,9 @@
-"""Conversions between kvmesh's plain types (agents/, workers/vocabulary.py) and the wire (kvmesh.v1 protos)."""
+"""Conversions between kvmesh's plain types (agents/; workers' vocabulary and CallStats) and the wire (kvmesh.v1)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, fields
 
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
@@ -10,6 +11,7 @@ from kvmesh.agents import Agent, Phase, Prompt, SegmentPart
 from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.v1 import agent_pb2, worker_pb2
 from kvmesh.workers.vocabulary import FINISH_REASONS, SERVED_MODES, WORKER_MODES
+from kvmesh.workers.worker import CallStats
 
 Kind = agent_pb2.Message.Kind
 DRIVER = "driver"  # Message.source of what the driver sends
@@ -44,6 +46,28 @@ def finish_reason_to_wire(reason: str) -> int:
 def finish_reason_from_wire(number: int) -> str:
     """A FinishReason's name ("" for the unset value: not finished; its number for one this build does not know)."""
     return _FINISH_NAMES.get(number, str(number))
+
+
+def call_stats_to_wire(stats: CallStats) -> worker_pb2.CallStats:
+    """The worker's CallStats as sent (the worker service's final chunk): the same fields, modes as ReuseMode."""
+    modes = {key: reuse_mode_to_wire(mode) for key, mode in stats.segment_modes.items()}
+    return worker_pb2.CallStats(
+        **asdict(stats) | {"reuse_mode": reuse_mode_to_wire(stats.reuse_mode), "segment_modes": modes}
+    )
+
+
+def call_stats_from_wire(message: worker_pb2.CallStats) -> CallStats:
+    """A worker's CallStats as received: the one place the runtime reads the message's fields."""
+    plain = {field.name: getattr(message, field.name) for field in fields(CallStats)}
+    return CallStats(
+        **plain
+        | {
+            "reuse_mode": reuse_mode_from_wire(message.reuse_mode),
+            "segment_modes": {key: reuse_mode_from_wire(mode) for key, mode in message.segment_modes.items()},
+            "segment_reasons": dict(message.segment_reasons),
+            "degradations": tuple(message.degradations),
+        }
+    )
 
 
 def phase_of(message: agent_pb2.Message) -> Phase:

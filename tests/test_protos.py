@@ -39,3 +39,36 @@ def test_the_reuse_modes_and_finish_reasons_are_worker_protos_enums_name_for_nam
     reasons = ("", *FINISH_REASONS)  # "": not finished
     assert {finish_reason_to_wire(reason) for reason in reasons} == set(worker_pb2.FinishReason.values())
     assert [finish_reason_from_wire(finish_reason_to_wire(reason)) for reason in reasons] == list(reasons)
+
+
+def test_a_calls_stats_cross_the_wire_whole_field_for_field():
+    """CallStats (workers/worker.py) and worker.proto's CallStats have the same fields, and a round trip through
+    runtime/wire.py's two conversions gives back what was sent."""
+    from dataclasses import fields
+
+    from kvmesh.runtime.wire import call_stats_from_wire, call_stats_to_wire
+    from kvmesh.v1 import worker_pb2
+    from kvmesh.workers.worker import CallStats
+
+    assert {f.name for f in fields(CallStats)} == set(worker_pb2.CallStats.DESCRIPTOR.fields_by_name)
+    sent = CallStats(
+        prompt_tokens=40,
+        cached_tokens=16,
+        reused_tokens=8,
+        recomputed_tokens=16,
+        output_tokens=2,
+        ttft_s=0.05,
+        decode_tok_s=31.5,
+        drafted_tokens=3,
+        accepted_tokens=1,
+        reuse_mode="kvcomm+blend",
+        model="smollm2",
+        worker="127.0.0.1:1",
+        anchors_consulted=5,
+        segment_modes={"s1": "dense", "s2": "kvcomm+blend"},
+        segment_reasons={"s1": "nearest anchor is 0.70 away", "s2": "vouched for by 5 anchors"},
+        degradations=("KV store unavailable: Redis is unreachable",),
+    )
+    wire = call_stats_to_wire(sent)
+    assert wire.reuse_mode == worker_pb2.REUSE_MODE_KVCOMM_BLEND
+    assert call_stats_from_wire(worker_pb2.CallStats.FromString(wire.SerializeToString())) == sent

@@ -69,8 +69,10 @@ class ChatTurn:
 
 @dataclass
 class ReuseStats:
-    mode: str = "dense"  # what served the prompt: dense (no reuse), prefix (exact prefix cache + prefill), kvcomm,
-    # blend, naive
+    """The planner's decision for one call, filled in as it plans: its share of the call's CallStats (worker.py),
+    plus what benchmarks study (matches, blend_recomputed, preprocess_s)."""
+
+    mode: str = "dense"  # what the plan serves the prompt with (vocabulary.SERVED_MODES)
     reused_tokens: int = 0  # prompt tokens whose KV came from segments and anchors (before any blend repair)
     blend_recomputed: int = 0  # of those, recomputed by the blend pass (known once the engine ran it)
     anchors_consulted: int = 0

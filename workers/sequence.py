@@ -24,7 +24,7 @@ class Status(enum.Enum):
 
 @dataclass
 class RequestStats:
-    """What one request cost; plain data the runtime turns into spans and tables."""
+    """What one engine request cost, counted as it runs: the engine's share of a call's CallStats (worker.py)."""
 
     prompt_tokens: int = 0
     prefix_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
@@ -48,19 +48,6 @@ class RequestStats:
             return None
         elapsed = self.finish_s - self.first_token_s
         return (self.output_tokens - 1) / elapsed if elapsed > 0 else None
-
-    def as_dict(self) -> dict[str, float | int | None]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "prefix_hit_tokens": self.prefix_hit_tokens,
-            "reused_tokens": self.reused_tokens,
-            "output_tokens": self.output_tokens,
-            "drafted_tokens": self.drafted_tokens,
-            "accepted_tokens": self.accepted_tokens,
-            "verify_steps": self.verify_steps,
-            "ttft_s": self.ttft_s,
-            "decode_tok_s": self.decode_tok_s,
-        }
 
 
 @dataclass

@@ -100,7 +100,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., agent: _Optional[str] = ..., system: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[PromptPart, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., reuse: _Optional[_Union[ReuseMode, str]] = ..., workflow: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class CallStats(_message.Message):
-    __slots__ = ("prompt_tokens", "cached_tokens", "reused_tokens", "recomputed_tokens", "output_tokens", "ttft_s", "decode_tok_s", "drafted_tokens", "accepted_tokens", "reuse_mode", "model", "worker", "anchors_consulted", "segment_modes", "segment_reasons", "degradations", "wall_s", "attempts")
+    __slots__ = ("prompt_tokens", "cached_tokens", "reused_tokens", "recomputed_tokens", "output_tokens", "ttft_s", "decode_tok_s", "drafted_tokens", "accepted_tokens", "reuse_mode", "model", "worker", "anchors_consulted", "segment_modes", "segment_reasons", "degradations")
     class SegmentModesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -131,8 +131,6 @@ class CallStats(_message.Message):
     SEGMENT_MODES_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_REASONS_FIELD_NUMBER: _ClassVar[int]
     DEGRADATIONS_FIELD_NUMBER: _ClassVar[int]
-    WALL_S_FIELD_NUMBER: _ClassVar[int]
-    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     cached_tokens: int
     reused_tokens: int
@@ -149,9 +147,7 @@ class CallStats(_message.Message):
     segment_modes: _containers.ScalarMap[str, ReuseMode]
     segment_reasons: _containers.ScalarMap[str, str]
     degradations: _containers.RepeatedScalarFieldContainer[str]
-    wall_s: float
-    attempts: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., reused_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., reuse_mode: _Optional[_Union[ReuseMode, str]] = ..., model: _Optional[str] = ..., worker: _Optional[str] = ..., anchors_consulted: _Optional[int] = ..., segment_modes: _Optional[_Mapping[str, ReuseMode]] = ..., segment_reasons: _Optional[_Mapping[str, str]] = ..., degradations: _Optional[_Iterable[str]] = ..., wall_s: _Optional[float] = ..., attempts: _Optional[int] = ...) -> None: ...
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., reused_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., reuse_mode: _Optional[_Union[ReuseMode, str]] = ..., model: _Optional[str] = ..., worker: _Optional[str] = ..., anchors_consulted: _Optional[int] = ..., segment_modes: _Optional[_Mapping[str, ReuseMode]] = ..., segment_reasons: _Optional[_Mapping[str, str]] = ..., degradations: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("text", "token_ids", "finished", "finish_reason", "stats")
