@@ -3,7 +3,7 @@ worker's real reuse path.
 
 Items come from bench/fidelity_items.py (relay, retrieval, critique; a tune and a holdout split). Each shape
 is a Pipeline of Agents (bench/fidelity_pipelines.py), rendered by the agents package and turned into the
-worker's prompt pieces as the runtime does (runtime/wire.py's GenerateRequest, then what the worker service
+worker's prompt parts as the runtime does (runtime/wire.py's GenerateRequest, then what the worker service
 takes from it: runtime/worker_request.py). Each mode is its own in-process worker (engine, prefix cache,
 reuse planner, its own anchors and segments in one real Redis) over one loaded model, so no mode sees
 another's caches; calls go through the planner and the engine exactly as served calls do, minus gRPC.
@@ -192,7 +192,7 @@ class FidelityBench:
                     return run.shared.reply
                 started = time.perf_counter()
                 result = workers[mode].worker.call(
-                    call.agent, call.system, call.pieces, call.reuse, call.sampling, capture=True
+                    call.agent, call.system, call.parts, call.reuse, call.sampling, capture=True
                 )
                 if result.prompt_kv is None:
                     raise RuntimeError(
@@ -213,7 +213,7 @@ class FidelityBench:
         every other mode's store, where a downstream call looks for it."""
         dense = workers["dense"]
         started = time.perf_counter()
-        result = dense.worker.call(call.agent, call.system, call.pieces, "dense", call.sampling)
+        result = dense.worker.call(call.agent, call.system, call.parts, "dense", call.sampling)
         record = _record(call.agent, result, time.perf_counter() - started)
         key = segment_id(call.agent, result.text)
         published = dense.store.get_segment(key)

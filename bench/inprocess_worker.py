@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.workers.engine import RequestFailed
-from kvmesh.workers.reuse_planner import PromptPiece, ReuseStats
+from kvmesh.workers.reuse_planner import PromptPart, ReuseStats
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.worker import CallStats, Worker
 
@@ -33,12 +33,12 @@ class InProcessWorker:
         self,
         agent: str,
         system: str | None,
-        pieces: list[PromptPiece],
+        parts: list[PromptPart],
         mode: str,
         sampling: SamplingParams,
         capture: bool = False,
     ) -> CallResult:
-        planned = self.planner.plan(system, pieces, agent, mode)
+        planned = self.planner.plan(system, parts, agent, mode)
         captured: list[KVCache] = []
         if capture:
             inner = planned.reuse.on_prefilled
@@ -51,21 +51,21 @@ class InProcessWorker:
             planned.reuse.on_prefilled = on_prefilled
         request = self.engine.add_request(planned.token_ids, sampling, role=agent, reuse=planned.reuse)
         tokens: list[int] = []
-        pieces_out: list[str] = []
+        texts: list[str] = []
         while True:
             for event in self.engine.step():
                 if event.request_id != request:
                     continue
                 if event.token_id is not None:
                     tokens.append(event.token_id)
-                pieces_out.append(event.text)
+                texts.append(event.text)
                 if event.finished:
                     self.planner.drain()  # anchors and segments are in the store before the next call
                     if event.error is not None:
                         raise RequestFailed(f"{agent}'s call failed in the engine: {event.error}")
                     assert event.stats is not None  # an end event carries them
                     return CallResult(
-                        text="".join(pieces_out),
+                        text="".join(texts),
                         token_ids=tokens,
                         prompt_ids=planned.token_ids,
                         stats=CallStats.of(event.stats, planned.stats),

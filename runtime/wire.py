@@ -7,7 +7,7 @@ from dataclasses import asdict, fields
 
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
-from kvmesh.agents import Agent, Phase, Prompt, SegmentPart
+from kvmesh.agents import Agent, Phase, Prompt, Segment
 from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.v1 import agent_pb2, worker_pb2
 from kvmesh.workers.vocabulary import FINISH_REASONS, SERVED_MODES, WORKER_MODES
@@ -92,7 +92,7 @@ def generate_request(
     """holders: segment id -> address of the worker that produced it (a hint for KV reuse)."""
     parts = []
     for part in prompt.parts:
-        if isinstance(part, SegmentPart):
+        if isinstance(part, Segment):
             key = segment_id(part.producer, part.text)
             segment = worker_pb2.Segment(
                 id=key,
@@ -123,4 +123,4 @@ def generate_request(
 
 
 def segment_ids(prompt: Prompt) -> list[str]:
-    return [segment_id(part.producer, part.text) for part in prompt.parts if isinstance(part, SegmentPart)]
+    return [segment_id(part.producer, part.text) for part in prompt.parts if isinstance(part, Segment)]

@@ -12,7 +12,7 @@ from kvmesh.agents import (
     Phase,
     Pipeline,
     PipelineError,
-    SegmentPart,
+    Segment,
     Tool,
     ToolError,
     chain,
@@ -174,7 +174,7 @@ def test_placeholders_become_segments_naming_their_producer():
     seen = []
     pipeline = Pipeline("s", [Agent("a", "Q: {query}."), Agent("b", "A said {a}; Q: {query}")])
     run_locally(pipeline, "why", lambda agent, prompt: seen.append(prompt) or "same text")
-    segments = [part for prompt in seen for part in prompt.parts if isinstance(part, SegmentPart)]
+    segments = [part for prompt in seen for part in prompt.parts if isinstance(part, Segment)]
     assert [(s.placeholder, s.producer, s.text) for s in segments] == [
         ("query", "query", "why"),
         ("a", "a", "same text"),
@@ -210,6 +210,6 @@ def test_a_document_store_retrieves_chunks_that_land_as_separate_segments():
     seen = []
     pipeline = Pipeline("rag", [Agent("reader", "{docs}\n\nQ: {query}")], tools=[store.retriever("docs", k=2)])
     run_locally(pipeline, "Who is the mayor of Morrow?", lambda agent, prompt: seen.append(prompt) or "ok")
-    segments = [p for p in seen[0].parts if isinstance(p, SegmentPart)]
+    segments = [p for p in seen[0].parts if isinstance(p, Segment)]
     assert [s.text for s in segments[:2]] == [c.text for c in best] and segments[2].producer == "query"
     assert all(s.producer == "docs" for s in segments[:2])

@@ -15,14 +15,14 @@ from os_probes import environment, niceness, pid_listening_on
 
 import kvmesh
 from kvmesh import Agent, Pipeline, debate, run_locally, tool
-from kvmesh.agents import SegmentPart
+from kvmesh.agents import Segment
 from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.runtime import AgentError, PipelineResult, RunTimedOut
 from kvmesh.runtime.events import AgentFinished, PhaseStarted, RunFinished, Token
 from kvmesh.runtime.worker_actor import WORKER_SERVICE
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.workers.engine import Engine
-from kvmesh.workers.reuse_planner import PromptPiece
+from kvmesh.workers.reuse_planner import PromptPart
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.worker import WorkerConfig, build_worker
 
@@ -37,8 +37,7 @@ def reference(model, tokenizer):
 
     def llm(agent: Agent, prompt) -> str:
         parts = [
-            PromptPiece(p.text, segment_id(p.producer, p.text) if isinstance(p, SegmentPart) else None)
-            for p in prompt.parts
+            PromptPart(p.text, segment_id(p.producer, p.text) if isinstance(p, Segment) else None) for p in prompt.parts
         ]
         ids = planner.plan(prompt.system, parts, agent.name, "prefix").token_ids
         return engine.generate([ids], SamplingParams(max_tokens=agent.max_tokens))[0].text
