@@ -51,24 +51,9 @@ def test_a_calls_stats_cross_the_wire_whole_field_for_field():
     from kvmesh.workers.worker import CallStats
 
     assert {f.name for f in fields(CallStats)} == set(worker_pb2.CallStats.DESCRIPTOR.fields_by_name)
-    sent = CallStats(
-        prompt_tokens=40,
-        cached_tokens=16,
-        reused_tokens=8,
-        recomputed_tokens=16,
-        output_tokens=2,
-        ttft_s=0.05,
-        decode_tok_s=31.5,
-        drafted_tokens=3,
-        accepted_tokens=1,
-        reuse_mode="kvcomm+blend",
-        model="smollm2",
-        worker="127.0.0.1:1",
-        anchors_consulted=5,
-        segment_modes={"s1": "dense", "s2": "kvcomm+blend"},
-        segment_reasons={"s1": "nearest anchor is 0.70 away", "s2": "vouched for by 5 anchors"},
-        degradations=("KV store unavailable: Redis is unreachable",),
-    )
+    modes, reasons = {"s1": "dense", "s2": "kvcomm+blend"}, {"s1": "no anchor fits", "s2": "vouched for"}
+    sent = CallStats(40, 16, 8, 16, 2, 0.05, 31.5, 3, 1, "kvcomm+blend", "m", "w:1", 5, modes, reasons, ("down",))
+    assert all(getattr(sent, f.name) != f.default for f in fields(CallStats))  # every field set: each one travels
     wire = call_stats_to_wire(sent)
     assert wire.reuse_mode == worker_pb2.REUSE_MODE_KVCOMM_BLEND
     assert call_stats_from_wire(worker_pb2.CallStats.FromString(wire.SerializeToString())) == sent
