@@ -137,7 +137,7 @@ def _print_result(pipeline: Pipeline, query: str, result: PipelineResult, demo: 
 
 
 def result_json(pipeline: Pipeline, query: str, result: PipelineResult) -> dict:
-    calls = [asdict(r) | {"phase": str(r.phase)} for r in result.calls]
+    calls = [r.as_json() for r in result.calls]
     return {
         "pipeline": pipeline.name,
         "query": query,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from kvmesh.agents import Phase, RunResult
 from kvmesh.workers.worker import CallStats
@@ -19,6 +19,11 @@ class CallRecord:
     stats: CallStats
     wall_s: float  # the agent's whole call: tools, routing, generation
     attempts: int = 1  # 2 when a worker died and the call was retried
+
+    def as_json(self) -> dict[str, object]:
+        """The call as `--json` writes it: one flat object, the CallStats' fields beside who made it."""
+        who = {"agent": self.agent, "phase": str(self.phase), "wall_s": self.wall_s, "attempts": self.attempts}
+        return who | asdict(self.stats)
 
 
 @dataclass(frozen=True)

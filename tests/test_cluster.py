@@ -52,10 +52,10 @@ def test_a_pipeline_on_two_nodes_shares_anchors_across_workers_and_names_a_lost_
     # the anchor pool is shared through Redis: worker-1 reuses what worker-0 recorded
     addresses = report["worker_addresses"]
     first, second, third = report["runs"]
-    assert {c["stats"]["worker"] for c in first["calls"] + second["calls"]} == {addresses["worker-0"]}
-    assert {c["stats"]["reuse_mode"] for c in first["calls"]} <= {"prefix", "dense"}  # cold pools: these record anchors
-    assert {c["stats"]["worker"] for c in third["calls"]} == {addresses["worker-1"]}  # worker-0 drained
-    answerer = next(c["stats"] for c in third["calls"] if c["agent"] == "answerer")
+    assert {c["worker"] for c in first["calls"] + second["calls"]} == {addresses["worker-0"]}
+    assert {c["reuse_mode"] for c in first["calls"]} <= {"prefix", "dense"}  # cold pools: these record anchors
+    assert {c["worker"] for c in third["calls"]} == {addresses["worker-1"]}  # worker-0 drained
+    answerer = next(c for c in third["calls"] if c["agent"] == "answerer")
     assert answerer["reuse_mode"] == "kvcomm" and answerer["reused_tokens"] > 0, third["calls"]
     assert answerer["anchors_consulted"] >= 4 and set(answerer["segment_modes"].values()) == {"kvcomm"}
     assert third["outputs"] == first["outputs"]  # the same anchors restore the same KV: the same reply
