@@ -4,7 +4,7 @@ from .agent import Agent
 from .documents import Chunk, DocumentStore
 from .errors import InvalidTextError, PipelineError
 from .local import run_locally
-from .parts import Prompt, SegmentPart, TextPart
+from .parts import Prompt, Segment, TextPart
 from .pipeline import Phase, Pipeline
 from .placement import Placement
 from .run_state import RunResult, RunState
@@ -23,7 +23,7 @@ __all__ = [
     "Prompt",
     "RunResult",
     "RunState",
-    "SegmentPart",
+    "Segment",
     "TextPart",
     "Tool",
     "ToolError",

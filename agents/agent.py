@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kvmesh.workers.sampling_limits import InvalidRequestError, check_sampling
+from kvmesh.workers.vocabulary import REUSE_MODES, ReuseMode
 
 from .errors import PipelineError, check_text
 from .template import QUERY, Placeholder, Template
 
-ReuseMode = Literal["auto", "dense", "prefix", "kvcomm", "blend"]
-REUSE_MODES: tuple[str, ...] = ("auto", "dense", "prefix", "kvcomm", "blend")
 # each_round: in every round; first: in the first round only (its output stays readable in later
 # rounds); last: once, after the rounds end (e.g. a judge or summarizer).
 RunsIn = Literal["each_round", "first", "last"]

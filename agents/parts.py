@@ -11,17 +11,21 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TextPart:
+    """Literal text of the template."""
+
     text: str
 
 
 @dataclass(frozen=True)
-class SegmentPart:
+class Segment:
+    """A placeholder's content, with its identity: what a worker reuses KV for (worker.proto's Segment)."""
+
     placeholder: str  # as written in the template, e.g. "writer.prev"
     producer: str  # "query", an agent name or a tool name
     text: str
 
 
-Part = TextPart | SegmentPart
+PromptPart = TextPart | Segment  # one part of a prompt, in order (worker.proto's PromptPart)
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class Prompt:
     """What an agent sends to a worker: a system message (None = the model's default) and the user message."""
 
     system: str | None
-    parts: tuple[Part, ...]
+    parts: tuple[PromptPart, ...]
 
     @property
     def user_text(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .agent import Agent
-from .parts import Part, Prompt, SegmentPart, TextPart
+from .parts import Prompt, PromptPart, Segment, TextPart
 from .template import Placeholder, Template
 from .tool import Tool
 
@@ -18,7 +18,7 @@ def render(agent: Agent, tools: Mapping[str, Tool], values: Mapping[str, str]) -
     for placeholder in agent.placeholders:
         if placeholder.source in tools and placeholder.key not in filled:
             filled[placeholder.key] = tools[placeholder.source](filled)
-    parts: list[Part] = []
+    parts: list[PromptPart] = []
     for piece in Template(agent.template).pieces():
         if isinstance(piece, Placeholder):
             if piece.key not in filled:
@@ -27,7 +27,7 @@ def render(agent: Agent, tools: Mapping[str, Tool], values: Mapping[str, str]) -
             for index, text in enumerate((value,) if isinstance(value, str) else value):
                 if index:
                     parts.append(TextPart(CHUNK_SEPARATOR))
-                parts.append(SegmentPart(piece.key, piece.source, text))
+                parts.append(Segment(piece.key, piece.source, text))
         else:
             parts.append(TextPart(piece))
     return Prompt(agent.system, tuple(parts))

@@ -32,7 +32,8 @@ class Template:
     text: str
 
     def pieces(self) -> list[str | Placeholder]:
-        """The template as literal text and placeholders, in order (adjacent literals merged)."""
+        """The template as literal text and placeholders, in order (adjacent literals merged): the pieces render
+        fills, a placeholder becoming the Segments (parts.py) of its value."""
         try:
             parsed = list(string.Formatter().parse(self.text))
         except ValueError as exc:

@@ -37,7 +37,7 @@ from kvmesh.workers.reuse_planner import ReusePlanner
 from kvmesh.workers.span_reads import span_reads
 from kvmesh.workers.tokenizer import Tokenizer
 
-from .blend_bench import WORKLOADS, item_pieces
+from .blend_bench import WORKLOADS, item_parts
 from .kv_fidelity import continuation, next_token_kl
 
 SHARE = 0.15
@@ -63,8 +63,8 @@ def _items(model: LlamaModel, tokenizer: Tokenizer, count: int) -> Iterator[Item
     planner.prefill_segments([(segment_id("doc", text), text) for text in texts.values()])
     try:
         for item in workload["items"][:count]:
-            pieces = item_pieces(workload, item, texts)
-            planned = planner.plan(workload.get("system"), pieces, "reader", "naive")
+            parts = item_parts(workload, item, texts)
+            planned = planner.plan(workload.get("system"), parts, "reader", "naive")
             ids, start, placed = planned.token_ids, planned.reuse.splice_at, planned.reuse.splice_kv
             assert start is not None and placed is not None
             dense = model.new_cache(capacity=len(ids))
@@ -72,7 +72,7 @@ def _items(model: LlamaModel, tokenizer: Tokenizer, count: int) -> Iterator[Item
                 ForwardBatch(torch.tensor(ids), torch.arange(len(ids)), [SequenceChunk(dense, len(ids), prompt=True)])
             )
             assert planned.layout is not None
-            chunk_texts = {p.segment_id: p.text for p in pieces if p.segment_id is not None}
+            chunk_texts = {p.segment_id: p.text for p in parts if p.segment_id is not None}
             chunks = [
                 (seg.start - start, seg.end - start, chunk_texts[seg.segment_id])
                 for seg in planned.layout.segments()

@@ -22,7 +22,7 @@ from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.kvcomm.store import MemoryStore
 from kvmesh.workers.blend import BlendConfig
 from kvmesh.workers.engine import Engine
-from kvmesh.workers.reuse_planner import PromptPiece
+from kvmesh.workers.reuse_planner import PromptPart
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.worker import WorkerConfig, build_worker
 
@@ -45,18 +45,18 @@ MODES: dict[str, tuple[str, BlendConfig | None]] = {
 }
 
 
-def item_pieces(workload: Json, item: Json, texts: dict[str, str]) -> list[PromptPiece]:
+def item_parts(workload: Json, item: Json, texts: dict[str, str]) -> list[PromptPart]:
     """An item's prompt: each retrieved chunk, a segment, inside the workload's chunk template; then the question."""
     head, _, tail = workload["chunk_template"].partition("{chunk}")
-    pieces: list[PromptPiece] = []
+    parts: list[PromptPart] = []
     for index, chunk in enumerate(item["chunks"], 1):
         text = texts[chunk]
-        pieces += [
-            PromptPiece(head.format(index=index)),
-            PromptPiece(text, segment_id("doc", text), "document"),
-            PromptPiece(tail.format(index=index)),
+        parts += [
+            PromptPart(head.format(index=index)),
+            PromptPart(text, segment_id("doc", text), "document"),
+            PromptPart(tail.format(index=index)),
         ]
-    return [*pieces, PromptPiece(item["question"])]
+    return [*parts, PromptPart(item["question"])]
 
 
 def run_blend_bench(args: argparse.Namespace) -> int:
@@ -85,17 +85,17 @@ def run_blend_bench(args: argparse.Namespace) -> int:
     recomputed: dict[str, list[float]] = {name: [] for name in modes}
     for index, item in enumerate(items):
         log(f"item {index + 1}/{len(items)}")
-        pieces = item_pieces(workload, item, texts)
+        parts = item_parts(workload, item, texts)
         reference = None
         for name, (mode, _) in modes.items():
             call = workers[name].call(
-                "reader", workload.get("system"), pieces, mode, SamplingParams(max_tokens=1), capture=True
+                "reader", workload.get("system"), parts, mode, SamplingParams(max_tokens=1), capture=True
             )
             assert call.prompt_kv is not None
             logits, tokens = continuation(model, call.prompt_kv, call.prompt_ids)
             answer = tokenizer.decode(tokens)
             correct[name] += item["answer"].lower() in answer.lower()
-            ttft[name].append(call.ttft_s)
+            ttft[name].append(call.stats.ttft_s)
             served[name] += call.reuse.mode == mode
             span = call.reuse.reused_tokens or 1
             recomputed[name].append(call.reuse.blend_recomputed / span)

@@ -106,7 +106,7 @@ def measure_block(session: Any, pipeline: Any, prompts: list[str], concurrency: 
     return {
         "runs": len(results),
         "wall_s": wall,
-        "calls": [c for r in results for c in r.calls],
+        "calls": [c.stats for r in results for c in r.calls],
         "machine_busy_share": (busy1 - busy0) / max(1, total1 - total0),
         "worker_cores": {name: (_process_seconds(pid) - worker0[name]) / wall for name, pid in pids.items()},
     }

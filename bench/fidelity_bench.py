@@ -3,7 +3,7 @@ worker's real reuse path.
 
 Items come from bench/fidelity_items.py (relay, retrieval, critique; a tune and a holdout split). Each shape
 is a Pipeline of Agents (bench/fidelity_pipelines.py), rendered by the agents package and turned into the
-worker's prompt pieces as the runtime does (runtime/wire.py's GenerateRequest, then what the worker service
+worker's prompt parts as the runtime does (runtime/wire.py's GenerateRequest, then what the worker service
 takes from it: runtime/worker_request.py). Each mode is its own in-process worker (engine, prefix cache,
 reuse planner, its own anchors and segments in one real Redis) over one loaded model, so no mode sees
 another's caches; calls go through the planner and the engine exactly as served calls do, minus gRPC.
@@ -36,7 +36,7 @@ from kvmesh.runtime.wire import generate_request
 from kvmesh.runtime.worker_request import WorkerCall, worker_call
 from kvmesh.workers.llama import LlamaModel
 from kvmesh.workers.tokenizer import Tokenizer
-from kvmesh.workers.worker import WorkerConfig, build_worker
+from kvmesh.workers.worker import CallStats, WorkerConfig, build_worker
 
 from .bench_common import log, machine_info
 from .fidelity_frontier import plot_frontier
@@ -92,13 +92,9 @@ class CallRecord:
     agent: str
     prompt_ids: list[int]
     reply: str
-    ttft_s: float  # planning included, as the worker reports it
+    stats: CallStats  # as a served call reports it
     wall_s: float  # planning, prefill and decode
-    prompt_tokens: int
-    cached_tokens: int  # from the exact prefix cache
-    reused_tokens: int  # from segments (kvcomm, blend)
-    reuse_mode: str  # what the planner served the prompt with
-    segment_reasons: dict[str, str]  # segment id -> why it was or was not reused
+    reuse_mode: str  # what the planner served the prompt with (stats.reuse_mode: as observed)
     kl: float = 0.0  # of dense's next-token distribution from this one, at the reply's start
     same_first_token: bool = True
 
@@ -196,7 +192,7 @@ class FidelityBench:
                     return run.shared.reply
                 started = time.perf_counter()
                 result = workers[mode].worker.call(
-                    call.agent, call.system, call.pieces, call.reuse, call.sampling, capture=True
+                    call.agent, call.system, call.parts, call.reuse, call.sampling, capture=True
                 )
                 if result.prompt_kv is None:
                     raise RuntimeError(
@@ -217,7 +213,7 @@ class FidelityBench:
         every other mode's store, where a downstream call looks for it."""
         dense = workers["dense"]
         started = time.perf_counter()
-        result = dense.worker.call(call.agent, call.system, call.pieces, "dense", call.sampling)
+        result = dense.worker.call(call.agent, call.system, call.parts, "dense", call.sampling)
         record = _record(call.agent, result, time.perf_counter() - started)
         key = segment_id(call.agent, result.text)
         published = dense.store.get_segment(key)
@@ -248,19 +244,7 @@ class FidelityBench:
 
 
 def _record(agent: str, result: CallResult, wall_s: float) -> CallRecord:
-    reuse = result.reuse
-    return CallRecord(
-        agent=agent,
-        prompt_ids=result.prompt_ids,
-        reply=result.text,
-        ttft_s=result.ttft_s,
-        wall_s=wall_s,
-        prompt_tokens=result.engine.prompt_tokens,
-        cached_tokens=result.engine.prefix_hit_tokens,
-        reused_tokens=result.engine.reused_tokens,
-        reuse_mode=reuse.mode,
-        segment_reasons=dict(reuse.segment_reasons),
-    )
+    return CallRecord(agent, result.prompt_ids, result.text, result.stats, wall_s, result.reuse.mode)
 
 
 def _progress(shape: str, runs: list[ItemRun], total: int, elapsed: float) -> str:

@@ -34,7 +34,7 @@ def shape_report(runs: Sequence[ItemRun], modes: Sequence[str], resamples: int, 
             / len(shared),
             "wall_s": statistics.mean(s.wall_s for s in shared),
         }
-    dense_ttft = _mean([c.ttft_s for run in runs for c in run.modes["dense"].calls])
+    dense_ttft = _mean([c.stats.ttft_s for run in runs for c in run.modes["dense"].calls])
     for mode in modes:
         calls = [c for run in runs for c in run.modes[mode].calls]
         row = _accuracy(runs, mode, resamples, seed) | _calls(calls)
@@ -92,12 +92,12 @@ def _accuracy(runs: Sequence[ItemRun], mode: str, resamples: int, seed: int) -> 
 
 
 def _calls(calls: Sequence[CallRecord]) -> Json:
-    prompt = sum(c.prompt_tokens for c in calls)
+    prompt = sum(c.stats.prompt_tokens for c in calls)
     return {
         "calls": len(calls),
-        "reused_token_share": sum(c.reused_tokens for c in calls) / prompt if prompt else None,
-        "cached_token_share": sum(c.cached_tokens for c in calls) / prompt if prompt else None,
-        "ttft_s": _mean([c.ttft_s for c in calls]),
+        "reused_token_share": sum(c.stats.reused_tokens for c in calls) / prompt if prompt else None,
+        "cached_token_share": sum(c.stats.cached_tokens for c in calls) / prompt if prompt else None,
+        "ttft_s": _mean([c.stats.ttft_s for c in calls]),
         "first_token_agreement": sum(c.same_first_token for c in calls) / len(calls) if calls else None,
         "mean_kl": _mean([c.kl for c in calls]),
         "calls_by_reuse_mode": dict(Counter(c.reuse_mode for c in calls)),
@@ -108,7 +108,7 @@ def _reasons(calls: Sequence[CallRecord]) -> dict[str, dict[str, int]]:
     """producer -> reason (numbers as N) -> segments given that reason."""
     counts: dict[str, Counter[str]] = {}
     for call in calls:
-        for key, reason in call.segment_reasons.items():
+        for key, reason in call.stats.segment_reasons.items():
             producer = key.split(":", 1)[0]
             counts.setdefault(producer, Counter())[re.sub(r"\d+(\.\d+)?", "N", reason)] += 1
     return {producer: dict(found.most_common()) for producer, found in counts.items()}

@@ -3,7 +3,7 @@
 A variant is named by what it is, so the names on the command line, in the JSON and on the frontier plot
 are the same:
 
-- `dense`, `auto`, `kvcomm`, `blend`, `prefix`: the reuse modes as shipped (their default settings);
+- `auto`, `dense`, `prefix`, `kvcomm`, `blend`: the reuse modes users may ask for, as shipped (their default settings);
 - `kvcomm_d<X>`: kvcomm whose nearest anchor may be up to X away (normalized distance; shipped: 0.5);
 - `kvcomm_ref`: KVCOMM's decision as the reference makes it: the entropy test over the anchors that cover
   the whole segment, no distance bound, no spread amendment;
@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 
 from kvmesh.kvcomm.anchor_match import MatchConfig
 from kvmesh.workers.blend import BlendConfig
+from kvmesh.workers.vocabulary import REUSE_MODES
 from kvmesh.workers.worker import WorkerConfig
 
-MODES = ("dense", "auto", "kvcomm", "blend", "prefix")
 # the frontier sweep: every method the issue names, a few settings each (dense is always first)
 SWEEP = (
     "dense", "kvcomm", "kvcomm_d1", "kvcomm_d2", "kvcomm_ref", "kvcomm_any",
@@ -55,7 +55,7 @@ class Variant:
 
 def variant(name: str) -> Variant:
     """The variant a name describes (see the module's doc); ValueError naming the forms for any other."""
-    if name in MODES:
+    if name in REUSE_MODES:
         return Variant(name, name)
     kvcomm_name, plus, blend_name = name.partition("+")
     if plus:
@@ -102,6 +102,6 @@ def _blend(name: str) -> BlendConfig | None:
 
 def _unknown(name: str) -> str:
     return (
-        f"unknown variant {name!r}: use a mode ({', '.join(MODES)}), kvcomm_d<X>, kvcomm_ref, kvcomm_any, "
+        f"unknown variant {name!r}: use a mode ({', '.join(REUSE_MODES)}), kvcomm_d<X>, kvcomm_ref, kvcomm_any, "
         "blend_<P>, blend_b<K>[_<P>], blend_q<P>, or <kvcomm variant>+<blend variant> (bench/fidelity_variants.py)"
     )

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 from kvmesh.kvcomm.kv_cache import KVCache
 from kvmesh.workers.engine import RequestFailed
-from kvmesh.workers.reuse_planner import PromptPiece, ReuseStats
+from kvmesh.workers.reuse_planner import PromptPart, ReuseStats
 from kvmesh.workers.sampling import SamplingParams
-from kvmesh.workers.sequence import RequestStats
-from kvmesh.workers.worker import Worker
+from kvmesh.workers.worker import CallStats, Worker
 
 
 @dataclass
@@ -18,9 +17,8 @@ class CallResult:
     text: str
     token_ids: list[int]
     prompt_ids: list[int]
-    ttft_s: float  # planning (base KVs, matching, assembly) + the engine's time to first token
-    reuse: ReuseStats
-    engine: RequestStats
+    stats: CallStats  # as a served call reports it (TTFT: planning included)
+    reuse: ReuseStats  # the planner's decision, with what benchmarks study (matches, blend_recomputed)
     prompt_kv: KVCache | None  # the prompt's KV as the engine had it when the prompt was done (if captured)
 
 
@@ -35,12 +33,12 @@ class InProcessWorker:
         self,
         agent: str,
         system: str | None,
-        pieces: list[PromptPiece],
+        parts: list[PromptPart],
         mode: str,
         sampling: SamplingParams,
         capture: bool = False,
     ) -> CallResult:
-        planned = self.planner.plan(system, pieces, agent, mode)
+        planned = self.planner.plan(system, parts, agent, mode)
         captured: list[KVCache] = []
         if capture:
             inner = planned.reuse.on_prefilled
@@ -53,25 +51,24 @@ class InProcessWorker:
             planned.reuse.on_prefilled = on_prefilled
         request = self.engine.add_request(planned.token_ids, sampling, role=agent, reuse=planned.reuse)
         tokens: list[int] = []
-        pieces_out: list[str] = []
+        texts: list[str] = []
         while True:
             for event in self.engine.step():
                 if event.request_id != request:
                     continue
                 if event.token_id is not None:
                     tokens.append(event.token_id)
-                pieces_out.append(event.text)
+                texts.append(event.text)
                 if event.finished:
                     self.planner.drain()  # anchors and segments are in the store before the next call
                     if event.error is not None:
                         raise RequestFailed(f"{agent}'s call failed in the engine: {event.error}")
-                    stats = event.stats or RequestStats()
+                    assert event.stats is not None  # an end event carries them
                     return CallResult(
-                        text="".join(pieces_out),
+                        text="".join(texts),
                         token_ids=tokens,
                         prompt_ids=planned.token_ids,
-                        ttft_s=planned.stats.preprocess_s + (stats.ttft_s or 0.0),
+                        stats=CallStats.of(event.stats, planned.stats),
                         reuse=planned.stats,
-                        engine=stats,
                         prompt_kv=captured[0] if captured else None,
                     )

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvmesh.agents import Agent, Pipeline, Prompt, SegmentPart, run_locally
+from kvmesh.agents import Agent, Pipeline, Prompt, Segment, run_locally
 from kvmesh.kvcomm.anchor_match import MatchConfig
 from kvmesh.kvcomm.embedded_redis import EmbeddedRedis
 from kvmesh.kvcomm.redis_store import RedisStore
@@ -31,7 +31,7 @@ from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.kvcomm.store import MemoryStore
 from kvmesh.workers.engine import Engine
 from kvmesh.workers.forward_batch import ForwardBatch
-from kvmesh.workers.reuse_planner import PromptPiece
+from kvmesh.workers.reuse_planner import PromptPart
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.tokenizer import Tokenizer
 from kvmesh.workers.worker import WorkerConfig, build_worker
@@ -161,18 +161,18 @@ def bench_ttft(workers: dict[str, InProcessWorker], spec: Json) -> Json:
         outputs: list[str] = []
         for k in range(agents):
             log(f"ttft: request {request + 1}/{requests}, agent {k + 1}/{agents}")
-            pieces = [PromptPiece("Question:\n"), PromptPiece(query, segment_id("query", query), "query")]
+            parts = [PromptPart("Question:\n"), PromptPart(query, segment_id("query", query), "query")]
             for j, text in enumerate(outputs):
-                pieces += [
-                    PromptPiece(f"\n\nAgent {j + 1} said:\n"),
-                    PromptPiece(text, segment_id(f"agent{j + 1}", text), f"agent{j + 1}"),
+                parts += [
+                    PromptPart(f"\n\nAgent {j + 1} said:\n"),
+                    PromptPart(text, segment_id(f"agent{j + 1}", text), f"agent{j + 1}"),
                 ]
-            pieces.append(PromptPiece(f"\n\nNow respond as agent {k + 1}."))
+            parts.append(PromptPart(f"\n\nNow respond as agent {k + 1}."))
             calls = {
                 mode: workers[mode].call(
                     f"agent{k + 1}",
                     systems[k],
-                    pieces,
+                    parts,
                     "kvcomm" if mode == "forced" else mode,
                     SamplingParams(max_tokens=1),
                     capture=True,
@@ -191,9 +191,9 @@ def bench_ttft(workers: dict[str, InProcessWorker], spec: Json) -> Json:
                     reuse[key][1] += prompt_tokens[k]
             if warm:
                 for mode in TTFT_MODES:
-                    ttft[mode][k].append(calls[mode].ttft_s)
+                    ttft[mode][k].append(calls[mode].stats.ttft_s)
                 if served:
-                    served_ttft[k].append(calls["kvcomm"].ttft_s)
+                    served_ttft[k].append(calls["kvcomm"].stats.ttft_s)
             for mode, reused in REUSED.items():
                 if calls[mode].reuse.mode == reused:
                     row = _fidelity(model, calls["dense"], calls[mode])
@@ -260,9 +260,9 @@ def bench_task(workers: dict[str, InProcessWorker], task: Json, limit: int | Non
 
             def llm(agent: Agent, prompt: Prompt, mode: str = mode) -> str:
                 call = workers[mode].call(
-                    agent.name, prompt.system, _pieces(prompt), mode, SamplingParams(max_tokens=agent.max_tokens)
+                    agent.name, prompt.system, _parts(prompt), mode, SamplingParams(max_tokens=agent.max_tokens)
                 )
-                if mode == "kvcomm" and any(isinstance(p, SegmentPart) for p in prompt.parts):
+                if mode == "kvcomm" and any(isinstance(p, Segment) for p in prompt.parts):
                     served[0] += call.reuse.mode == "kvcomm"
                     served[1] += 1
                 return call.text
@@ -276,11 +276,11 @@ def bench_task(workers: dict[str, InProcessWorker], task: Json, limit: int | Non
     }
 
 
-def _pieces(prompt: Prompt) -> list[PromptPiece]:
+def _parts(prompt: Prompt) -> list[PromptPart]:
     return [
-        PromptPiece(p.text, segment_id(p.producer, p.text), p.placeholder)
-        if isinstance(p, SegmentPart)
-        else PromptPiece(p.text)
+        PromptPart(p.text, segment_id(p.producer, p.text), p.placeholder)
+        if isinstance(p, Segment)
+        else PromptPart(p.text)
         for p in prompt.parts
     ]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from kvmesh.agents import Agent, Pipeline
 from kvmesh.kvcomm.segment_id import segment_id
-from kvmesh.workers.reuse_planner import PromptPiece
+from kvmesh.workers.reuse_planner import PromptPart
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.worker import build_worker
 
@@ -49,19 +49,19 @@ def bench_prefill_parity(session: Any, rounds: int, log: Any) -> Json:
     """Dense TTFT of one ~1.5K-token prompt through `session`'s worker and in-process, `rounds` each, alternating."""
     document = parity_document()
     pipeline = Pipeline("prefill-parity", [Agent("reader", HEAD + "{query}" + TAIL, max_tokens=1, reuse="dense")])
-    pieces = [PromptPiece(HEAD), PromptPiece(document, segment_id("query", document), "query"), PromptPiece(TAIL)]
+    parts = [PromptPart(HEAD), PromptPart(document, segment_id("query", document), "query"), PromptPart(TAIL)]
     local = InProcessWorker(build_worker(replace(session.config.worker, threads=None), store=None))
     session.run(pipeline, document)  # starts the agent actor; not measured
     runtime_s, inprocess_s, prompt_tokens = [], [], set()
     for index in range(rounds):
         (call,) = session.run(pipeline, document).calls
-        runtime_s.append(call.ttft_s)
-        local_call = local.call("reader", None, pieces, "dense", SamplingParams(max_tokens=1))
-        inprocess_s.append(local_call.ttft_s)
-        prompt_tokens |= {call.prompt_tokens, len(local_call.prompt_ids)}
+        runtime_s.append(call.stats.ttft_s)
+        local_call = local.call("reader", None, parts, "dense", SamplingParams(max_tokens=1))
+        inprocess_s.append(local_call.stats.ttft_s)
+        prompt_tokens |= {call.stats.prompt_tokens, len(local_call.prompt_ids)}
         log(
-            f"prefill parity round {index + 1}/{rounds}: session {call.ttft_s:.3f} s, "
-            f"in-process {local_call.ttft_s:.3f} s"
+            f"prefill parity round {index + 1}/{rounds}: session {call.stats.ttft_s:.3f} s, "
+            f"in-process {local_call.stats.ttft_s:.3f} s"
         )
     session.release(pipeline)
     if len(prompt_tokens) != 1:

@@ -169,10 +169,10 @@ def chain_run(session: Any, pipeline: Any, query: str) -> Json:
     started = time.perf_counter()
     result = session.run(pipeline, query)
     wall = time.perf_counter() - started
-    calls = result.calls
+    calls = [r.stats for r in result.calls]
     model = [c.ttft_s + ((c.output_tokens - 1) / c.decode_tok_s if c.decode_tok_s else 0.0) for c in calls]
     model_s = sum(model)
-    in_calls = sum(c.wall_s for c in calls)
+    in_calls = sum(r.wall_s for r in result.calls)
     run: Json = {
         "wall_s": wall,
         "run_loop_wall_s": result.wall_s,

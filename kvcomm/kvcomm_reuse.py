@@ -23,7 +23,9 @@ from .store import Store
 
 
 @dataclass(frozen=True)
-class PromptSpan:
+class TokenSpan:
+    """Where a prompt part's tokens sit in the tokenized prompt: positions, where a PromptPart holds text."""
+
     start: int  # token positions in the prompt, [start, end)
     end: int
     segment_id: str | None = None  # None: template text
@@ -36,9 +38,9 @@ class PromptSpan:
 
 @dataclass(frozen=True)
 class PromptLayout:
-    spans: tuple[PromptSpan, ...]  # in order, back to back from position 0
+    spans: tuple[TokenSpan, ...]  # in order, back to back from position 0
 
-    def segments(self) -> list[PromptSpan]:
+    def segments(self) -> list[TokenSpan]:
         return [s for s in self.spans if s.is_segment]
 
     @property
@@ -152,9 +154,7 @@ def naive(layout: PromptLayout, bases: dict[str, KVCache], text_bases: dict[int,
     return out
 
 
-def _placed_windows(
-    layout: PromptLayout, bases: dict[str, KVCache]
-) -> tuple[KVCache, list[tuple[PromptSpan, KVCache]]]:
+def _placed_windows(layout: PromptLayout, bases: dict[str, KVCache]) -> tuple[KVCache, list[tuple[TokenSpan, KVCache]]]:
     """A cache for the whole reused range and, per span in it, the window of that cache it goes to: each
     piece is then written, corrected and moved in its place (one copy, no concatenation)."""
     spans = [s for s in layout.spans if s.end > layout.reuse_start and s.start < layout.reuse_end]

@@ -15,6 +15,7 @@ _EXPORTS = {
     "ConfigError": ".config",
     "PipelineResult": ".results",
     "CallRecord": ".results",
+    "CallStats": ".results",
     "AgentStats": ".results",
     "AgentError": ".errors",
     "WorkerDiedError": ".errors",

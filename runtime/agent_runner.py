@@ -35,10 +35,9 @@ from .grpc_client import Channels, describe_rpc_error
 from .registry import Route
 from .spans import agent_span, end_agent, traced_tool
 from .tracing import activated, record_error, tracer
-from .wire import Kind, generate_request, message, phase_of, segment_ids
+from .wire import Kind, call_stats_from_wire, generate_request, message, phase_of, segment_ids
 
 log = logging.getLogger(__name__)
-CallStats = worker_pb2.CallStats
 
 # what a worker's death looks like from the client side of a stream (connection gone mid-call)
 _Code = grpc.StatusCode
@@ -116,10 +115,10 @@ class AgentRunner:
         try:
             values = dict(start.inputs) | {name: upstream[name].text for name in start.wait_for}
             prompt = render(self.agent, self.tools, values)  # tools run here, in the agent's process
-            text, stats = self._generate(start, prompt, cancel)
-            stats.wall_s = time.perf_counter() - started
-            end_agent(span, stats)
-            self._deliver(start, text, stats)
+            text, stats, attempts = self._generate(start, prompt, cancel)
+            wall_s = time.perf_counter() - started
+            end_agent(span, call_stats_from_wire(stats), wall_s, attempts)
+            self._deliver(start, text, stats, wall_s, attempts)
             return None
         except Cancelled:
             span.set_attribute("kvmesh.cancelled", True)
@@ -132,7 +131,10 @@ class AgentRunner:
                 self._to_driver(start, self._message(start, Kind.ERROR, text=cause))
             return cause
 
-    def _generate(self, start: agent_pb2.Message, prompt: Prompt, cancel: RunCancel) -> tuple[str, CallStats]:
+    def _generate(
+        self, start: agent_pb2.Message, prompt: Prompt, cancel: RunCancel
+    ) -> tuple[str, worker_pb2.CallStats, int]:
+        """The reply, its worker's CallStats as sent, and the attempts it took."""
         key = self.key(self.agent.name)
         for attempt in (1, 2):
             route: Route | None = ray.get(self.registry.route.remote(key, segment_ids(prompt)))
@@ -144,8 +146,7 @@ class AgentRunner:
             try:
                 text, stats = self._stream(start, route, request, cancel)
                 output_segment = segment_id(self.agent.name, text)
-                stats.attempts = attempt
-                return text, stats
+                return text, stats, attempt
             except grpc.RpcError as exc:
                 if cancel.cancelled:
                     raise Cancelled from exc
@@ -163,9 +164,9 @@ class AgentRunner:
 
     def _stream(
         self, start: agent_pb2.Message, route: Route, request: worker_pb2.GenerateRequest, cancel: RunCancel
-    ) -> tuple[str, CallStats]:
+    ) -> tuple[str, worker_pb2.CallStats]:
         text: list[str] = []
-        stats: CallStats | None = None
+        stats: worker_pb2.CallStats | None = None
         call = worker_pb2_grpc.WorkerServiceStub(self.channels.get(route.address)).Generate(request)
         cancel.attach(call)
         try:
@@ -208,15 +209,19 @@ class AgentRunner:
     def _message(self, start: agent_pb2.Message, kind: int, **fields: Any) -> agent_pb2.Message:
         return message(kind, start.run_id, phase_of(start), self.agent.name, **fields)
 
-    def _deliver(self, start: agent_pb2.Message, text: str, stats: CallStats) -> None:
+    def _deliver(
+        self, start: agent_pb2.Message, text: str, stats: worker_pb2.CallStats, wall_s: float, attempts: int
+    ) -> None:
+        """OUTPUT, to the same-phase agents that wait for it and to the driver."""
+        output_fields = {"text": text, "stats": stats, "wall_s": wall_s, "attempts": attempts}
         for name in start.deliver_to:
-            output = self._message(start, Kind.OUTPUT, target=name, text=text, stats=stats)
+            output = self._message(start, Kind.OUTPUT, target=name, **output_fields)
             address = self._peer(name)
             try:
                 agent_pb2_grpc.AgentServiceStub(self.channels.get(address)).Deliver(output)
             except grpc.RpcError as exc:
                 raise CallFailed(describe_rpc_error(exc, f"delivering the output to agent {name!r}")) from exc
-        self._to_driver(start, self._message(start, Kind.OUTPUT, target="driver", text=text, stats=stats))
+        self._to_driver(start, self._message(start, Kind.OUTPUT, target="driver", **output_fields))
 
     def _peer(self, name: str) -> str:
         address = self._peers.get(name)

@@ -19,6 +19,7 @@ from kvmesh.v1 import worker_pb2
 
 from .openai_schema import ChatCompletionRequest
 from .reply_index import ReplyIndex
+from .wire import reuse_mode_to_wire
 
 CLIENT = "client"  # the producer of content this server did not write
 WORKFLOW = "openai"  # GenerateRequest.workflow of the door's calls (traces)
@@ -78,7 +79,7 @@ def door_call(body: ChatCompletionRequest, replies: ReplyIndex, request_id: str)
         agent=slot,
         messages=chat,
         sampling=sampling,
-        reuse=(body.kvmesh.reuse if body.kvmesh else None) or "auto",
+        reuse=reuse_mode_to_wire((body.kvmesh.reuse if body.kvmesh else None) or "auto"),
         workflow=WORKFLOW,
     )
     if system is not None:

@@ -36,10 +36,10 @@ from .openai_schema import (
     KvmeshStats,
     Model,
     ModelList,
-    PromptTokensDetails,
     Usage,
     parse_request,
 )
+from .wire import call_stats_from_wire, finish_reason_from_wire
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -108,14 +108,20 @@ def build_app(door: ChatDoor) -> FastAPI:
             async for chunk in chunks:
                 text.append(chunk.text)
                 final = chunk
+        stats = call_stats_from_wire(final.stats)
         return JSONResponse(
             ChatCompletion(
                 id=completion_id,
                 created=int(time.time()),
                 model=settings.model,
-                choices=[Choice(message=AssistantMessage(content="".join(text)), finish_reason=final.finish_reason)],
-                usage=_usage(final.stats),
-                kvmesh=_kvmesh(final.stats, call.slot),
+                choices=[
+                    Choice(
+                        message=AssistantMessage(content="".join(text)),
+                        finish_reason=finish_reason_from_wire(final.finish_reason),
+                    )
+                ],
+                usage=Usage.of(stats),
+                kvmesh=KvmeshStats.of(stats, call.slot),
             ).model_dump(mode="json")
         )
 
@@ -172,11 +178,14 @@ async def _stream(
             if chunk.text:
                 yield event([ChunkChoice(delta=Delta(content=chunk.text))])
             if chunk.finished:
-                stats = chunk.stats
-                kvmesh = None if include_usage else _kvmesh(stats, slot)
-                yield event([ChunkChoice(delta=Delta(), finish_reason=chunk.finish_reason)], kvmesh=kvmesh)
+                stats = call_stats_from_wire(chunk.stats)
+                kvmesh = KvmeshStats.of(stats, slot)
+                reason = finish_reason_from_wire(chunk.finish_reason)
+                yield event(
+                    [ChunkChoice(delta=Delta(), finish_reason=reason)], kvmesh=None if include_usage else kvmesh
+                )
                 if include_usage:
-                    yield event([], usage=_usage(stats), kvmesh=_kvmesh(stats, slot))
+                    yield event([], usage=Usage.of(stats), kvmesh=kvmesh)
                 break
             chunk = await anext(chunks)
     except OpenAIError as exc:  # mid-stream: the status line is long gone; OpenAI's clients read this
@@ -188,28 +197,3 @@ async def _stream(
 
 def _json(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _usage(stats: worker_pb2.CallStats) -> Usage:
-    return Usage(
-        prompt_tokens=stats.prompt_tokens,
-        completion_tokens=stats.output_tokens,
-        total_tokens=stats.prompt_tokens + stats.output_tokens,
-        # OpenAI's meaning: prompt tokens whose KV was not computed for this call (the prefix cache's and
-        # the segments' reused KV alike); `kvmesh` tells them apart
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=stats.cached_tokens + stats.reused_tokens),
-    )
-
-
-def _kvmesh(stats: worker_pb2.CallStats, slot: str) -> KvmeshStats:
-    return KvmeshStats(
-        reused_tokens=stats.reused_tokens,
-        cached_tokens=stats.cached_tokens,
-        reuse_mode=stats.reuse_mode,
-        segment_modes=dict(stats.segment_modes),
-        segment_reasons=dict(stats.segment_reasons),
-        degradations=list(stats.degradations),
-        slot=slot,
-        worker=stats.worker,
-        ttft_s=stats.ttft_s,
-    )

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kvmesh.agents.agent import REUSE_MODES
+from kvmesh.workers.vocabulary import ReuseMode
+from kvmesh.workers.worker import CallStats
 
 from .openai_errors import OpenAIError, unsupported
 
@@ -93,7 +94,7 @@ class StreamOptions(BaseModel):
 
 class KvmeshOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reuse: Literal[REUSE_MODES] | None = None  # type: ignore[valid-type]  # None: auto
+    reuse: ReuseMode | None = None  # None: auto
 
 
 class ChatCompletionRequest(BaseModel):
@@ -181,7 +182,7 @@ def _invalid(exc: ValidationError, prefix: str = "") -> OpenAIError:
 
 
 class KvmeshStats(BaseModel):
-    """Where the prompt's KV came from, as the worker reports it (CallStats)."""
+    """Where the prompt's KV came from, as the worker reports it: a view of the call's CallStats (`of`)."""
 
     reused_tokens: int
     cached_tokens: int  # the exact prefix cache's share (usage.prompt_tokens_details.cached_tokens adds reused)
@@ -193,6 +194,20 @@ class KvmeshStats(BaseModel):
     worker: str
     ttft_s: float  # measured by the worker: from the request's arrival there to its first token
 
+    @classmethod
+    def of(cls, stats: CallStats, slot: str) -> KvmeshStats:
+        return cls(
+            reused_tokens=stats.reused_tokens,
+            cached_tokens=stats.cached_tokens,
+            reuse_mode=stats.reuse_mode,
+            segment_modes=stats.segment_modes,
+            segment_reasons=stats.segment_reasons,
+            degradations=list(stats.degradations),
+            slot=slot,
+            worker=stats.worker,
+            ttft_s=stats.ttft_s,
+        )
+
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int
@@ -203,6 +218,17 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, stats: CallStats) -> Usage:
+        return cls(
+            prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.output_tokens,
+            total_tokens=stats.prompt_tokens + stats.output_tokens,
+            # OpenAI's meaning: prompt tokens whose KV was not computed for this call (the prefix cache's and
+            # the segments' reused KV alike); `kvmesh` tells them apart
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=stats.cached_tokens + stats.reused_tokens),
+        )
 
 
 class AssistantMessage(BaseModel):

@@ -92,7 +92,7 @@ def runs_table(queries: Sequence[str], results: Sequence[PipelineResult]) -> str
     header = f"{'run':>3}  {'question':<52} {'prompt':>6} {'cached':>7} {'reused':>7} {'TTFT s':>7} {'wall s':>6}"
     rows = [header, "-" * len(header)]
     for number, (query, result) in enumerate(zip(queries, results, strict=True), 1):
-        calls = result.calls
+        calls = [r.stats for r in result.calls]
         prompt = sum(c.prompt_tokens for c in calls) or 1
         cached, reused = sum(c.cached_tokens for c in calls), sum(c.reused_tokens for c in calls)
         ttft = sum(c.ttft_s for c in calls) / max(len(calls), 1)
@@ -123,10 +123,11 @@ def _print_result(pipeline: Pipeline, query: str, result: PipelineResult, demo: 
     for name, text in result.outputs.items():
         print(f"── {name} ──\n{text.strip()}\n")
     print(result_table(result))
-    cached = sum(r.cached_tokens for r in result.calls)
-    reused = sum(r.reused_tokens for r in result.calls)
-    prompt = sum(r.prompt_tokens for r in result.calls)
-    kvcomm = sum(r.reuse_mode == "kvcomm" for r in result.calls)
+    calls = [r.stats for r in result.calls]
+    cached = sum(c.cached_tokens for c in calls)
+    reused = sum(c.reused_tokens for c in calls)
+    prompt = sum(c.prompt_tokens for c in calls)
+    kvcomm = sum(c.reuse_mode == "kvcomm" for c in calls)
     print(
         f"\nreuse: of {prompt} prompt tokens, {cached} ({cached / max(prompt, 1):.0%}) came from the exact prefix "
         f"cache and {reused} ({reused / max(prompt, 1):.0%}) from other agents' KV (KVCOMM, {kvcomm} of "
@@ -136,7 +137,7 @@ def _print_result(pipeline: Pipeline, query: str, result: PipelineResult, demo: 
 
 
 def result_json(pipeline: Pipeline, query: str, result: PipelineResult) -> dict:
-    calls = [asdict(r) | {"phase": str(r.phase)} for r in result.calls]
+    calls = [r.as_json() for r in result.calls]
     return {
         "pipeline": pipeline.name,
         "query": query,

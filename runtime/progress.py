@@ -59,7 +59,7 @@ class Progress:
             self._line(f"  ↻ {event.agent}: {event.reason}")
         elif isinstance(event, AgentFinished):
             self._done.add(event.agent)
-            r = event.record
+            r = event.record.stats
             for degradation in r.degradations:
                 if degradation not in self._degradations:
                     self._degradations.add(degradation)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Piece:
+    """A stretch of a message's text and who wrote it; the door makes each one a Segment of the prompt."""
+
     text: str
     producer: str | None  # the agent (slot) whose reply this is; None: text the client wrote
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import grpc
 
 from kvmesh.agents import Phase, Pipeline, RunState
-from kvmesh.v1 import agent_pb2, agent_pb2_grpc, worker_pb2
+from kvmesh.v1 import agent_pb2, agent_pb2_grpc
 
 from .call_metadata import from_driver
 from .driver_sink import INTERRUPT, DriverSink
@@ -32,7 +32,7 @@ from .grpc_client import Channels, describe_rpc_error
 from .results import CallRecord, PipelineResult
 from .spans import end_workflow, workflow_span
 from .tracing import activated, record_error, tracer
-from .wire import DRIVER, Kind, message, phase_of
+from .wire import DRIVER, Kind, call_stats_from_wire, message, phase_of
 
 LIVENESS_POLL_S = 2.0  # with no message for this long, check the pending agents still answer
 
@@ -60,7 +60,6 @@ def drive(spec: RunSpec, sink: DriverSink, channels: Channels) -> Iterator[Strea
     started = time.perf_counter()
     deadline = None if spec.timeout_s is None else started + spec.timeout_s
     calls: list[CallRecord] = []
-    usage: list[worker_pb2.CallStats] = []
     span = workflow_span(tracer(channels.config), spec.pipeline.name, run_id, len(spec.pipeline.agents))
     finished = False
     try:
@@ -86,9 +85,8 @@ def drive(spec: RunSpec, sink: DriverSink, channels: Channels) -> Iterator[Strea
                 elif msg.kind == Kind.OUTPUT and agent in pending and phase_of(msg) == phase:
                     pending.discard(agent)
                     state.record(agent, msg.text)
-                    record = CallRecord.from_stats(agent, phase, msg.stats)
+                    record = CallRecord(agent, phase, call_stats_from_wire(msg.stats), msg.wall_s, msg.attempts)
                     calls.append(record)
-                    usage.append(msg.stats)
                     yield AgentFinished(agent, phase, msg.text, record)
             state.advance()
         base = state.result()
@@ -100,7 +98,7 @@ def drive(spec: RunSpec, sink: DriverSink, channels: Channels) -> Iterator[Strea
             calls=calls,
             wall_s=time.perf_counter() - started,
         )
-        end_workflow(span, usage, base.rounds)
+        end_workflow(span, [r.stats for r in calls], base.rounds)
         span.end()  # the run is over; the caller may hold the stream open a while longer
         finished = True
         yield RunFinished(result)

@@ -8,7 +8,7 @@
 Attributes: gen_ai.* where the conventions name the thing (operation, agent, workflow, model, request
 parameters, usage, finish reasons), kvmesh.* for the rest (reuse mode, reused/recomputed tokens, anchors
 consulted and what served each segment, TTFT, drafted/accepted tokens, worker, attempts). Usage comes
-from the worker's CallStats, the same figures as PipelineResult.calls. All spans are INTERNAL: each is
+from the worker's CallStats, the same record as PipelineResult.calls carry. All spans are INTERNAL: each is
 the work itself, in its own process; the gRPC hops between them are not spans of their own.
 """
 
@@ -24,8 +24,10 @@ from opentelemetry.trace import SpanKind
 
 from kvmesh.agents import Agent, Phase, Tool
 from kvmesh.v1 import worker_pb2
+from kvmesh.workers.worker import CallStats
 
 from .tracing import record_error
+from .wire import call_stats_from_wire, finish_reason_from_wire, reuse_mode_from_wire
 
 PROVIDER = "kvmesh"  # gen_ai.provider.name: kvmesh serves the model itself
 
@@ -45,7 +47,7 @@ def workflow_span(tracer: trace.Tracer, pipeline: str, run_id: str, agents: int)
     )
 
 
-def end_workflow(span: trace.Span, calls: list[worker_pb2.CallStats], rounds: int) -> None:
+def end_workflow(span: trace.Span, calls: list[CallStats], rounds: int) -> None:
     span.set_attributes(_usage_totals(calls) | {"kvmesh.calls": len(calls), "kvmesh.rounds": rounds})
 
 
@@ -68,10 +70,8 @@ def agent_span(
     )
 
 
-def end_agent(span: trace.Span, stats: worker_pb2.CallStats) -> None:
-    span.set_attributes(
-        _call_attributes(stats) | {"kvmesh.attempts": stats.attempts or 1, "kvmesh.wall_s": stats.wall_s}
-    )
+def end_agent(span: trace.Span, stats: CallStats, wall_s: float, attempts: int) -> None:
+    span.set_attributes(_call_attributes(stats) | {"kvmesh.attempts": attempts, "kvmesh.wall_s": wall_s})
 
 
 def traced_tool(tool: Tool, tracer: trace.Tracer) -> Tool:
@@ -110,7 +110,7 @@ def traced_chat(
             "gen_ai.request.model": model,
             "gen_ai.agent.name": request.agent,
             "kvmesh.request_id": request.request_id,
-            "kvmesh.reuse.requested": request.reuse,
+            "kvmesh.reuse.requested": reuse_mode_from_wire(request.reuse),
             **_request_attributes(sampling.max_tokens, sampling.temperature, sampling.top_p),
         },
     )
@@ -122,14 +122,15 @@ def traced_chat(
                 span.set_attribute("gen_ai.response.time_to_first_chunk", time.perf_counter() - started)
                 first = False
             if chunk.finished:
+                stats = call_stats_from_wire(chunk.stats)
                 span.set_attributes(
-                    _call_attributes(chunk.stats)
+                    _call_attributes(stats)
                     | {
-                        "gen_ai.response.model": chunk.stats.model or model,
-                        "gen_ai.response.finish_reasons": [chunk.finish_reason or "stop"],
+                        "gen_ai.response.model": stats.model or model,
+                        "gen_ai.response.finish_reasons": [finish_reason_from_wire(chunk.finish_reason) or "stop"],
                     }
                 )
-                for degradation in chunk.stats.degradations:  # survived, but the user should hear of it
+                for degradation in stats.degradations:  # survived, but the user should hear of it
                     span.add_event("kvmesh.degraded", {"kvmesh.degradation": degradation})
                 span.add_event("kvmesh.final_chunk")  # what follows is the stream's end, not the engine
             yield chunk
@@ -151,7 +152,7 @@ def _request_attributes(max_tokens: int, temperature: float, top_p: float) -> di
     }
 
 
-def _call_attributes(stats: worker_pb2.CallStats) -> dict[str, Any]:
+def _call_attributes(stats: CallStats) -> dict[str, Any]:
     """What one LLM call cost, as the worker reported it. cache_read counts every prompt token whose KV was
     read rather than computed: exact prefix hits and spliced segments (the conventions include it in input)."""
     return {
@@ -176,7 +177,7 @@ def _call_attributes(stats: worker_pb2.CallStats) -> dict[str, Any]:
     }
 
 
-def _usage_totals(calls: list[worker_pb2.CallStats]) -> dict[str, Any]:
+def _usage_totals(calls: list[CallStats]) -> dict[str, Any]:
     return {
         "gen_ai.usage.input_tokens": sum(s.prompt_tokens for s in calls),
         "gen_ai.usage.output_tokens": sum(s.output_tokens for s in calls),

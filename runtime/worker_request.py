@@ -10,8 +10,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kvmesh.v1 import worker_pb2
-from kvmesh.workers.reuse_planner import ChatTurn, PromptPiece
+from kvmesh.workers.reuse_planner import ChatTurn, PromptPart
 from kvmesh.workers.sampling import SamplingParams
+
+from .wire import reuse_mode_from_wire
 
 DEFAULT_MAX_TOKENS = 256  # a request that leaves max_tokens unset (0 on the wire)
 CHAT_ROLES = ("user", "assistant", "system")  # what a ChatMessage may be (the system prompt is the request's)
@@ -22,15 +24,15 @@ class WorkerCall:
     agent: str
     system: str | None  # None: the model's default system prompt
     turns: tuple[ChatTurn, ...]  # the conversation after the system prompt; a pipeline's call: one user turn
-    reuse: str
+    reuse: str  # the reuse mode's name; the planner refuses one it does not serve
     sampling: SamplingParams
 
     @property
-    def pieces(self) -> list[PromptPiece]:
+    def parts(self) -> list[PromptPart]:
         """The user message of a pipeline's call (one user turn)."""
         if len(self.turns) != 1 or self.turns[0].role != "user":
             raise ValueError(f"this call is a conversation of {len(self.turns)} messages, not one user message")
-        return list(self.turns[0].pieces)
+        return list(self.turns[0].parts)
 
 
 def worker_call(request: worker_pb2.GenerateRequest) -> WorkerCall:
@@ -43,15 +45,15 @@ def worker_call(request: worker_pb2.GenerateRequest) -> WorkerCall:
         for index, message in enumerate(request.messages):
             if message.role not in CHAT_ROLES:
                 raise ValueError(f"messages[{index}].role is {message.role!r}; use one of {', '.join(CHAT_ROLES)}")
-        turns = tuple(ChatTurn(message.role, _pieces(message.parts)) for message in request.messages)
+        turns = tuple(ChatTurn(message.role, _parts(message.parts)) for message in request.messages)
     else:
-        turns = (ChatTurn("user", _pieces(request.parts)),)
+        turns = (ChatTurn("user", _parts(request.parts)),)
     sampling = request.sampling
     return WorkerCall(
         agent=request.agent,
         system=request.system if request.HasField("system") else None,
         turns=turns,
-        reuse=request.reuse or "auto",
+        reuse=reuse_mode_from_wire(request.reuse),
         sampling=SamplingParams(
             max_tokens=int(sampling.max_tokens) or DEFAULT_MAX_TOKENS,
             temperature=float(sampling.temperature),
@@ -62,12 +64,10 @@ def worker_call(request: worker_pb2.GenerateRequest) -> WorkerCall:
     )
 
 
-def _pieces(parts: Iterable[worker_pb2.PromptPart]) -> tuple[PromptPiece, ...]:
-    pieces = []
-    for part in parts:
-        if part.WhichOneof("kind") == "segment":
-            segment = part.segment
-            pieces.append(PromptPiece(segment.text, segment.id or None, segment.placeholder or segment.producer))
-        else:
-            pieces.append(PromptPiece(part.text))
-    return tuple(pieces)
+def _parts(parts: Iterable[worker_pb2.PromptPart]) -> tuple[PromptPart, ...]:
+    return tuple(
+        PromptPart(part.segment.text, part.segment.id or None, part.segment.placeholder or part.segment.producer)
+        if part.WhichOneof("kind") == "segment"
+        else PromptPart(part.text)
+        for part in parts
+    )

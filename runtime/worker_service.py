@@ -3,8 +3,9 @@
 Generate hands the prompt's parts to the reuse planner (ids part by part in the model's chat frame, and
 how to serve them: prefix cache, KVCOMM-corrected segment KV, or dense), submits the result to the engine
 loop under the caller's request id, streams a chunk per token and ends with a chunk carrying the call's
-CallStats. A client that goes away (cancel, deadline, crash) cancels the engine request. Each call is
-a `chat {model}` span (spans.traced_chat) under the calling agent's span.
+CallStats (built once, here, from the engine's and the planner's shares). A client that goes away (cancel,
+deadline, crash) cancels the engine request. Each call is a `chat {model}` span (spans.traced_chat) under the
+calling agent's span.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from kvmesh.workers.engine_loop import EngineLoop
 from kvmesh.workers.reuse_planner import PlannedCall, ReusePlanner
 from kvmesh.workers.sampling import InvalidRequestError, SamplingParams
 from kvmesh.workers.scheduler import EngineOverloaded
-from kvmesh.workers.sequence import RequestStats
+from kvmesh.workers.worker import CallStats
 
 from .spans import traced_chat
+from .wire import call_stats_to_wire, finish_reason_to_wire
 from .worker_request import worker_call
 
 
@@ -70,12 +72,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 if not event.finished:
                     yield worker_pb2.GenerateChunk(text=event.text, token_ids=[event.token_id])
                     continue
+                assert event.finish_reason is not None and event.stats is not None  # an end event carries both
+                stats = CallStats.of(event.stats, planned.stats, self.model_name, self._address())
                 yield worker_pb2.GenerateChunk(
                     text=event.text,
                     token_ids=[] if event.token_id is None else [event.token_id],
                     finished=True,
-                    finish_reason=event.finish_reason or "",
-                    stats=self._stats(event.stats, planned),
+                    finish_reason=finish_reason_to_wire(event.finish_reason),
+                    stats=call_stats_to_wire(stats),
                 )
         except InvalidRequestError as exc:  # the engine refused it (e.g. longer than the context)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -89,32 +93,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         against it). Raises InvalidRequestError / ValueError for a request that cannot be served."""
         call = worker_call(request)
         return call.sampling, self.planner.plan_conversation(call.system, call.turns, call.agent, call.reuse)
-
-    def _stats(self, stats: RequestStats | None, planned: PlannedCall) -> worker_pb2.CallStats:
-        """The engine's RequestStats and the planner's decision as CallStats: what served the prompt (as
-        observed), tokens by where their KV came from, and TTFT from the call's arrival (planning included)."""
-        if stats is None:
-            return worker_pb2.CallStats(model=self.model_name, worker=self._address())
-        prompt_tokens, cached, reused = stats.prompt_tokens, stats.prefix_hit_tokens, stats.reused_tokens
-        mode = planned.stats.mode if reused or planned.stats.mode == "dense" else ("prefix" if cached else "dense")
-        return worker_pb2.CallStats(
-            prompt_tokens=prompt_tokens,
-            cached_tokens=cached,
-            reused_tokens=reused,
-            recomputed_tokens=prompt_tokens - cached - reused,
-            output_tokens=stats.output_tokens,
-            ttft_s=planned.stats.preprocess_s + (stats.ttft_s or 0.0),
-            decode_tok_s=stats.decode_tok_s or 0.0,
-            drafted_tokens=stats.drafted_tokens,
-            accepted_tokens=stats.accepted_tokens,
-            reuse_mode=mode,
-            model=self.model_name,
-            worker=self._address(),
-            anchors_consulted=planned.stats.anchors_consulted,
-            segment_modes=planned.stats.segment_modes,
-            segment_reasons=planned.stats.segment_reasons,
-            degradations=planned.stats.degradations,
-        )
 
     # -- Stats -----------------------------------------------------------------------------------------
     def Stats(self, request: worker_pb2.StatsRequest, context: grpc.ServicerContext) -> worker_pb2.WorkerStats:

@@ -22,7 +22,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
 
 import ray
 
@@ -55,7 +54,7 @@ STORY = Pipeline("story", [Agent("teller", "Tell a long story about {query}.", m
 
 
 def snapshot(result) -> dict:
-    return {"outputs": dict(result.outputs), "calls": [asdict(c) | {"phase": str(c.phase)} for c in result.calls]}
+    return {"outputs": dict(result.outputs), "calls": [c.as_json() for c in result.calls]}
 
 
 def main(address: str, worker_pgid: int, out: str) -> None:

@@ -12,7 +12,7 @@ from kvmesh.agents import (
     Phase,
     Pipeline,
     PipelineError,
-    SegmentPart,
+    Segment,
     Tool,
     ToolError,
     chain,
@@ -55,7 +55,8 @@ class Recorder:
         (lambda: Agent("a", "{query} {"), "malformed"),
         (lambda: Agent("a", "{0}"), "is not a name"),
         (lambda: Agent("bad name"), "must be a Python identifier"),
-        (lambda: Agent("a", reuse="magic"), "reuse='magic'"),
+        (lambda: Agent("a", reuse="magic"), "reuse='magic'; choose one of auto, dense, prefix, kvcomm, blend$"),
+        (lambda: Agent("a", reuse="naive"), "reuse='naive'"),  # for benchmarks: the worker takes it, users may not
         (lambda: Agent("a", temperature=-1), "temperature"),
         # sampling fields: the engine's ranges and the wire's (max_tokens uint32, seed uint64), named here
         (lambda: Agent("a", max_tokens=2**32), r"agent 'a': max_tokens must be an integer in \[1, 4294967295\]"),
@@ -173,7 +174,7 @@ def test_placeholders_become_segments_naming_their_producer():
     seen = []
     pipeline = Pipeline("s", [Agent("a", "Q: {query}."), Agent("b", "A said {a}; Q: {query}")])
     run_locally(pipeline, "why", lambda agent, prompt: seen.append(prompt) or "same text")
-    segments = [part for prompt in seen for part in prompt.parts if isinstance(part, SegmentPart)]
+    segments = [part for prompt in seen for part in prompt.parts if isinstance(part, Segment)]
     assert [(s.placeholder, s.producer, s.text) for s in segments] == [
         ("query", "query", "why"),
         ("a", "a", "same text"),
@@ -209,6 +210,6 @@ def test_a_document_store_retrieves_chunks_that_land_as_separate_segments():
     seen = []
     pipeline = Pipeline("rag", [Agent("reader", "{docs}\n\nQ: {query}")], tools=[store.retriever("docs", k=2)])
     run_locally(pipeline, "Who is the mayor of Morrow?", lambda agent, prompt: seen.append(prompt) or "ok")
-    segments = [p for p in seen[0].parts if isinstance(p, SegmentPart)]
+    segments = [p for p in seen[0].parts if isinstance(p, Segment)]
     assert [s.text for s in segments[:2]] == [c.text for c in best] and segments[2].producer == "query"
     assert all(s.producer == "docs" for s in segments[:2])

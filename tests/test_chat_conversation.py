@@ -7,7 +7,7 @@ import pytest
 from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.runtime.worker_request import worker_call
 from kvmesh.v1 import worker_pb2
-from kvmesh.workers.reuse_planner import ChatTurn, PromptPiece, ReusePlanner
+from kvmesh.workers.reuse_planner import ChatTurn, PromptPart, ReusePlanner
 
 CONVERSATION = [
     ("user", "What is the capital of Peru?"),
@@ -23,7 +23,7 @@ def planner(model, tokenizer) -> ReusePlanner:
 
 def turns(conversation: list[tuple[str, str]]) -> list[ChatTurn]:
     return [
-        ChatTurn(role, [PromptPiece(text, segment_id("client", text), f"m{i}")])
+        ChatTurn(role, [PromptPart(text, segment_id("client", text), f"m{i}")])
         for i, (role, text) in enumerate(conversation)
     ]
 
@@ -40,9 +40,9 @@ def test_a_conversation_is_exactly_the_models_chat_prompt_with_a_span_per_messag
 
 
 def test_one_user_message_is_the_special_case_plan_has_always_served(planner):
-    pieces = [PromptPiece("Summarize: "), PromptPiece("Tea is a drink.", "query:1", "query")]
-    single = planner.plan("Be brief.", pieces, "a", "prefix")
-    conversation = planner.plan_conversation("Be brief.", [ChatTurn("user", pieces)], "a", "prefix")
+    parts = [PromptPart("Summarize: "), PromptPart("Tea is a drink.", "query:1", "query")]
+    single = planner.plan("Be brief.", parts, "a", "prefix")
+    conversation = planner.plan_conversation("Be brief.", [ChatTurn("user", parts)], "a", "prefix")
     assert single.token_ids == conversation.token_ids and single.layout == conversation.layout
     assert planner.framer.frames("Be brief.", ["user"]) == list(planner.framer.frame("Be brief."))
 
@@ -63,8 +63,8 @@ def test_a_generate_request_carries_parts_or_messages_not_both():
     call = worker_call(conversation)
     assert [t.role for t in call.turns] == ["user", "assistant"]
     with pytest.raises(ValueError, match="conversation of 2 messages"):
-        _ = call.pieces
-    assert worker_call(worker_pb2.GenerateRequest(parts=[part])).pieces == [PromptPiece("Hi")]
+        _ = call.parts
+    assert worker_call(worker_pb2.GenerateRequest(parts=[part])).parts == [PromptPart("Hi")]
     with pytest.raises(ValueError, match="not both"):
         worker_call(worker_pb2.GenerateRequest(parts=[part], messages=[worker_pb2.ChatMessage(role="user")]))
     with pytest.raises(ValueError, match=r"messages\[0\].role is 'tool'"):

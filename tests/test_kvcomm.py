@@ -7,7 +7,7 @@ import torch
 
 from kvmesh.kvcomm.anchor_match import MatchConfig
 from kvmesh.kvcomm.kv_cache import KVCache
-from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, PromptSpan, assemble, make_anchors, mark_used, naive
+from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, TokenSpan, assemble, make_anchors, mark_used, naive
 from kvmesh.kvcomm.store import MemoryStore
 from kvmesh.workers.forward_batch import ForwardBatch
 from kvmesh.workers.segment_base import base_alone
@@ -47,7 +47,7 @@ class Prompt:
         spans, position = [], 0
         for ids, segment in self.parts:
             slot = None if segment is None else f"judge/{segment.split(':')[0]}"
-            spans.append(PromptSpan(position, position + len(ids), segment, slot))
+            spans.append(TokenSpan(position, position + len(ids), segment, slot))
             position += len(ids)
         self.layout = PromptLayout(tuple(spans))
         self.ids = [t for ids, _ in self.parts for t in ids]

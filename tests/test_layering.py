@@ -35,6 +35,10 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
         "one torch-free check of the sampling fields for the engine and for an Agent, which refuses when a "
         "pipeline is built what a worker would refuse at run time"
     ),
+    ("agents/agent.py", "kvmesh.workers.vocabulary"): (
+        "the one torch-free definition of the reuse modes, for the worker and for an Agent, which refuses when a "
+        "pipeline is built a mode the worker would refuse"
+    ),
     ("bench/runtime_bench.py", "grpc"): "measures a bare gRPC echo as the floor under the runtime's calls",
     ("bench/runtime_bench.py", "ray"): "measures a Ray actor call beside the runtime's gRPC message",
     ("bench/cluster_bench.py", "ray"): "reads the session's worker actors (pids, addresses) and leaves the cluster",

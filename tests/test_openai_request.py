@@ -13,6 +13,7 @@ from kvmesh.runtime.config import ConfigError
 from kvmesh.runtime.openai_errors import OpenAIError
 from kvmesh.runtime.openai_schema import parse_request
 from kvmesh.runtime.reply_index import Piece, ReplyIndex, ReplyIndexConfig
+from kvmesh.v1 import worker_pb2
 
 PASSAGE = "The river Arlen floods its valley every spring, and the people of Dunmere rebuild the mills."
 REPLY = "The Arlen floods each spring; Dunmere rebuilds its mills every summer."
@@ -107,7 +108,7 @@ def test_a_conversation_becomes_framed_messages_whose_contents_are_segments_by_c
     )
     call = door_call(request, ReplyIndex(), "req-1")
     wire = call.request
-    assert wire.system == "You are terse." and wire.agent == call.slot and wire.reuse == "dense"
+    assert wire.system == "You are terse." and wire.agent == call.slot and wire.reuse == worker_pb2.REUSE_MODE_DENSE
     assert [m.role for m in wire.messages] == ["user", "assistant", "system"]  # developer is system
     assert not wire.messages[1].parts  # no content: only the frame
     passage, note = wire.messages[0].parts[0].segment, wire.messages[2].parts[0].segment

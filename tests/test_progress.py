@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 from kvmesh.agents import Phase
 from kvmesh.runtime.events import AgentFinished, PhaseStarted, RunFinished, Token
 from kvmesh.runtime.progress import Progress, result_table
 from kvmesh.runtime.results import CallRecord, PipelineResult
+from kvmesh.workers.worker import CallStats
 
 ROUND0 = Phase(0)
 
 
 def record(agent: str, tokens: int, cached: int) -> CallRecord:
-    return CallRecord(agent, ROUND0, "127.0.0.1:1", "smollm2", 40, cached, tokens, 0.25, 30.0, 0.5, "prefix", 1)
+    stats = CallStats(40, cached, output_tokens=tokens, ttft_s=0.25, decode_tok_s=30.0, reuse_mode="prefix")
+    return CallRecord(agent, ROUND0, replace(stats, model="smollm2", worker="127.0.0.1:1"), wall_s=0.5)
 
 
 def run_events() -> list:

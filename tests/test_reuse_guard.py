@@ -12,7 +12,7 @@ from kvmesh.kvcomm.store import MemoryStore
 from kvmesh.workers.engine import EngineConfig
 from kvmesh.workers.forward_batch import ForwardBatch
 from kvmesh.workers.reuse_guard import Audit, GuardConfig, ReuseGuard, audit_reuse
-from kvmesh.workers.reuse_planner import PromptPiece
+from kvmesh.workers.reuse_planner import PromptPart
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.worker import WorkerConfig, build_worker
 
@@ -80,8 +80,8 @@ def test_auto_opens_on_traffic_reuse_serves_well_and_closes_when_the_traffic_cha
     worker = build_worker(settings, MemoryStore(), model=model, tokenizer=tokenizer)
 
     def call(text: str) -> str:
-        piece = PromptPiece(text, segment_id("query", text), "query")
-        planned = worker.planner.plan("You are brief.", [PromptPiece("Summarize in five words: "), piece], "w", "auto")
+        part = PromptPart(text, segment_id("query", text), "query")
+        planned = worker.planner.plan("You are brief.", [PromptPart("Summarize in five words: "), part], "w", "auto")
         request = worker.engine.add_request(planned.token_ids, SamplingParams(max_tokens=1), reuse=planned.reuse)
         while not any(event.finished and event.request_id == request for event in worker.engine.step()):
             pass

@@ -15,7 +15,7 @@ from kvmesh.workers.blend import BlendConfig
 from kvmesh.workers.engine import Engine, EngineConfig
 from kvmesh.workers.forward_batch import ForwardBatch
 from kvmesh.workers.prompt_reuse import PromptReuse
-from kvmesh.workers.reuse_planner import PlannedCall, PromptPiece
+from kvmesh.workers.reuse_planner import PlannedCall, PromptPart
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.segment_base import base_alone
 from kvmesh.workers.worker import WorkerConfig, build_worker
@@ -79,8 +79,8 @@ class TwoAgents:
         self.engine, self.planner = worker.engine, worker.planner
         self.planned: list[PlannedCall] = []  # every call's plan, in order (the researcher's too)
 
-    def call(self, agent: str, system: str, pieces: list[PromptPiece], mode: str, max_tokens: int):
-        planned = self.planner.plan(system, pieces, agent, mode)
+    def call(self, agent: str, system: str, parts: list[PromptPart], mode: str, max_tokens: int):
+        planned = self.planner.plan(system, parts, agent, mode)
         self.planned.append(planned)
         tokens, stats = run(self.engine, planned.token_ids, planned.reuse, SamplingParams(max_tokens=max_tokens))
         self.planner.drain()
@@ -88,22 +88,22 @@ class TwoAgents:
         return text, planned, stats
 
     def pipeline(self, country: str, mode: str):
-        q = PromptPiece(query_of(country), segment_id("query", query_of(country)), "query")
+        q = PromptPart(query_of(country), segment_id("query", query_of(country)), "query")
         notes, _, _ = self.call(
             "researcher",
             "You are a travel researcher.",
-            [PromptPiece("Write two sentences about the country in this request.\n\n"), q],
+            [PromptPart("Write two sentences about the country in this request.\n\n"), q],
             mode,
             32,
         )
-        pieces = [
-            PromptPiece("Request: "),
+        parts = [
+            PromptPart("Request: "),
             q,
-            PromptPiece("\n\nResearch notes:\n"),
-            PromptPiece(notes, segment_id("researcher", notes), "researcher"),
-            PromptPiece("\n\nAnswer the request in one short sentence."),
+            PromptPart("\n\nResearch notes:\n"),
+            PromptPart(notes, segment_id("researcher", notes), "researcher"),
+            PromptPart("\n\nAnswer the request in one short sentence."),
         ]
-        return self.call("answerer", "You are a helpful travel agent.", pieces, mode, 12)
+        return self.call("answerer", "You are a helpful travel agent.", parts, mode, 12)
 
 
 def test_anchors_learned_from_dense_calls_serve_later_calls_close_to_dense(model, tokenizer):
@@ -144,13 +144,13 @@ def test_the_chunks_of_one_placeholder_have_a_pool_each_so_their_anchors_hold_th
 
     def ask(country: str):
         facts = [f"{country} has many mountains.", f"{country} has a long coast.", f"{country} grows olives."]
-        pieces = [PromptPiece("Facts:\n")]
+        parts = [PromptPart("Facts:\n")]
         for index, fact in enumerate(facts):
             if index:
-                pieces.append(PromptPiece("\n\n"))
-            pieces.append(PromptPiece(fact, segment_id("facts", fact), "facts"))
-        pieces.append(PromptPiece("\n\nWhich of these is about the sea?"))
-        return agents.call("reader", "You are brief.", pieces, "kvcomm", 4)[1]
+                parts.append(PromptPart("\n\n"))
+            parts.append(PromptPart(fact, segment_id("facts", fact), "facts"))
+        parts.append(PromptPart("\n\nWhich of these is about the sea?"))
+        return agents.call("reader", "You are brief.", parts, "kvcomm", 4)[1]
 
     first = ask(COUNTRIES[0])
     slots = [span.slot.rsplit("|", 1)[1] for span in first.layout.segments()]
@@ -164,7 +164,7 @@ def test_the_chunks_of_one_placeholder_have_a_pool_each_so_their_anchors_hold_th
 def test_responses_are_published_as_segments_with_their_decode_kv(model, tokenizer):
     store = MemoryStore()
     agents = TwoAgents(model, tokenizer, store)
-    text, _, _ = agents.call("writer", "You are brief.", [PromptPiece("Say something about tea.")], "kvcomm", 10)
+    text, _, _ = agents.call("writer", "You are brief.", [PromptPart("Say something about tea.")], "kvcomm", 10)
     published = store.get_segment(segment_id("writer", text))
     assert published is not None and tokenizer.decode(published.token_ids) == text
     assert published.kv.length == len(published.token_ids)

@@ -15,14 +15,14 @@ from os_probes import environment, niceness, pid_listening_on
 
 import kvmesh
 from kvmesh import Agent, Pipeline, debate, run_locally, tool
-from kvmesh.agents import SegmentPart
+from kvmesh.agents import Segment
 from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.runtime import AgentError, PipelineResult, RunTimedOut
 from kvmesh.runtime.events import AgentFinished, PhaseStarted, RunFinished, Token
 from kvmesh.runtime.worker_actor import WORKER_SERVICE
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.workers.engine import Engine
-from kvmesh.workers.reuse_planner import PromptPiece
+from kvmesh.workers.reuse_planner import PromptPart
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.worker import WorkerConfig, build_worker
 
@@ -37,8 +37,7 @@ def reference(model, tokenizer):
 
     def llm(agent: Agent, prompt) -> str:
         parts = [
-            PromptPiece(p.text, segment_id(p.producer, p.text) if isinstance(p, SegmentPart) else None)
-            for p in prompt.parts
+            PromptPart(p.text, segment_id(p.producer, p.text) if isinstance(p, Segment) else None) for p in prompt.parts
         ]
         ids = planner.plan(prompt.system, parts, agent.name, "prefix").token_ids
         return engine.generate([ids], SamplingParams(max_tokens=agent.max_tokens))[0].text
@@ -53,13 +52,14 @@ def test_one_agent_answers_as_the_engine_does_and_reports_its_call(runtime_sessi
     prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": query}]))
     expected = Engine(model, tokenizer).generate([prompt], SamplingParams(max_tokens=16))[0]
     assert result.outputs == {"answerer": expected.text} == {"answerer": "The capital of France is Paris."}
-    (call,) = result.calls
+    (record,) = result.calls
+    call = record.stats
     assert call.prompt_tokens == len(prompt) and call.output_tokens == len(expected.token_ids)
-    assert call.ttft_s > 0 and call.wall_s >= call.ttft_s and call.model == "smollm2" and call.attempts == 1
+    assert call.ttft_s > 0 and record.wall_s >= call.ttft_s and call.model == "smollm2" and record.attempts == 1
     assert call.worker in {w.address for w in ray.get(runtime_session.registry.workers.remote())}
     again = runtime_session.run(pipeline, query)  # the same prompt again: its whole blocks come from the cache
     assert again.outputs == result.outputs and again.run_id != result.run_id
-    assert again.calls[0].cached_tokens >= 32 and again.calls[0].reuse_mode == "prefix"
+    assert again.calls[0].stats.cached_tokens >= 32 and again.calls[0].stats.reuse_mode == "prefix"
 
 
 def test_a_three_agent_chain_gives_what_the_engine_gives_for_each_prompt(runtime_session, reference):
@@ -184,7 +184,7 @@ def test_a_run_over_its_timeout_is_cancelled_and_the_agents_serve_the_next_run(r
     with pytest.raises(RunTimedOut, match=r"timeout of 0.3 s.*writer"):
         runtime_session.run(pipeline, "a dragon", timeout_s=0.3)
     quick = runtime_session.run(pipeline.with_agent_options(max_tokens=3), "a dragon")
-    assert quick.calls[0].output_tokens == 3
+    assert quick.calls[0].stats.output_tokens == 3
 
 
 def test_the_workers_server_wants_the_token_and_speaks_health_and_reflection(runtime_session):

@@ -96,10 +96,10 @@ def test_a_three_agent_run_is_one_trace_across_the_driver_agents_and_worker(trac
 
     assert root.name == "invoke_workflow traced" and root.parent_id is None and root.status == "UNSET"
     assert root.attributes["gen_ai.operation.name"] == "invoke_workflow"
-    assert root.attributes["gen_ai.usage.output_tokens"] == sum(c.output_tokens for c in result.calls)
+    assert root.attributes["gen_ai.usage.output_tokens"] == sum(c.stats.output_tokens for c in result.calls)
     agents = children(spans, root)
     assert [s.name for s in agents] == ["invoke_agent planner", "invoke_agent writer", "invoke_agent editor"]
-    records = {c.agent: c for c in result.calls}
+    records = {c.agent: c.stats for c in result.calls}
     worker_pids = set()
     for span in agents:
         name = span.attributes["gen_ai.agent.name"]
@@ -111,7 +111,7 @@ def test_a_three_agent_run_is_one_trace_across_the_driver_agents_and_worker(trac
         assert [s.name for s in below if s is not chat] == (["execute_tool notes"] if name == "planner" else [])
         assert span.attributes["gen_ai.operation.name"] == "invoke_agent" and span.attributes["kvmesh.attempts"] == 1
         assert span.attributes["gen_ai.workflow.name"] == "traced"
-        for s in (span, chat):  # the agent's span and its LLM call report the figures of the CallRecord
+        for s in (span, chat):  # the agent's span and its LLM call report the figures of the call's CallStats
             assert s.attributes["gen_ai.usage.input_tokens"] == record.prompt_tokens
             assert s.attributes["gen_ai.usage.output_tokens"] == record.output_tokens
             assert s.attributes["gen_ai.usage.cache_read.input_tokens"] == record.cached_tokens + record.reused_tokens
@@ -170,7 +170,7 @@ def test_every_process_exports_its_spans_over_otlp_grpc(traced_session, receiver
     assert set(names) == {root_name, "invoke_agent solo", "chat smollm2"}
     (_, root), (agent_resource, agent), (_, chat) = (names[n] for n in (root_name, "invoke_agent solo", "chat smollm2"))
     assert not root.parent_span_id and agent.parent_span_id == root.span_id and chat.parent_span_id == agent.span_id
-    assert _attribute(chat, "gen_ai.usage.output_tokens") == result.calls[0].output_tokens
+    assert _attribute(chat, "gen_ai.usage.output_tokens") == result.calls[0].stats.output_tokens
     assert _attribute(chat, "gen_ai.operation.name") == "chat"
     assert _attribute(agent, "gen_ai.agent.name") == "solo"
     assert agent_resource["kvmesh.process"].endswith("/solo")  # three processes, each exporting its own spans

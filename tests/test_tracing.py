@@ -13,8 +13,10 @@ from kvmesh.runtime.config import ConfigError, RuntimeConfig
 from kvmesh.runtime.grpc_client import open_channel
 from kvmesh.runtime.grpc_server import start_server
 from kvmesh.runtime.spans import traced_chat
+from kvmesh.runtime.wire import call_stats_to_wire, finish_reason_to_wire
 from kvmesh.runtime.worker_actor import WORKER_SERVICE
 from kvmesh.v1 import agent_pb2, agent_pb2_grpc, worker_pb2, worker_pb2_grpc
+from kvmesh.workers.worker import CallStats
 
 MEMORY = RuntimeConfig(trace="memory", token="t0ken")
 
@@ -88,7 +90,7 @@ def test_trace_context_crosses_unary_and_streamed_calls_and_is_absent_outside_a_
 
 
 def _chunks(finish: str = "stop", fail: bool = False):
-    stats = worker_pb2.CallStats(
+    stats = CallStats(
         prompt_tokens=40,
         cached_tokens=16,
         reused_tokens=8,
@@ -103,17 +105,19 @@ def _chunks(finish: str = "stop", fail: bool = False):
         anchors_consulted=5,
         segment_modes={"s2": "kvcomm", "s1": "dense"},
         segment_reasons={"s2": "vouched for by 5 anchors", "s1": "nearest anchor is 0.70 away (> 0.5)"},
-        degradations=["KV store unavailable: Redis is unreachable"],
+        degradations=("KV store unavailable: Redis is unreachable",),
     )
     yield worker_pb2.GenerateChunk(text="a")
     if fail:
         raise RuntimeError("engine fault")
-    yield worker_pb2.GenerateChunk(text="b", finished=True, finish_reason=finish, stats=stats)
+    yield worker_pb2.GenerateChunk(
+        text="b", finished=True, finish_reason=finish_reason_to_wire(finish), stats=call_stats_to_wire(stats)
+    )
 
 
 def _request() -> worker_pb2.GenerateRequest:
     sampling = worker_pb2.Sampling(max_tokens=2, temperature=0.0, top_p=0.9)
-    return worker_pb2.GenerateRequest(request_id="r1", agent="writer", sampling=sampling, reuse="auto")
+    return worker_pb2.GenerateRequest(request_id="r1", agent="writer", sampling=sampling)  # reuse unset: auto
 
 
 def test_a_chat_span_carries_the_genai_and_kvmesh_attributes_of_the_call():
@@ -127,6 +131,7 @@ def test_a_chat_span_carries_the_genai_and_kvmesh_attributes_of_the_call():
         "gen_ai.provider.name": "kvmesh",
         "gen_ai.request.model": "smollm2",
         "gen_ai.agent.name": "writer",
+        "kvmesh.reuse.requested": "auto",
         "gen_ai.request.max_tokens": 2,
         "gen_ai.request.temperature": 0.0,
         "gen_ai.request.top_p": pytest.approx(0.9),

@@ -67,6 +67,8 @@ RowChooser = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], torc
 
 @dataclass
 class BlendStats:
+    """What one CacheBlend pass did; its recomputed tokens are not counted as reused in the call's CallStats."""
+
     span_tokens: int = 0
     selected: dict[int, int] = field(default_factory=dict)  # check layer -> tokens kept there
 

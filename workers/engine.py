@@ -45,6 +45,7 @@ from .speculation import SpeculationConfig, Speculator, tree_inputs, verify
 from .suffix_cache import Draft
 from .text_stream import TextStream
 from .tokenizer import Tokenizer
+from .vocabulary import EngineFinish
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class TokenEvent:
     token_id: int | None
     text: str
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled", "error"
+    finish_reason: EngineFinish | None = None  # on the end: "stop" (EOS or a stop string), "length", ...
     stats: RequestStats | None = None
     error: str | None = None  # with finish_reason "error": what failed ("ExceptionType: message")
 
@@ -551,7 +552,7 @@ class Engine:
     def _end_event(self, seq: Sequence, text: str, token: int | None = None) -> TokenEvent:
         return TokenEvent(seq.request_id, token, text, True, seq.finish_reason, seq.stats)
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _finish(self, seq: Sequence, reason: EngineFinish) -> None:
         """End a request and free its KV; a hook that raises does so after the KV is freed."""
         seq.status = Status.FINISHED
         seq.finish_reason = reason

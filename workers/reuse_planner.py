@@ -11,7 +11,7 @@ Modes (`reuse=` per call):
   otherwise (recording anchors and auditing, after the reply has started). No approximate mode joins `auto`
   until `kvmesh bench fidelity` shows it keeps dense's answers: blend lost them on held-out traffic, so it
   runs only when asked for.
-- `naive`: every piece's base KV moved into place, uncorrected: the baseline the others are measured
+- `naive`: every segment's base KV moved into place, uncorrected: the baseline the others are measured
   against, for benchmarks; never a good idea in production.
 After every call the response is published as a segment (its KV from this decode, normalized), so a
 downstream agent's worker finds it. Anchor recording and publishing run on a background thread: the
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from kvmesh.kvcomm.anchor_match import Match, MatchConfig
 from kvmesh.kvcomm.kv_cache import KVCache, KVLayout
-from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, PromptSpan, assemble, make_anchors, mark_used, naive
+from kvmesh.kvcomm.kvcomm_reuse import PromptLayout, TokenSpan, assemble, make_anchors, mark_used, naive
 from kvmesh.kvcomm.segment_id import segment_id
 from kvmesh.kvcomm.store import Store, StoredSegment, StoreError, StoreUnavailable
 
@@ -46,14 +46,16 @@ from .reuse_guard import GuardConfig, ReuseGuard, audit_reuse
 from .sampling import InvalidRequestError
 from .segment_base import base_alone, base_from_decode
 from .tokenizer import Tokenizer
+from .vocabulary import REUSE_MODES, WORKER_MODES
 
 log = logging.getLogger(__name__)
-REUSE_MODES = ("auto", "dense", "prefix", "kvcomm", "blend", "naive")
 _PREFIX_BUDGET_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
-class PromptPiece:
+class PromptPart:
+    """One part of a prompt, as the planner takes it (worker.proto's PromptPart: literal text or a segment)."""
+
     text: str
     segment_id: str | None = None  # None: literal template text
     placeholder: str | None = None  # a segment's placeholder in the template (names its anchor slot)
@@ -61,16 +63,18 @@ class PromptPiece:
 
 @dataclass(frozen=True)
 class ChatTurn:
-    """One message of a conversation after the system message: its role and its content as pieces."""
+    """One message of a conversation after the system message: its role and its content as parts."""
 
     role: str  # user | assistant | system (as the model's chat template names them)
-    pieces: Sequence[PromptPiece]
+    parts: Sequence[PromptPart]
 
 
 @dataclass
 class ReuseStats:
-    mode: str = "dense"  # what served the prompt: dense (no reuse), prefix (exact prefix cache + prefill), kvcomm,
-    # blend, naive
+    """The planner's decision for one call, filled in as it plans: its share of the call's CallStats (worker.py),
+    plus what benchmarks study (matches, blend_recomputed, preprocess_s)."""
+
+    mode: str = "dense"  # what the plan serves the prompt with (vocabulary.SERVED_MODES)
     reused_tokens: int = 0  # prompt tokens whose KV came from segments and anchors (before any blend repair)
     blend_recomputed: int = 0  # of those, recomputed by the blend pass (known once the engine ran it)
     anchors_consulted: int = 0
@@ -147,15 +151,15 @@ class ReusePlanner:
         self._pending: list[Future[None]] = []
         self._warned = False
 
-    def plan(self, system: str | None, pieces: list[PromptPiece], agent: str, mode: str) -> PlannedCall:
-        """The call's ids (the model's chat frame around the user message's pieces, each tokenized alone)
+    def plan(self, system: str | None, parts: list[PromptPart], agent: str, mode: str) -> PlannedCall:
+        """The call's ids (the model's chat frame around the user message's parts, each tokenized alone)
         and how to serve them. Thread-safe: concurrent calls plan one at a time."""
-        return self.plan_conversation(system, [ChatTurn("user", pieces)], agent, mode)
+        return self.plan_conversation(system, [ChatTurn("user", parts)], agent, mode)
 
     def plan_conversation(self, system: str | None, turns: Sequence[ChatTurn], agent: str, mode: str) -> PlannedCall:
-        """plan() for a whole conversation: the model's chat frame around every turn's pieces, each tokenized
+        """plan() for a whole conversation: the model's chat frame around every turn's parts, each tokenized
         alone, the assistant's turn opened at the end. Raises InvalidRequestError / ValueError."""
-        if mode not in REUSE_MODES:
+        if mode not in WORKER_MODES:  # (naive is for benchmarks: not offered)
             raise InvalidRequestError(f"reuse mode {mode!r} is not one of {', '.join(REUSE_MODES)}")
         started = time.perf_counter()  # before the lock: time waiting for another call's planning counts too
         frames = self.framer.frames(system, [turn.role for turn in turns])
@@ -276,36 +280,36 @@ class ReusePlanner:
     ) -> tuple[list[int], PromptLayout | None, dict[str, list[int]], dict[str, StoredSegment], str]:
         """Token ids part by part, the spans, each segment's token ids, the segments the store knows, and the
         template's key (the agent and its template text: the prefix of its slots' names)."""
-        pieces = [piece for turn in turns for piece in turn.pieces]
+        parts = [part for turn in turns for part in turn.parts]
         # (one user message: frames are its head and tail, the key as it always was)
-        template = hashlib.sha256(repr((*frames, [p.text for p in pieces if p.segment_id is None])).encode())
+        template = hashlib.sha256(repr((*frames, [p.text for p in parts if p.segment_id is None])).encode())
         slot_prefix = f"{agent}|{template.hexdigest()[:16]}|"
         ids: list[int] = []
-        spans: list[PromptSpan] = []
+        spans: list[TokenSpan] = []
         segment_tokens: dict[str, list[int]] = {}
         stored: dict[str, StoredSegment] = {}
         seen: Counter[str] = Counter()  # segments per placeholder so far: a list-returning tool fills one with many
         for frame, turn in zip(frames[:-1], turns, strict=True):  # the chat frame's text before each message
-            spans.append(PromptSpan(len(ids), len(ids) + len(frame)))
+            spans.append(TokenSpan(len(ids), len(ids) + len(frame)))
             ids.extend(frame)
-            for piece in turn.pieces:
-                piece_ids = self.tokenizer.encode(piece.text) if piece.text else []
-                if piece.segment_id is not None and self.store is not None:
-                    found = self._get_segment(piece.segment_id, stats)
-                    if found is not None and self.tokenizer.decode(found.token_ids) == piece.text:
-                        piece_ids, stored[piece.segment_id] = found.token_ids, found  # the ids its KV belongs to
-                if not piece_ids:
+            for part in turn.parts:
+                part_ids = self.tokenizer.encode(part.text) if part.text else []
+                if part.segment_id is not None and self.store is not None:
+                    found = self._get_segment(part.segment_id, stats)
+                    if found is not None and self.tokenizer.decode(found.token_ids) == part.text:
+                        part_ids, stored[part.segment_id] = found.token_ids, found  # the ids its KV belongs to
+                if not part_ids:
                     continue
-                if piece.segment_id is not None:
-                    segment_tokens[piece.segment_id] = piece_ids
+                if part.segment_id is not None:
+                    segment_tokens[part.segment_id] = part_ids
                 slot = None
-                if piece.segment_id is not None:  # the n-th segment of a placeholder has its own pool: what comes
-                    name = piece.placeholder or ""  # before and after it (the text its anchors hold) is its own
+                if part.segment_id is not None:  # the n-th segment of a placeholder has its own pool: what comes
+                    name = part.placeholder or ""  # before and after it (the text its anchors hold) is its own
                     slot = slot_prefix + name + (f"#{seen[name]}" if seen[name] else "")
                     seen[name] += 1
-                spans.append(PromptSpan(len(ids), len(ids) + len(piece_ids), piece.segment_id, slot))
-                ids.extend(piece_ids)
-        spans.append(PromptSpan(len(ids), len(ids) + len(frames[-1])))
+                spans.append(TokenSpan(len(ids), len(ids) + len(part_ids), part.segment_id, slot))
+                ids.extend(part_ids)
+        spans.append(TokenSpan(len(ids), len(ids) + len(frames[-1])))
         ids.extend(frames[-1])
         layout = PromptLayout(_merge_texts(spans))
         return ids, layout if layout.segments() else None, segment_tokens, stored, slot_prefix
@@ -520,14 +524,14 @@ def _vouched(found: Match) -> str:
     )
 
 
-def _merge_texts(spans: list[PromptSpan]) -> tuple[PromptSpan, ...]:
+def _merge_texts(spans: list[TokenSpan]) -> tuple[TokenSpan, ...]:
     """Adjacent template-text spans become one (the anchors store one KV per text gap)."""
-    merged: list[PromptSpan] = []
+    merged: list[TokenSpan] = []
     for span in spans:
         if span.end == span.start:
             continue
         if merged and not span.is_segment and not merged[-1].is_segment:
-            merged[-1] = PromptSpan(merged[-1].start, span.end)
+            merged[-1] = TokenSpan(merged[-1].start, span.end)
         else:
             merged.append(span)
     return tuple(merged)

@@ -13,6 +13,7 @@ from kvmesh.kvcomm.kv_cache import KVCache
 from .prompt_reuse import PromptReuse
 from .sampling import SamplingParams
 from .text_stream import TextStream
+from .vocabulary import EngineFinish
 
 
 class Status(enum.Enum):
@@ -23,7 +24,7 @@ class Status(enum.Enum):
 
 @dataclass
 class RequestStats:
-    """What one request cost; plain data the runtime turns into spans and tables."""
+    """What one engine request cost, counted as it runs: the engine's share of a call's CallStats (worker.py)."""
 
     prompt_tokens: int = 0
     prefix_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
@@ -48,19 +49,6 @@ class RequestStats:
         elapsed = self.finish_s - self.first_token_s
         return (self.output_tokens - 1) / elapsed if elapsed > 0 else None
 
-    def as_dict(self) -> dict[str, float | int | None]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "prefix_hit_tokens": self.prefix_hit_tokens,
-            "reused_tokens": self.reused_tokens,
-            "output_tokens": self.output_tokens,
-            "drafted_tokens": self.drafted_tokens,
-            "accepted_tokens": self.accepted_tokens,
-            "verify_steps": self.verify_steps,
-            "ttft_s": self.ttft_s,
-            "decode_tok_s": self.decode_tok_s,
-        }
-
 
 @dataclass
 class Sequence:
@@ -74,7 +62,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens of all_ids whose KV is in `cache`
     status: Status = Status.WAITING
-    finish_reason: str | None = None
+    finish_reason: EngineFinish | None = None
     stats: RequestStats = field(default_factory=RequestStats)
     prefix_match: object | None = None  # the prefix-cache match pinned while the request runs
     role: str | None = None  # the agent role, which selects a suffix tree for speculation

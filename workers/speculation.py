@@ -41,7 +41,8 @@ class SpeculationConfig:
 
 @dataclass
 class SpeculationStats:
-    """Totals since the engine started (plain data; the bench and the runtime read them)."""
+    """Totals over every request since the engine started (benchmarks read them); a call's own drafted and
+    accepted tokens are in its CallStats."""
 
     verify_steps: int = 0  # request-steps that verified a draft
     drafted: int = 0

@@ -2,7 +2,7 @@
 
 WorkerConfig says what a worker runs (model, device, weight format, CPU threads, the engine's budgets and
 speculation, KVCOMM's match and CacheBlend's settings); build_worker loads the model (or shares one already
-loaded) and puts the engine and the reuse planner together over it.
+loaded) and puts the engine and the reuse planner together over it. CallStats is what one call of it cost.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from .linear import WEIGHT_FORMATS, WeightFormat
 from .llama import LlamaModel
 from .model_files import DEFAULT_MODEL
 from .reuse_guard import GuardConfig
-from .reuse_planner import ReusePlanner
+from .reuse_planner import ReusePlanner, ReuseStats
 from .sampling import SamplingParams
+from .sequence import RequestStats
 from .tokenizer import Tokenizer
 
 
@@ -58,6 +59,57 @@ class WorkerConfig:
             raise ValueError(f"WorkerConfig.decode_graph must be True or False, got {self.decode_graph!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"WorkerConfig.threads must be an int >= 1 or None, got {self.threads!r}")
+
+
+@dataclass(frozen=True)
+class CallStats:
+    """What one call cost and what served its prompt: the one record of a call that users read (PipelineResult's
+    calls, the OpenAI door's `kvmesh`, spans). Built once per call by the worker (`of`), it is worker.proto's
+    CallStats on the wire (runtime/wire.py converts it, once each way); the engine's RequestStats and the
+    planner's ReuseStats are what it is built from."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # served by the exact prefix cache
+    reused_tokens: int = 0  # served from segments' KV (kvcomm, blend)
+    recomputed_tokens: int = 0  # prefilled
+    output_tokens: int = 0
+    ttft_s: float = 0.0  # from the call's arrival at the worker: planning included
+    decode_tok_s: float = 0.0  # 0 when fewer than 2 tokens were decoded
+    drafted_tokens: int = 0  # speculative draft tokens verified
+    accepted_tokens: int = 0  # of those, accepted
+    reuse_mode: str = "dense"  # what served the prompt, as observed (vocabulary.SERVED_MODES)
+    model: str = ""
+    worker: str = ""  # the worker's address
+    anchors_consulted: int = 0  # KVCOMM: anchors compared against the call's segments
+    segment_modes: dict[str, str] = field(default_factory=dict)  # segment id -> what served its KV
+    segment_reasons: dict[str, str] = field(default_factory=dict)  # segment id -> why (what held reuse back)
+    degradations: tuple[str, ...] = ()  # what went wrong and was survived (e.g. "KV store unavailable: ...")
+
+    @classmethod
+    def of(cls, engine: RequestStats, reuse: ReuseStats, model: str = "", worker: str = "") -> CallStats:
+        """The engine's counts with the planner's decision: what served the prompt as observed (a plan that
+        reused nothing reports prefix or dense, by its cache hits), tokens by where their KV came from, and TTFT
+        from the call's arrival (planning included)."""
+        cached, reused = engine.prefix_hit_tokens, engine.reused_tokens
+        mode = reuse.mode if reused or reuse.mode == "dense" else ("prefix" if cached else "dense")
+        return cls(
+            prompt_tokens=engine.prompt_tokens,
+            cached_tokens=cached,
+            reused_tokens=reused,
+            recomputed_tokens=engine.prompt_tokens - cached - reused,
+            output_tokens=engine.output_tokens,
+            ttft_s=reuse.preprocess_s + (engine.ttft_s or 0.0),
+            decode_tok_s=engine.decode_tok_s or 0.0,
+            drafted_tokens=engine.drafted_tokens,
+            accepted_tokens=engine.accepted_tokens,
+            reuse_mode=mode,
+            model=model,
+            worker=worker,
+            anchors_consulted=reuse.anchors_consulted,
+            segment_modes=dict(reuse.segment_modes),
+            segment_reasons=dict(reuse.segment_reasons),
+            degradations=tuple(reuse.degradations),
+        )
 
 
 @dataclass

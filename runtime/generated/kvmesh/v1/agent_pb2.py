@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import worker_pb2 as kvmesh_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvmesh/v1/agent.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/worker.proto\"\xa8\x03\n\x07Message\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.kvmesh.v1.Message.Kind\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\r\x12\x13\n\x0b\x66inal_phase\x18\x04 \x01(\x08\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t\x12.\n\x06inputs\x18\x08 \x03(\x0b\x32\x1e.kvmesh.v1.Message.InputsEntry\x12\x10\n\x08wait_for\x18\t \x03(\t\x12\x12\n\ndeliver_to\x18\n \x03(\t\x12\x0e\n\x06stream\x18\x0b \x01(\x08\x12#\n\x05stats\x18\x0c \x01(\x0b\x32\x14.kvmesh.v1.CallStats\x12\x0e\n\x06\x64river\x18\r \x01(\t\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x04Kind\x12\t\n\x05START\x10\x00\x12\n\n\x06OUTPUT\x10\x01\x12\t\n\x05TOKEN\x10\x02\x12\t\n\x05\x45RROR\x10\x03\x12\t\n\x05RETRY\x10\x04\x12\n\n\x06\x43\x41NCEL\x10\x05\"\x05\n\x03\x41\x63k\"\x0f\n\rStatusRequest\"t\n\x0b\x41gentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x03 \x01(\r\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x14\n\x0cwaiting_runs\x18\x06 \x01(\r2y\n\x0c\x41gentService\x12-\n\x07\x44\x65liver\x12\x12.kvmesh.v1.Message\x1a\x0e.kvmesh.v1.Ack\x12:\n\x06Status\x12\x18.kvmesh.v1.StatusRequest\x1a\x16.kvmesh.v1.AgentStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvmesh/v1/agent.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/worker.proto\"\xca\x03\n\x07Message\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.kvmesh.v1.Message.Kind\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\r\x12\x13\n\x0b\x66inal_phase\x18\x04 \x01(\x08\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t\x12.\n\x06inputs\x18\x08 \x03(\x0b\x32\x1e.kvmesh.v1.Message.InputsEntry\x12\x10\n\x08wait_for\x18\t \x03(\t\x12\x12\n\ndeliver_to\x18\n \x03(\t\x12\x0e\n\x06stream\x18\x0b \x01(\x08\x12#\n\x05stats\x18\x0c \x01(\x0b\x32\x14.kvmesh.v1.CallStats\x12\x0e\n\x06\x64river\x18\r \x01(\t\x12\x0e\n\x06wall_s\x18\x0e \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x0f \x01(\r\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x04Kind\x12\t\n\x05START\x10\x00\x12\n\n\x06OUTPUT\x10\x01\x12\t\n\x05TOKEN\x10\x02\x12\t\n\x05\x45RROR\x10\x03\x12\t\n\x05RETRY\x10\x04\x12\n\n\x06\x43\x41NCEL\x10\x05\"\x05\n\x03\x41\x63k\"\x0f\n\rStatusRequest\"t\n\x0b\x41gentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x03 \x01(\r\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x14\n\x0cwaiting_runs\x18\x06 \x01(\r2y\n\x0c\x41gentService\x12-\n\x07\x44\x65liver\x12\x12.kvmesh.v1.Message\x1a\x0e.kvmesh.v1.Ack\x12:\n\x06Status\x12\x18.kvmesh.v1.StatusRequest\x1a\x16.kvmesh.v1.AgentStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MESSAGE_INPUTSENTRY']._loaded_options = None
   _globals['_MESSAGE_INPUTSENTRY']._serialized_options = b'8\001'
   _globals['_MESSAGE']._serialized_start=61
-  _globals['_MESSAGE']._serialized_end=485
-  _globals['_MESSAGE_INPUTSENTRY']._serialized_start=364
-  _globals['_MESSAGE_INPUTSENTRY']._serialized_end=409
-  _globals['_MESSAGE_KIND']._serialized_start=411
-  _globals['_MESSAGE_KIND']._serialized_end=485
-  _globals['_ACK']._serialized_start=487
-  _globals['_ACK']._serialized_end=492
-  _globals['_STATUSREQUEST']._serialized_start=494
-  _globals['_STATUSREQUEST']._serialized_end=509
-  _globals['_AGENTSTATUS']._serialized_start=511
-  _globals['_AGENTSTATUS']._serialized_end=627
-  _globals['_AGENTSERVICE']._serialized_start=629
-  _globals['_AGENTSERVICE']._serialized_end=750
+  _globals['_MESSAGE']._serialized_end=519
+  _globals['_MESSAGE_INPUTSENTRY']._serialized_start=398
+  _globals['_MESSAGE_INPUTSENTRY']._serialized_end=443
+  _globals['_MESSAGE_KIND']._serialized_start=445
+  _globals['_MESSAGE_KIND']._serialized_end=519
+  _globals['_ACK']._serialized_start=521
+  _globals['_ACK']._serialized_end=526
+  _globals['_STATUSREQUEST']._serialized_start=528
+  _globals['_STATUSREQUEST']._serialized_end=543
+  _globals['_AGENTSTATUS']._serialized_start=545
+  _globals['_AGENTSTATUS']._serialized_end=661
+  _globals['_AGENTSERVICE']._serialized_start=663
+  _globals['_AGENTSERVICE']._serialized_end=784
 # @@protoc_insertion_point(module_scope)

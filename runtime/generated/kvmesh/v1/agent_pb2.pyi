@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Message(_message.Message):
-    __slots__ = ("kind", "run_id", "phase", "final_phase", "source", "target", "text", "inputs", "wait_for", "deliver_to", "stream", "stats", "driver")
+    __slots__ = ("kind", "run_id", "phase", "final_phase", "source", "target", "text", "inputs", "wait_for", "deliver_to", "stream", "stats", "driver", "wall_s", "attempts")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         START: _ClassVar[Message.Kind]
@@ -44,6 +44,8 @@ class Message(_message.Message):
     STREAM_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     DRIVER_FIELD_NUMBER: _ClassVar[int]
+    WALL_S_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     kind: Message.Kind
     run_id: str
     phase: int
@@ -57,7 +59,9 @@ class Message(_message.Message):
     stream: bool
     stats: _worker_pb2.CallStats
     driver: str
-    def __init__(self, kind: _Optional[_Union[Message.Kind, str]] = ..., run_id: _Optional[str] = ..., phase: _Optional[int] = ..., final_phase: _Optional[bool] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., text: _Optional[str] = ..., inputs: _Optional[_Mapping[str, str]] = ..., wait_for: _Optional[_Iterable[str]] = ..., deliver_to: _Optional[_Iterable[str]] = ..., stream: _Optional[bool] = ..., stats: _Optional[_Union[_worker_pb2.CallStats, _Mapping]] = ..., driver: _Optional[str] = ...) -> None: ...
+    wall_s: float
+    attempts: int
+    def __init__(self, kind: _Optional[_Union[Message.Kind, str]] = ..., run_id: _Optional[str] = ..., phase: _Optional[int] = ..., final_phase: _Optional[bool] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., text: _Optional[str] = ..., inputs: _Optional[_Mapping[str, str]] = ..., wait_for: _Optional[_Iterable[str]] = ..., deliver_to: _Optional[_Iterable[str]] = ..., stream: _Optional[bool] = ..., stats: _Optional[_Union[_worker_pb2.CallStats, _Mapping]] = ..., driver: _Optional[str] = ..., wall_s: _Optional[float] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/worker.proto\x12\tkvmesh.v1\"Z\n\x07Segment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08producer\x18\x02 \x01(\t\x12\x13\n\x0bplaceholder\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0e\n\x06holder\x18\x05 \x01(\t\"K\n\nPromptPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x07segment\x18\x02 \x01(\x0b\x32\x12.kvmesh.v1.SegmentH\x00\x42\x06\n\x04kind\"A\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12$\n\x05parts\x18\x02 \x03(\x0b\x32\x15.kvmesh.v1.PromptPart\"l\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x07\n\x05_seed\"\xec\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x13\n\x06system\x18\x03 \x01(\tH\x00\x88\x01\x01\x12$\n\x05parts\x18\x04 \x03(\x0b\x32\x15.kvmesh.v1.PromptPart\x12%\n\x08sampling\x18\x05 \x01(\x0b\x32\x13.kvmesh.v1.Sampling\x12\r\n\x05reuse\x18\x06 \x01(\t\x12\x10\n\x08workflow\x18\x07 \x01(\t\x12(\n\x08messages\x18\x08 \x03(\x0b\x32\x16.kvmesh.v1.ChatMessageB\t\n\x07_system\"\xcd\x04\n\tCallStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x15\n\rreused_tokens\x18\x03 \x01(\r\x12\x19\n\x11recomputed_tokens\x18\x04 \x01(\r\x12\x15\n\routput_tokens\x18\x05 \x01(\r\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_tok_s\x18\x07 \x01(\x01\x12\x16\n\x0e\x64rafted_tokens\x18\x08 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\t \x01(\r\x12\x12\n\nreuse_mode\x18\n \x01(\t\x12\r\n\x05model\x18\x0b \x01(\t\x12\x0e\n\x06worker\x18\x0c \x01(\t\x12\x0e\n\x06wall_s\x18\r \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x0e \x01(\r\x12\x19\n\x11\x61nchors_consulted\x18\x0f \x01(\r\x12=\n\rsegment_modes\x18\x10 \x03(\x0b\x32&.kvmesh.v1.CallStats.SegmentModesEntry\x12\x41\n\x0fsegment_reasons\x18\x11 \x03(\x0b\x32(.kvmesh.v1.CallStats.SegmentReasonsEntry\x12\x14\n\x0c\x64\x65gradations\x18\x12 \x03(\t\x1a\x33\n\x11SegmentModesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x35\n\x13SegmentReasonsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"~\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12#\n\x05stats\x18\x05 \x01(\x0b\x32\x14.kvmesh.v1.CallStats\"\x0e\n\x0cStatsRequest\"\xb5\x01\n\x0bWorkerStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x16\n\x0erequests_total\x18\x05 \x01(\x04\x12\x1a\n\x12prefix_cache_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07threads\x18\x07 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0f\n\x07weights\x18\t \x01(\t2\x8d\x01\n\rWorkerService\x12\x42\n\x08Generate\x12\x1a.kvmesh.v1.GenerateRequest\x1a\x18.kvmesh.v1.GenerateChunk0\x01\x12\x38\n\x05Stats\x12\x17.kvmesh.v1.StatsRequest\x1a\x16.kvmesh.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/worker.proto\x12\tkvmesh.v1\"Z\n\x07Segment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08producer\x18\x02 \x01(\t\x12\x13\n\x0bplaceholder\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0e\n\x06holder\x18\x05 \x01(\t\"K\n\nPromptPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x07segment\x18\x02 \x01(\x0b\x32\x12.kvmesh.v1.SegmentH\x00\x42\x06\n\x04kind\"A\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12$\n\x05parts\x18\x02 \x03(\x0b\x32\x15.kvmesh.v1.PromptPart\"l\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x07\n\x05_seed\"\x88\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x13\n\x06system\x18\x03 \x01(\tH\x00\x88\x01\x01\x12$\n\x05parts\x18\x04 \x03(\x0b\x32\x15.kvmesh.v1.PromptPart\x12%\n\x08sampling\x18\x05 \x01(\x0b\x32\x13.kvmesh.v1.Sampling\x12#\n\x05reuse\x18\t \x01(\x0e\x32\x14.kvmesh.v1.ReuseMode\x12\x10\n\x08workflow\x18\x07 \x01(\t\x12(\n\x08messages\x18\x08 \x03(\x0b\x32\x16.kvmesh.v1.ChatMessageB\t\n\x07_systemJ\x04\x08\x06\x10\x07\"\xef\x04\n\tCallStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x15\n\rreused_tokens\x18\x03 \x01(\r\x12\x19\n\x11recomputed_tokens\x18\x04 \x01(\r\x12\x15\n\routput_tokens\x18\x05 \x01(\r\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_tok_s\x18\x07 \x01(\x01\x12\x16\n\x0e\x64rafted_tokens\x18\x08 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\t \x01(\r\x12(\n\nreuse_mode\x18\x13 \x01(\x0e\x32\x14.kvmesh.v1.ReuseMode\x12\r\n\x05model\x18\x0b \x01(\t\x12\x0e\n\x06worker\x18\x0c \x01(\t\x12\x19\n\x11\x61nchors_consulted\x18\x0f \x01(\r\x12=\n\rsegment_modes\x18\x14 \x03(\x0b\x32&.kvmesh.v1.CallStats.SegmentModesEntry\x12\x41\n\x0fsegment_reasons\x18\x11 \x03(\x0b\x32(.kvmesh.v1.CallStats.SegmentReasonsEntry\x12\x14\n\x0c\x64\x65gradations\x18\x12 \x03(\t\x1aI\n\x11SegmentModesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0e\x32\x14.kvmesh.v1.ReuseMode:\x02\x38\x01\x1a\x35\n\x13SegmentReasonsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\n\x10\x0bJ\x04\x08\x10\x10\x11J\x04\x08\r\x10\x0eJ\x04\x08\x0e\x10\x0f\"\x9d\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12#\n\x05stats\x18\x05 \x01(\x0b\x32\x14.kvmesh.v1.CallStatsJ\x04\x08\x04\x10\x05\"\x0e\n\x0cStatsRequest\"\xb5\x01\n\x0bWorkerStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x16\n\x0erequests_total\x18\x05 \x01(\x04\x12\x1a\n\x12prefix_cache_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07threads\x18\x07 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0f\n\x07weights\x18\t \x01(\t*\xb4\x01\n\tReuseMode\x12\x1a\n\x16REUSE_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10REUSE_MODE_DENSE\x10\x01\x12\x15\n\x11REUSE_MODE_PREFIX\x10\x02\x12\x15\n\x11REUSE_MODE_KVCOMM\x10\x03\x12\x14\n\x10REUSE_MODE_BLEND\x10\x04\x12\x14\n\x10REUSE_MODE_NAIVE\x10\x05\x12\x1b\n\x17REUSE_MODE_KVCOMM_BLEND\x10\x06*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x8d\x01\n\rWorkerService\x12\x42\n\x08Generate\x12\x1a.kvmesh.v1.GenerateRequest\x1a\x18.kvmesh.v1.GenerateChunk0\x01\x12\x38\n\x05Stats\x12\x17.kvmesh.v1.StatsRequest\x1a\x16.kvmesh.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CALLSTATS_SEGMENTMODESENTRY']._serialized_options = b'8\001'
   _globals['_CALLSTATS_SEGMENTREASONSENTRY']._loaded_options = None
   _globals['_CALLSTATS_SEGMENTREASONSENTRY']._serialized_options = b'8\001'
+  _globals['_REUSEMODE']._serialized_start=1637
+  _globals['_REUSEMODE']._serialized_end=1817
+  _globals['_FINISHREASON']._serialized_start=1819
+  _globals['_FINISHREASON']._serialized_end=1943
   _globals['_SEGMENT']._serialized_start=37
   _globals['_SEGMENT']._serialized_end=127
   _globals['_PROMPTPART']._serialized_start=129
@@ -44,19 +48,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLING']._serialized_start=273
   _globals['_SAMPLING']._serialized_end=381
   _globals['_GENERATEREQUEST']._serialized_start=384
-  _globals['_GENERATEREQUEST']._serialized_end=620
-  _globals['_CALLSTATS']._serialized_start=623
-  _globals['_CALLSTATS']._serialized_end=1212
-  _globals['_CALLSTATS_SEGMENTMODESENTRY']._serialized_start=1106
-  _globals['_CALLSTATS_SEGMENTMODESENTRY']._serialized_end=1157
-  _globals['_CALLSTATS_SEGMENTREASONSENTRY']._serialized_start=1159
-  _globals['_CALLSTATS_SEGMENTREASONSENTRY']._serialized_end=1212
-  _globals['_GENERATECHUNK']._serialized_start=1214
-  _globals['_GENERATECHUNK']._serialized_end=1340
-  _globals['_STATSREQUEST']._serialized_start=1342
-  _globals['_STATSREQUEST']._serialized_end=1356
-  _globals['_WORKERSTATS']._serialized_start=1359
-  _globals['_WORKERSTATS']._serialized_end=1540
-  _globals['_WORKERSERVICE']._serialized_start=1543
-  _globals['_WORKERSERVICE']._serialized_end=1684
+  _globals['_GENERATEREQUEST']._serialized_end=648
+  _globals['_CALLSTATS']._serialized_start=651
+  _globals['_CALLSTATS']._serialized_end=1274
+  _globals['_CALLSTATS_SEGMENTMODESENTRY']._serialized_start=1122
+  _globals['_CALLSTATS_SEGMENTMODESENTRY']._serialized_end=1195
+  _globals['_CALLSTATS_SEGMENTREASONSENTRY']._serialized_start=1197
+  _globals['_CALLSTATS_SEGMENTREASONSENTRY']._serialized_end=1250
+  _globals['_GENERATECHUNK']._serialized_start=1277
+  _globals['_GENERATECHUNK']._serialized_end=1434
+  _globals['_STATSREQUEST']._serialized_start=1436
+  _globals['_STATSREQUEST']._serialized_end=1450
+  _globals['_WORKERSTATS']._serialized_start=1453
+  _globals['_WORKERSTATS']._serialized_end=1634
+  _globals['_WORKERSERVICE']._serialized_start=1946
+  _globals['_WORKERSERVICE']._serialized_end=2087
 # @@protoc_insertion_point(module_scope)

@@ -1,10 +1,39 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ReuseMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REUSE_MODE_UNSPECIFIED: _ClassVar[ReuseMode]
+    REUSE_MODE_DENSE: _ClassVar[ReuseMode]
+    REUSE_MODE_PREFIX: _ClassVar[ReuseMode]
+    REUSE_MODE_KVCOMM: _ClassVar[ReuseMode]
+    REUSE_MODE_BLEND: _ClassVar[ReuseMode]
+    REUSE_MODE_NAIVE: _ClassVar[ReuseMode]
+    REUSE_MODE_KVCOMM_BLEND: _ClassVar[ReuseMode]
+
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_STOP: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+    FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
+REUSE_MODE_UNSPECIFIED: ReuseMode
+REUSE_MODE_DENSE: ReuseMode
+REUSE_MODE_PREFIX: ReuseMode
+REUSE_MODE_KVCOMM: ReuseMode
+REUSE_MODE_BLEND: ReuseMode
+REUSE_MODE_NAIVE: ReuseMode
+REUSE_MODE_KVCOMM_BLEND: ReuseMode
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_STOP: FinishReason
+FINISH_REASON_LENGTH: FinishReason
+FINISH_REASON_CANCELLED: FinishReason
 
 class Segment(_message.Message):
     __slots__ = ("id", "producer", "placeholder", "text", "holder")
@@ -65,20 +94,20 @@ class GenerateRequest(_message.Message):
     system: str
     parts: _containers.RepeatedCompositeFieldContainer[PromptPart]
     sampling: Sampling
-    reuse: str
+    reuse: ReuseMode
     workflow: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    def __init__(self, request_id: _Optional[str] = ..., agent: _Optional[str] = ..., system: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[PromptPart, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., reuse: _Optional[str] = ..., workflow: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., agent: _Optional[str] = ..., system: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[PromptPart, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., reuse: _Optional[_Union[ReuseMode, str]] = ..., workflow: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class CallStats(_message.Message):
-    __slots__ = ("prompt_tokens", "cached_tokens", "reused_tokens", "recomputed_tokens", "output_tokens", "ttft_s", "decode_tok_s", "drafted_tokens", "accepted_tokens", "reuse_mode", "model", "worker", "wall_s", "attempts", "anchors_consulted", "segment_modes", "segment_reasons", "degradations")
+    __slots__ = ("prompt_tokens", "cached_tokens", "reused_tokens", "recomputed_tokens", "output_tokens", "ttft_s", "decode_tok_s", "drafted_tokens", "accepted_tokens", "reuse_mode", "model", "worker", "anchors_consulted", "segment_modes", "segment_reasons", "degradations")
     class SegmentModesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        value: ReuseMode
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ReuseMode, str]] = ...) -> None: ...
     class SegmentReasonsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -98,8 +127,6 @@ class CallStats(_message.Message):
     REUSE_MODE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
-    WALL_S_FIELD_NUMBER: _ClassVar[int]
-    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     ANCHORS_CONSULTED_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_MODES_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_REASONS_FIELD_NUMBER: _ClassVar[int]
@@ -113,16 +140,14 @@ class CallStats(_message.Message):
     decode_tok_s: float
     drafted_tokens: int
     accepted_tokens: int
-    reuse_mode: str
+    reuse_mode: ReuseMode
     model: str
     worker: str
-    wall_s: float
-    attempts: int
     anchors_consulted: int
-    segment_modes: _containers.ScalarMap[str, str]
+    segment_modes: _containers.ScalarMap[str, ReuseMode]
     segment_reasons: _containers.ScalarMap[str, str]
     degradations: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., reused_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., reuse_mode: _Optional[str] = ..., model: _Optional[str] = ..., worker: _Optional[str] = ..., wall_s: _Optional[float] = ..., attempts: _Optional[int] = ..., anchors_consulted: _Optional[int] = ..., segment_modes: _Optional[_Mapping[str, str]] = ..., segment_reasons: _Optional[_Mapping[str, str]] = ..., degradations: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., reused_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., reuse_mode: _Optional[_Union[ReuseMode, str]] = ..., model: _Optional[str] = ..., worker: _Optional[str] = ..., anchors_consulted: _Optional[int] = ..., segment_modes: _Optional[_Mapping[str, ReuseMode]] = ..., segment_reasons: _Optional[_Mapping[str, str]] = ..., degradations: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("text", "token_ids", "finished", "finish_reason", "stats")
@@ -134,9 +159,9 @@ class GenerateChunk(_message.Message):
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finished: bool
-    finish_reason: str
+    finish_reason: FinishReason
     stats: CallStats
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[CallStats, _Mapping]] = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stats: _Optional[_Union[CallStats, _Mapping]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
