@@ -109,6 +109,23 @@ def test_a_dense_graph_outlives_the_arrays_it_was_built_from() -> None:
     assert reused
 
 
+def test_a_graph_keeps_unchanged_bindings_and_reads_what_they_hold_now() -> None:
+    """Bindings outlive a run and are made again only for other memory, shape or type: a run over the same
+    tensors reads their current values (written in place between runs), another tensor or shape is bound anew,
+    and an empty tensor (address 0, which onnxruntime refuses) binds too."""
+    weight = torch.randn(16, 8)
+    g = GraphBuilder()
+    g.matmul("x", DenseWeight(weight.numpy()), "y", name="w")
+    graph = OrtGraph(g.build({"x": 8}, {"y": 16}), {"y": 16}, g.external)
+    x, y = torch.randn(2, 8), torch.empty(2, 16)
+    for _ in range(2):
+        graph.run({"x": x}, into={"y": y})
+        torch.testing.assert_close(y, x @ weight.T, atol=1e-5, rtol=0)
+        x.mul_(-3.0)  # the same memory, new values
+    for other in (torch.randn(2, 8), torch.randn(5, 8), torch.empty(0, 8)):
+        torch.testing.assert_close(graph(x=other)[0], other @ weight.T, atol=1e-5, rtol=0)
+
+
 def test_block_quant_linear_rejects_shapes_and_widths_it_cannot_hold() -> None:
     with pytest.raises(ValueError, match="divisible by 32"):
         make_linear(torch.randn(8, 48), "int4", CPU)
