@@ -33,8 +33,8 @@ copies) and their own tokens after it plus the new one, under one softmax over b
 values come out of the graph and are written into their slots after it (one indexed copy for all layers).
 A call needs at least one row for the op (it faults on an empty batch): readers with no decodes beside them
 get a pad row over a one-token scratch buffer. Each layer's reader nodes sit in an If on `has_readers`, so a
-step without readers runs a branch of empty values instead: the readers path costs such a step ~6%, where the
-nodes alone, run empty, cost 11% (bench/NOTES.md).
+step without readers runs a branch that passes the decodes' attention on: the readers path costs such a step
+~4% at one row, where the nodes alone, run empty, cost 11% (bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -372,8 +372,7 @@ def _step_nodes(
             rotary_interleaved=0,  # HF's rotate_half layout, as kvcomm/rope.py
         )
         g.node("Reshape", [f"{p}attn.rows", flat], [f"{p}attn.decodes"])  # [B * S, Hq * D]
-        new_kv.append(_readers_if(g, w, i, rope))
-        g.node("Concat", [f"{p}attn.decodes", f"{p}attn.readers"], [f"{p}attn"], axis=0)
+        new_kv.append(_readers_if(g, w, i, rope))  # -> attn [B * S + G, Hq * D]
         h = finish_nodes(g, parts, h, f"{p}attn", p)
     norm = g.constant("final_norm", final_norm.float().numpy())
     g.node("SimplifiedLayerNormalization", [h, norm], ["final_normed"], axis=-1, epsilon=first.eps)
@@ -383,24 +382,32 @@ def _step_nodes(
 
 
 def _readers_if(g: GraphBuilder, w: LayerWeights, index: int, rope: tuple[str, str]) -> tuple[str, str]:
-    """Layer `index`'s prefix readers: when there are any, their attention (below), else empty values, as
-    `layer{index}.attn.readers` [G, Hq * D] -> the names of their new keys and values [G, 1, Hkv * D]. The empty
-    branch spares a step without readers their ~35 nodes a layer (a decode +13% -> +5%, bench/NOTES.md)."""
+    """Layer `index`'s attention rows: the decodes' `attn.decodes`, then, when there are prefix readers, theirs
+    (below), as `layer{index}.attn` [B * S + G, Hq * D] -> the names of the readers' new keys and values [G, 1,
+    Hkv * D] (empty without readers). The branch without readers spares a step their ~35 nodes a layer."""
     p = f"layer{index}."
-    outputs = [f"{p}attn.readers", f"{p}new_key", f"{p}new_value"]
+    reading = g.branch(f"{p}readers", partial(_with_readers, g, w, rope, index))
     kv_width = w.kv_heads * w.head_dim
-    empties = [(0, w.heads * w.head_dim), (0, 1, kv_width), (0, 1, kv_width)]
-    reading = g.branch(f"{p}readers", partial(_reader_attention_nodes, g, w, f"{p}qkv.readers", rope, index))
-    none = g.branch(f"{p}no_readers", partial(_no_readers, g, empties, p))
+    none = g.branch(f"{p}no_readers", partial(_no_readers, g, (0, 1, kv_width), p))
+    outputs = [f"{p}attn", f"{p}new_key", f"{p}new_value"]
     g.node("If", ["has_readers"], outputs, then_branch=reading, else_branch=none)
     return outputs[1], outputs[2]
 
 
-def _no_readers(g: GraphBuilder, empties: list[tuple[int, ...]], p: str) -> list[str]:
-    """The branch without readers: empty values (copies of constants the whole graph shares)."""
-    names = [f"{p}no_readers.{i}" for i in range(len(empties))]
-    for name, dims in zip(names, empties, strict=True):
-        g.node("Identity", [g.constant("empty" + "x".join(map(str, dims)), np.zeros(dims, np.float32))], [name])
+def _with_readers(g: GraphBuilder, w: LayerWeights, rope: tuple[str, str], index: int) -> list[str]:
+    """The branch with readers: the decodes' attention rows, then the readers'; their new keys and values."""
+    p = f"layer{index}."
+    attn, new_key, new_value = _reader_attention_nodes(g, w, f"{p}qkv.readers", rope, index)
+    g.node("Concat", [f"{p}attn.decodes", attn], [f"{p}attn.all"], axis=0)
+    return [f"{p}attn.all", new_key, new_value]
+
+
+def _no_readers(g: GraphBuilder, empty_kv: tuple[int, ...], p: str) -> list[str]:
+    """The branch without readers: the decodes' attention rows as they are, and empty new keys and values."""
+    empty = g.constant("no_readers_kv", np.zeros(empty_kv, np.float32))
+    names = [f"{p}no_readers.attn", f"{p}no_readers.key", f"{p}no_readers.value"]
+    for source, name in zip([f"{p}attn.decodes", empty, empty], names, strict=True):
+        g.node("Identity", [source], [name])
     return names
 
 
