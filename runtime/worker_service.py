@@ -45,6 +45,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.planner = planner
         self.model_name = model_name
         self._address = address  # known once the server is bound
+        # the threads the worker was set up with (process-wide): read now, because the engine loop lowers torch's
+        # threads around each step-graph call, and a Stats call landing then would report 1
+        self._threads = torch.get_num_threads()
         self._requests_total = 0
         self._lock = threading.Lock()
 
@@ -107,7 +110,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             waiting=len(scheduler.waiting),
             requests_total=total,
             prefix_cache_bytes=engine.prefix_cache.nbytes if engine.prefix_cache is not None else 0,
-            threads=torch.get_num_threads(),  # any thread's: the session sets them process-wide
+            threads=self._threads,
             device=str(engine.model.device),
             weights=engine.model.weight_format,
         )
